@@ -1,0 +1,561 @@
+//! The CA's state on disk: root and intermediate (keys 0600, written atomically), join tokens
+//! (stored as SHA-256 hashes, single-use by atomic rename), the node registry (which services a
+//! node may run) and the issuance log.
+//!
+//! Layout of `data_dir`:
+//! ```text
+//! root.crt  root.key  intermediate.crt  intermediate.key
+//! tokens/<sha256(token)>.json        unused token  (renamed to .used when consumed)
+//! nodes/<node>.json                  services the node may obtain SVIDs for
+//! issued.log                         one JSON line per certificate issued
+//! ```
+
+use std::{
+    fs,
+    io::Write,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose,
+    SanType, SerialNumber,
+};
+use rustls_pki_types::CertificateDer;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    pki::{self, CertInfo, PkiError},
+    spiffe::{self, SpiffeError},
+};
+
+/// Root lifetime: 10 years.
+pub const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Intermediate lifetime: 1 year.
+pub const INTERMEDIATE_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Errors of the on-disk CA state.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// `ca init` would overwrite a CA.
+    #[error("a CA already exists in {dir} (root {fingerprint}); pass --force to replace it")]
+    Exists {
+        /// The data dir.
+        dir: String,
+        /// Fingerprint of the existing root.
+        fingerprint: String,
+    },
+    /// No CA in the data dir.
+    #[error("no CA in {0}: run `meshgate ca init --trust-domain TD --data-dir {0}` first")]
+    Missing(String),
+    /// A file could not be read or written.
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    /// Key or certificate generation failed.
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    /// Bad trust domain or name.
+    #[error(transparent)]
+    Spiffe(#[from] SpiffeError),
+    /// A stored file is not what we wrote.
+    #[error("{path}: {reason}")]
+    Corrupt {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The CA's keys and certificates, loaded.
+pub struct CaMaterial {
+    /// Trust domain, from the root's URI SAN.
+    pub trust_domain: String,
+    /// Root certificate.
+    pub root: CertificateDer<'static>,
+    /// Intermediate certificate.
+    pub intermediate: CertificateDer<'static>,
+    /// Intermediate key.
+    pub intermediate_key: KeyPair,
+}
+
+impl std::fmt::Debug for CaMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaMaterial")
+            .field("trust_domain", &self.trust_domain)
+            .field("root", &pki::fingerprint(&self.root))
+            .finish_non_exhaustive()
+    }
+}
+
+/// The result of `ca init`.
+#[derive(Debug, Clone, Serialize)]
+pub struct InitReport {
+    /// Trust domain.
+    pub trust_domain: String,
+    /// Root fingerprint (`sha256:…`), what agents pin.
+    pub ca_fingerprint: String,
+    /// Root expiry, RFC 3339.
+    pub root_not_after: String,
+    /// Intermediate expiry, RFC 3339.
+    pub intermediate_not_after: String,
+}
+
+fn ca_params(
+    trust_domain: &str,
+    cn: &str,
+    now: SystemTime,
+    ttl: Duration,
+    path_len: Option<u8>,
+) -> Result<CertificateParams, StoreError> {
+    let mut params = CertificateParams::default();
+    params.not_before = (now - Duration::from_secs(60)).into();
+    params.not_after = (now + ttl).into();
+    let mut serial = pki::random_bytes::<16>();
+    serial[0] &= 0x7f;
+    params.serial_number = Some(SerialNumber::from_slice(&serial));
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "meshgate");
+    dn.push(DnType::CommonName, cn);
+    params.distinguished_name = dn;
+    params.subject_alt_names = vec![SanType::URI(format!("spiffe://{trust_domain}").try_into()?)];
+    params.is_ca = IsCa::Ca(match path_len {
+        Some(n) => BasicConstraints::Constrained(n),
+        None => BasicConstraints::Unconstrained,
+    });
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
+}
+
+/// Creates a root (ECDSA P-256, 10 years, URI SAN `spiffe://TD`) and a signing intermediate
+/// (1 year) in `dir`. Refuses to replace an existing CA unless `force`.
+pub fn init(
+    dir: &Path,
+    trust_domain: &str,
+    force: bool,
+    now: SystemTime,
+) -> Result<InitReport, StoreError> {
+    spiffe::validate_trust_domain(trust_domain)?;
+    if dir.join("root.key").exists() && !force {
+        let fingerprint = pki::read_pem_certs(&dir.join("root.crt"))
+            .ok()
+            .and_then(|c| c.first().map(|r| pki::fingerprint(r)))
+            .unwrap_or_else(|| "unreadable".into());
+        return Err(StoreError::Exists {
+            dir: dir.display().to_string(),
+            fingerprint,
+        });
+    }
+    pki::create_private_dir(dir)?;
+    let alg = &rcgen::PKCS_ECDSA_P256_SHA256;
+    let root_key = KeyPair::generate_for(alg)?;
+    let root_params = ca_params(
+        trust_domain,
+        &format!("meshgate root CA {trust_domain}"),
+        now,
+        ROOT_TTL,
+        Some(1),
+    )?;
+    let root = root_params.self_signed(&root_key)?;
+    let int_key = KeyPair::generate_for(alg)?;
+    let int_params = ca_params(
+        trust_domain,
+        &format!("meshgate intermediate CA {trust_domain}"),
+        now,
+        INTERMEDIATE_TTL,
+        Some(0),
+    )?;
+    let root_issuer = rcgen::Issuer::from_params(&root_params, &root_key);
+    let intermediate = int_params.signed_by(&int_key, &root_issuer)?;
+
+    // Keys first, certificates last: a CA without root.crt is not loadable, never half-valid.
+    pki::write_atomic(
+        &dir.join("root.key"),
+        root_key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
+    pki::write_atomic(
+        &dir.join("intermediate.key"),
+        int_key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
+    pki::write_atomic(
+        &dir.join("intermediate.crt"),
+        intermediate.pem().as_bytes(),
+        0o644,
+    )?;
+    pki::write_atomic(&dir.join("root.crt"), root.pem().as_bytes(), 0o644)?;
+    Ok(InitReport {
+        trust_domain: trust_domain.to_owned(),
+        ca_fingerprint: pki::fingerprint(root.der()),
+        root_not_after: rfc3339(now + ROOT_TTL),
+        intermediate_not_after: rfc3339(now + INTERMEDIATE_TTL),
+    })
+}
+
+/// Loads the CA from `dir`.
+pub fn load(dir: &Path) -> Result<CaMaterial, StoreError> {
+    let root_path = dir.join("root.crt");
+    if !root_path.exists() {
+        return Err(StoreError::Missing(dir.display().to_string()));
+    }
+    let root = first_cert(&root_path)?;
+    let intermediate = first_cert(&dir.join("intermediate.crt"))?;
+    let key_path = dir.join("intermediate.key");
+    let key_pem = fs::read_to_string(&key_path).map_err(|source| PkiError::Io {
+        path: key_path.display().to_string(),
+        source,
+    })?;
+    let intermediate_key = KeyPair::from_pem(&key_pem).map_err(|e| StoreError::Corrupt {
+        path: key_path.display().to_string(),
+        reason: format!("not a usable private key ({e})"),
+    })?;
+    let info = CertInfo::from_der(&root)?;
+    let trust_domain = info
+        .uris
+        .iter()
+        .find_map(|u| u.strip_prefix("spiffe://"))
+        .map(|td| td.trim_end_matches('/').to_owned())
+        .ok_or_else(|| StoreError::Corrupt {
+            path: root_path.display().to_string(),
+            reason: "root has no spiffe://TRUST-DOMAIN URI SAN".into(),
+        })?;
+    Ok(CaMaterial {
+        trust_domain,
+        root,
+        intermediate,
+        intermediate_key,
+    })
+}
+
+fn first_cert(path: &Path) -> Result<CertificateDer<'static>, StoreError> {
+    Ok(pki::read_pem_certs(path)?.remove(0))
+}
+
+/// RFC 3339 UTC with seconds, e.g. `2026-11-27T22:40:00Z`.
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0) as i64;
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|dt| {
+            dt.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| secs.to_string())
+}
+
+/// A join token's stored record (the token itself is never stored).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRecord {
+    /// The node the token is bound to.
+    pub node: String,
+    /// Services (`ns/svc`) the node may obtain workload SVIDs for.
+    pub services: Vec<String>,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Unix seconds.
+    pub expires_at: u64,
+}
+
+/// A token just created: the secret (shown once) and its record.
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    /// The secret to hand to the node; printed once, never stored.
+    pub token: String,
+    /// What was stored.
+    pub record: TokenRecord,
+}
+
+/// Why a join token was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// No such token (never issued, or purged).
+    #[error("unknown join token")]
+    Unknown,
+    /// Already consumed by a join.
+    #[error("join token already used")]
+    AlreadyUsed,
+    /// Past its expiry.
+    #[error("join token expired at {0}")]
+    Expired(String),
+    /// Bound to a different node.
+    #[error("join token is for node {expected:?}, not {got:?}")]
+    WrongNode {
+        /// The node the token names.
+        expected: String,
+        /// The node that asked.
+        got: String,
+    },
+    /// Storage failed.
+    #[error("token store: {0}")]
+    Store(String),
+}
+
+/// Normalizes a service scope entry: `svc` -> `default/svc`, `ns/svc` kept.
+pub fn normalize_service(s: &str) -> Result<String, SpiffeError> {
+    let (ns, svc) = s.split_once('/').unwrap_or(("default", s));
+    spiffe::validate_segment(ns)?;
+    spiffe::validate_segment(svc)?;
+    Ok(format!("{ns}/{svc}"))
+}
+
+/// Join tokens in `data_dir/tokens`.
+#[derive(Debug, Clone)]
+pub struct TokenStore {
+    dir: PathBuf,
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl TokenStore {
+    /// The token store of a CA data dir.
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            dir: data_dir.join("tokens"),
+        }
+    }
+
+    fn path(&self, token: &str, ext: &str) -> PathBuf {
+        self.dir.join(format!(
+            "{}.{ext}",
+            pki::hex(&pki::sha256(token.as_bytes()))
+        ))
+    }
+
+    /// Creates a single-use token for `node`, valid for `ttl` from `now`.
+    pub fn create(
+        &self,
+        node: &str,
+        services: &[String],
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<NewToken, StoreError> {
+        spiffe::validate_segment(node)?;
+        let services = services
+            .iter()
+            .map(|s| normalize_service(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        pki::create_private_dir(&self.dir)?;
+        let token = format!("mgjt_{}", pki::hex(&pki::random_bytes::<32>()));
+        let record = TokenRecord {
+            node: node.to_owned(),
+            services,
+            created_at: unix(now),
+            expires_at: unix(now + ttl),
+        };
+        let json = serde_json::to_vec_pretty(&record).expect("invariant: record serializes");
+        pki::write_atomic(&self.path(&token, "json"), &json, 0o600)?;
+        Ok(NewToken { token, record })
+    }
+
+    /// Checks a token for `node` at `now` and consumes it; exactly one caller can succeed.
+    pub fn consume(
+        &self,
+        token: &str,
+        node: &str,
+        now: SystemTime,
+    ) -> Result<TokenRecord, TokenError> {
+        let path = self.path(token, "json");
+        let used = self.path(token, "used");
+        let data = match fs::read(&path) {
+            Ok(d) => d,
+            Err(_) if used.exists() => return Err(TokenError::AlreadyUsed),
+            Err(_) => return Err(TokenError::Unknown),
+        };
+        let record: TokenRecord =
+            serde_json::from_slice(&data).map_err(|e| TokenError::Store(e.to_string()))?;
+        if record.node != node {
+            return Err(TokenError::WrongNode {
+                expected: record.node,
+                got: node.to_owned(),
+            });
+        }
+        if unix(now) >= record.expires_at {
+            return Err(TokenError::Expired(rfc3339(
+                UNIX_EPOCH + Duration::from_secs(record.expires_at),
+            )));
+        }
+        match fs::rename(&path, &used) {
+            Ok(()) => Ok(record),
+            Err(_) => Err(TokenError::AlreadyUsed),
+        }
+    }
+}
+
+/// A node's registration: the services it may obtain workload SVIDs for.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeRecord {
+    /// Services as `ns/svc`.
+    pub services: Vec<String>,
+    /// Unix seconds of the last join.
+    pub joined_at: u64,
+}
+
+/// The node registry in `data_dir/nodes`.
+#[derive(Debug, Clone)]
+pub struct NodeRegistry {
+    dir: PathBuf,
+}
+
+impl NodeRegistry {
+    /// The registry of a CA data dir.
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            dir: data_dir.join("nodes"),
+        }
+    }
+
+    /// Records (or replaces) a node's services at join.
+    pub fn register(
+        &self,
+        node: &str,
+        services: &[String],
+        now: SystemTime,
+    ) -> Result<(), StoreError> {
+        spiffe::validate_segment(node)?;
+        pki::create_private_dir(&self.dir)?;
+        let rec = NodeRecord {
+            services: services.to_vec(),
+            joined_at: unix(now),
+        };
+        let json = serde_json::to_vec_pretty(&rec).expect("invariant: record serializes");
+        pki::write_atomic(&self.dir.join(format!("{node}.json")), &json, 0o600)?;
+        Ok(())
+    }
+
+    /// A node's record, if it joined.
+    pub fn get(&self, node: &str) -> Option<NodeRecord> {
+        spiffe::validate_segment(node).ok()?;
+        let data = fs::read(self.dir.join(format!("{node}.json"))).ok()?;
+        serde_json::from_slice(&data).ok()
+    }
+}
+
+/// One line of `issued.log`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IssuedRecord {
+    /// Serial, hex.
+    pub serial: String,
+    /// The SVID's SPIFFE ID.
+    pub spiffe_id: String,
+    /// The node that asked.
+    pub node: String,
+    /// RFC 3339.
+    pub not_after: String,
+}
+
+/// Appends to `data_dir/issued.log` (0600).
+pub fn append_issued(data_dir: &Path, rec: &IssuedRecord) -> Result<(), PkiError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join("issued.log");
+    let mut line = serde_json::to_vec(rec).expect("invariant: record serializes");
+    line.push(b'\n');
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(&line))
+        .map_err(|source| PkiError::Io {
+            path: path.display().to_string(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn init_writes_private_keys_and_refuses_overwrite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = SystemTime::now();
+        let report = init(dir.path(), "mesh.example", false, now).expect("init");
+        for key in ["root.key", "intermediate.key"] {
+            let mode = fs::metadata(dir.path().join(key))
+                .expect("key")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{key}");
+        }
+        let err = init(dir.path(), "mesh.example", false, now)
+            .expect_err("exists")
+            .to_string();
+        assert!(
+            err.contains("--force") && err.contains(&report.ca_fingerprint),
+            "{err}"
+        );
+        let again = init(dir.path(), "mesh.example", true, now).expect("force");
+        assert_ne!(again.ca_fingerprint, report.ca_fingerprint);
+
+        let ca = load(dir.path()).expect("load");
+        assert_eq!(ca.trust_domain, "mesh.example");
+        assert_eq!(pki::fingerprint(&ca.root), again.ca_fingerprint);
+        let root = CertInfo::from_der(&ca.root).expect("root");
+        assert!(root.is_ca);
+        assert_eq!(root.uris, vec!["spiffe://mesh.example".to_string()]);
+        let years = root.lifetime().as_secs() / (365 * 24 * 3600);
+        assert_eq!(years, 10);
+        let int = CertInfo::from_der(&ca.intermediate).expect("int");
+        assert_eq!(int.lifetime().as_secs() / (24 * 3600), 365);
+    }
+
+    #[test]
+    fn tokens_are_single_use_bound_and_expiring() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = TokenStore::new(dir.path());
+        let now = SystemTime::now();
+        let t = store
+            .create(
+                "node-a",
+                &["web".into(), "prod/users".into()],
+                Duration::from_secs(3600),
+                now,
+            )
+            .expect("create");
+        assert_eq!(t.record.services, vec!["default/web", "prod/users"]);
+        // the secret is not on disk
+        for e in fs::read_dir(dir.path().join("tokens")).expect("ls") {
+            let body = fs::read_to_string(e.expect("entry").path()).expect("read");
+            assert!(!body.contains(&t.token));
+        }
+        assert_eq!(
+            store.consume(&t.token, "node-b", now),
+            Err(TokenError::WrongNode {
+                expected: "node-a".into(),
+                got: "node-b".into()
+            })
+        );
+        assert!(matches!(
+            store.consume(&t.token, "node-a", now + Duration::from_secs(3600)),
+            Err(TokenError::Expired(_))
+        ));
+        assert_eq!(
+            store.consume(&t.token, "node-a", now).expect("ok").node,
+            "node-a"
+        );
+        assert_eq!(
+            store.consume(&t.token, "node-a", now),
+            Err(TokenError::AlreadyUsed)
+        );
+        assert_eq!(
+            store.consume("mgjt_nope", "node-a", now),
+            Err(TokenError::Unknown)
+        );
+    }
+}

@@ -1,0 +1,375 @@
+//! The trust bundle and the rustls verifiers that check SPIFFE X.509 SVIDs.
+//!
+//! A peer is accepted when its chain verifies to a root in the current [`TrustBundle`] (read
+//! through an `ArcSwap`, so bundle updates apply to live configs), its leaf has exactly one URI
+//! SAN, that URI is a SPIFFE ID in our trust domain, and (for servers) it is one of the IDs the
+//! caller expects. TLS versions are not decided here: configs built on these verifiers are
+//! TLS 1.3 only (see [`tls13_server_config`], [`tls13_client_config`]).
+
+use std::{fmt, sync::Arc};
+
+use arc_swap::ArcSwap;
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, Error as TlsError, OtherError,
+    SignatureScheme,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::{CryptoProvider, WebPkiSupportedAlgorithms},
+    server::danger::{ClientCertVerified, ClientCertVerifier},
+};
+use rustls_pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
+
+use crate::{pki::CertInfo, spiffe::SpiffeId};
+
+/// The roots a trust domain trusts, with a sequence number that grows on every change.
+#[derive(Clone)]
+pub struct TrustBundle {
+    trust_domain: String,
+    roots: Vec<CertificateDer<'static>>,
+    anchors: Vec<TrustAnchor<'static>>,
+    sequence: u64,
+}
+
+impl fmt::Debug for TrustBundle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TrustBundle")
+            .field("trust_domain", &self.trust_domain)
+            .field("roots", &self.roots.len())
+            .field("sequence", &self.sequence)
+            .finish()
+    }
+}
+
+/// Why a bundle cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    /// A bundle needs at least one root.
+    #[error("trust bundle for {0} has no roots")]
+    Empty(String),
+    /// A root is not a usable trust anchor.
+    #[error("trust bundle root #{index} is not a valid CA certificate: {reason}")]
+    BadRoot {
+        /// Position in the list.
+        index: usize,
+        /// What webpki said.
+        reason: String,
+    },
+}
+
+impl TrustBundle {
+    /// Builds a bundle; every root must parse as a trust anchor.
+    pub fn new(
+        trust_domain: &str,
+        roots: Vec<CertificateDer<'static>>,
+        sequence: u64,
+    ) -> Result<Self, BundleError> {
+        if roots.is_empty() {
+            return Err(BundleError::Empty(trust_domain.to_owned()));
+        }
+        let anchors = roots
+            .iter()
+            .enumerate()
+            .map(|(index, r)| {
+                webpki::anchor_from_trusted_cert(r)
+                    .map(|a| a.to_owned())
+                    .map_err(|e| BundleError::BadRoot {
+                        index,
+                        reason: e.to_string(),
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            trust_domain: trust_domain.to_owned(),
+            roots,
+            anchors,
+            sequence,
+        })
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The roots, DER.
+    pub fn roots(&self) -> &[CertificateDer<'static>] {
+        &self.roots
+    }
+
+    /// Grows with every change.
+    pub fn sequence(&self) -> u64 {
+        self.sequence
+    }
+
+    /// Whether a root with this fingerprint (`sha256:…`) is in the bundle.
+    pub fn contains_fingerprint(&self, fp: &str) -> bool {
+        self.roots.iter().any(|r| crate::pki::fingerprint(r) == fp)
+    }
+}
+
+/// A bundle shared between its owner (who swaps in updates) and live TLS configs.
+pub type SharedBundle = Arc<ArcSwap<TrustBundle>>;
+
+/// Which server identities a client accepts.
+#[derive(Debug, Clone)]
+pub enum ExpectedPeer {
+    /// Exactly one of these SPIFFE IDs.
+    AnyOf(Vec<SpiffeId>),
+    /// Any ID in the bundle's trust domain.
+    TrustDomain,
+}
+
+/// Verifies a chain against the bundle for the given usage and returns the peer's SPIFFE ID.
+///
+/// Checks, in order: chain to a bundle root (validity dates, signatures, EKU), exactly one URI
+/// SAN, a SPIFFE ID of a shape we issue, in the bundle's trust domain.
+pub fn verify_svid(
+    bundle: &TrustBundle,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+    usage: webpki::KeyUsage,
+) -> Result<SpiffeId, TlsError> {
+    let algs = provider_algorithms();
+    let ee = webpki::EndEntityCert::try_from(end_entity).map_err(webpki_error)?;
+    ee.verify_for_usage(
+        algs.all,
+        &bundle.anchors,
+        intermediates,
+        now,
+        usage,
+        None,
+        None,
+    )
+    .map_err(webpki_error)?;
+    let info = CertInfo::from_der(end_entity)
+        .map_err(|_| TlsError::InvalidCertificate(CertificateError::BadEncoding))?;
+    let uri = info
+        .spiffe_uri()
+        .ok_or_else(|| other("certificate must carry exactly one spiffe:// URI SAN"))?;
+    let id = SpiffeId::parse(uri).map_err(|e| other(&e.to_string()))?;
+    if id.trust_domain() != bundle.trust_domain() {
+        return Err(other(&format!(
+            "peer {id} is not in trust domain {}",
+            bundle.trust_domain()
+        )));
+    }
+    Ok(id)
+}
+
+/// Verifies server certificates as SPIFFE SVIDs; the TLS server name is ignored.
+pub struct SpiffeServerVerifier {
+    bundle: SharedBundle,
+    expected: ExpectedPeer,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl fmt::Debug for SpiffeServerVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpiffeServerVerifier")
+            .field("expected", &self.expected)
+            .finish()
+    }
+}
+
+impl SpiffeServerVerifier {
+    /// A verifier over a live bundle.
+    pub fn new(bundle: SharedBundle, expected: ExpectedPeer) -> Self {
+        Self {
+            bundle,
+            expected,
+            algs: provider_algorithms(),
+        }
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, TlsError> {
+        let bundle = self.bundle.load();
+        let id = verify_svid(
+            &bundle,
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+        )?;
+        match &self.expected {
+            ExpectedPeer::TrustDomain => {}
+            ExpectedPeer::AnyOf(ids) if ids.contains(&id) => {}
+            ExpectedPeer::AnyOf(ids) => {
+                let want: Vec<String> = ids.iter().map(ToString::to_string).collect();
+                return Err(other(&format!(
+                    "server identity {id} is not the expected {}",
+                    want.join(" or ")
+                )));
+            }
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        Err(TlsError::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// Verifies client certificates as SPIFFE SVIDs of our trust domain. Which identity may do
+/// what is decided after the handshake (authorization), not here.
+pub struct SpiffeClientVerifier {
+    bundle: SharedBundle,
+    mandatory: bool,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl fmt::Debug for SpiffeClientVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpiffeClientVerifier")
+            .field("mandatory", &self.mandatory)
+            .finish()
+    }
+}
+
+impl SpiffeClientVerifier {
+    /// `mandatory`: refuse handshakes without a client certificate.
+    pub fn new(bundle: SharedBundle, mandatory: bool) -> Self {
+        Self {
+            bundle,
+            mandatory,
+            algs: provider_algorithms(),
+        }
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, TlsError> {
+        let bundle = self.bundle.load();
+        verify_svid(
+            &bundle,
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::client_auth(),
+        )?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        Err(TlsError::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// The process crypto provider: the installed default, else aws-lc-rs.
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+}
+
+fn provider_algorithms() -> WebPkiSupportedAlgorithms {
+    crypto_provider().signature_verification_algorithms
+}
+
+/// A TLS 1.3-only server config builder on the process provider.
+pub fn tls13_server_config() -> rustls::ConfigBuilder<rustls::ServerConfig, rustls::WantsVerifier> {
+    rustls::ServerConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("invariant: aws-lc-rs supports TLS 1.3")
+}
+
+/// A TLS 1.3-only client config builder on the process provider.
+pub fn tls13_client_config() -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier> {
+    rustls::ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("invariant: aws-lc-rs supports TLS 1.3")
+}
+
+fn other(msg: &str) -> TlsError {
+    TlsError::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(VerifyError(
+        msg.to_owned(),
+    )))))
+}
+
+#[derive(Debug)]
+struct VerifyError(String);
+
+impl fmt::Display for VerifyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for VerifyError {}
+
+fn webpki_error(e: webpki::Error) -> TlsError {
+    use webpki::Error as E;
+    let ce = match e {
+        E::BadDer | E::BadDerTime => CertificateError::BadEncoding,
+        E::CertExpired { .. } => CertificateError::Expired,
+        E::CertNotValidYet { .. } => CertificateError::NotValidYet,
+        E::UnknownIssuer => CertificateError::UnknownIssuer,
+        E::InvalidSignatureForPublicKey => CertificateError::BadSignature,
+        E::CertRevoked => CertificateError::Revoked,
+        other_err => {
+            return other(&format!("certificate rejected: {other_err}"));
+        }
+    };
+    TlsError::InvalidCertificate(ce)
+}

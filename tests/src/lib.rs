@@ -1,0 +1,1 @@
+//! meshgate end-to-end tests live in `tests/e2e/`; this library is empty on purpose.
