@@ -126,11 +126,14 @@ impl CaServer {
             ("workload_ttl", config.workload_ttl),
             ("node_ttl", config.node_ttl),
         ] {
-            if ttl < Duration::from_secs(60) {
+            if ttl < Duration::from_secs(1) {
                 return Err(ServeError::Config(format!(
-                    "{name} must be at least 1m, got {}",
+                    "{name} must be at least 1s, got {}",
                     humantime::format_duration(ttl)
                 )));
+            }
+            if ttl < Duration::from_secs(300) {
+                warn!(name, ttl = %humantime::format_duration(ttl), "very short certificate lifetime: nodes renew constantly");
             }
         }
         let int_info = CertInfo::from_der(&ca.intermediate).map_err(StoreError::from)?;

@@ -152,7 +152,8 @@ impl Signer {
         &self.intermediate
     }
 
-    /// Signs a leaf for `id` and `public_key`, valid from `now` - 1 minute (clock skew) for
+    /// Signs a leaf for `id` and `public_key`, valid from `now` - 1 minute (clock skew; less for
+    /// lifetimes under 4 minutes) for
     /// `ttl`, capped at the intermediate's expiry. Returns the chain: leaf, intermediate.
     pub fn sign(
         &self,
@@ -166,7 +167,8 @@ impl Signer {
         }
         let not_after = (now + ttl).min(self.intermediate_not_after);
         let mut params = CertificateParams::default();
-        params.not_before = (now - Duration::from_secs(60)).into();
+        // backdate for clock skew: a minute, or a quarter of very short lifetimes
+        params.not_before = (now - (ttl / 4).min(Duration::from_secs(60))).into();
         params.not_after = not_after.into();
         let mut serial = crate::pki::random_bytes::<16>();
         serial[0] &= 0x7f;

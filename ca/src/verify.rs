@@ -118,6 +118,15 @@ pub enum ExpectedPeer {
     TrustDomain,
 }
 
+/// Which extended key usage a verified certificate must allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    /// TLS server authentication.
+    Server,
+    /// TLS client authentication.
+    Client,
+}
+
 /// Verifies a chain against the bundle for the given usage and returns the peer's SPIFFE ID.
 ///
 /// Checks, in order: chain to a bundle root (validity dates, signatures, EKU), exactly one URI
@@ -127,8 +136,12 @@ pub fn verify_svid(
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
     now: UnixTime,
-    usage: webpki::KeyUsage,
+    usage: Usage,
 ) -> Result<SpiffeId, TlsError> {
+    let usage = match usage {
+        Usage::Server => webpki::KeyUsage::server_auth(),
+        Usage::Client => webpki::KeyUsage::client_auth(),
+    };
     let algs = provider_algorithms();
     let ee = webpki::EndEntityCert::try_from(end_entity).map_err(webpki_error)?;
     ee.verify_for_usage(
@@ -156,9 +169,22 @@ pub fn verify_svid(
     Ok(id)
 }
 
+/// What a server's chain must lead to.
+#[derive(Debug, Clone)]
+enum ServerTrust {
+    /// A root of the live bundle.
+    Bundle(SharedBundle),
+    /// The root the server presents in its chain, when its fingerprint is this one: how a node
+    /// that holds no bundle yet pins the CA at join time (no trust on first use).
+    Pinned {
+        trust_domain: String,
+        fingerprint: String,
+    },
+}
+
 /// Verifies server certificates as SPIFFE SVIDs; the TLS server name is ignored.
 pub struct SpiffeServerVerifier {
-    bundle: SharedBundle,
+    trust: ServerTrust,
     expected: ExpectedPeer,
     algs: WebPkiSupportedAlgorithms,
 }
@@ -175,7 +201,20 @@ impl SpiffeServerVerifier {
     /// A verifier over a live bundle.
     pub fn new(bundle: SharedBundle, expected: ExpectedPeer) -> Self {
         Self {
-            bundle,
+            trust: ServerTrust::Bundle(bundle),
+            expected,
+            algs: provider_algorithms(),
+        }
+    }
+
+    /// A verifier that trusts only a root with this `sha256:` fingerprint, which the server
+    /// must present in its chain. Used to join, before the node holds a bundle.
+    pub fn pinned(trust_domain: &str, fingerprint: &str, expected: ExpectedPeer) -> Self {
+        Self {
+            trust: ServerTrust::Pinned {
+                trust_domain: trust_domain.to_owned(),
+                fingerprint: fingerprint.to_ascii_lowercase(),
+            },
             expected,
             algs: provider_algorithms(),
         }
@@ -191,14 +230,26 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
-        let bundle = self.bundle.load();
-        let id = verify_svid(
-            &bundle,
-            end_entity,
-            intermediates,
-            now,
-            webpki::KeyUsage::server_auth(),
-        )?;
+        let bundle = match &self.trust {
+            ServerTrust::Bundle(b) => b.load_full(),
+            ServerTrust::Pinned {
+                trust_domain,
+                fingerprint,
+            } => {
+                let root = intermediates
+                    .iter()
+                    .find(|c| &crate::pki::fingerprint(c) == fingerprint)
+                    .ok_or_else(|| {
+                        other(&format!(
+                            "the CA did not present the pinned root {fingerprint}: wrong CA or wrong fingerprint"
+                        ))
+                    })?;
+                let b = TrustBundle::new(trust_domain, vec![root.clone().into_owned()], 0)
+                    .map_err(|e| other(&e.to_string()))?;
+                Arc::new(b)
+            }
+        };
+        let id = verify_svid(&bundle, end_entity, intermediates, now, Usage::Server)?;
         match &self.expected {
             ExpectedPeer::TrustDomain => {}
             ExpectedPeer::AnyOf(ids) if ids.contains(&id) => {}
@@ -281,13 +332,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, TlsError> {
         let bundle = self.bundle.load();
-        verify_svid(
-            &bundle,
-            end_entity,
-            intermediates,
-            now,
-            webpki::KeyUsage::client_auth(),
-        )?;
+        verify_svid(&bundle, end_entity, intermediates, now, Usage::Client)?;
         Ok(ClientCertVerified::assertion())
     }
 

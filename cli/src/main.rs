@@ -1,1 +1,81 @@
-fn main() {}
+//! `meshgate`: the one binary. It parses the command line, sets up logging and wires the crates
+//! together; the work happens in `meshgate-ca` and `meshgate-agent`.
+
+mod ca;
+mod certs;
+mod config;
+mod output;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// meshgate: a sidecar-less service mesh with a gateway mode.
+///
+/// Quick start: `meshgate ca init --trust-domain mesh.example --data-dir ./ca`, then
+/// `meshgate ca serve --config ca.yaml` and `meshgate ca token create --data-dir ./ca --node node-a`.
+#[derive(Debug, Parser)]
+#[command(name = "meshgate", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "MESHGATE_LOG_FORMAT")]
+    log_format: LogFormat,
+    /// Log filter, e.g. `info` or `meshgate_agent=debug` (RUST_LOG syntax).
+    #[arg(long, global = true, default_value = "info", env = "MESHGATE_LOG")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The certificate authority: create it, serve it, make join tokens.
+    Ca(ca::CaArgs),
+    /// List the certificates a node holds in its data dir.
+    Certs(certs::CertsArgs),
+}
+
+fn init_logging(cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Ca(args) => ca::run(args).await,
+            Command::Certs(args) => certs::run(args),
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

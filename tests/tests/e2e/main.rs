@@ -1,1 +1,5 @@
-//! e2e
+//! meshgate end-to-end tests: real sockets, real TLS and real gRPC on loopback, port 0
+//! everywhere. One binary for every suite to save link time.
+
+mod harness;
+mod identity;

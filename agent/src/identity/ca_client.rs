@@ -1,0 +1,110 @@
+//! Connections to the CA: TLS 1.3 with a SPIFFE server verifier (pinned root at join, the live
+//! bundle afterwards), HTTP/2 for gRPC, and error text that names the real cause.
+
+use std::{sync::Arc, time::Duration};
+
+use hyper_util::rt::TokioIo;
+use meshgate_proto::ca::v1::certificate_authority_client::CertificateAuthorityClient;
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use super::IdentityError;
+
+/// A gRPC client for the CA.
+pub type CaClient = CertificateAuthorityClient<Channel>;
+
+/// Splits `https://host:port` (scheme optional, port default 15012).
+pub(crate) fn parse_address(addr: &str) -> Result<(String, u16), IdentityError> {
+    let rest = addr.strip_prefix("https://").unwrap_or(addr);
+    if rest.contains("://") {
+        return Err(IdentityError::Config(format!(
+            "CA address {addr:?} must be https://HOST:PORT"
+        )));
+    }
+    let rest = rest.trim_end_matches('/');
+    let uri: Uri = format!("https://{rest}")
+        .parse()
+        .map_err(|e| IdentityError::Config(format!("CA address {addr:?}: {e}")))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| IdentityError::Config(format!("CA address {addr:?} has no host")))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    Ok((host, uri.port_u16().unwrap_or(15012)))
+}
+
+/// Connects to the CA at `addr` (`https://HOST:PORT`) with `tls`; ALPN h2 is set here.
+pub async fn connect(addr: &str, tls: ClientConfig) -> Result<CaClient, IdentityError> {
+    let (host, port) = parse_address(addr)?;
+    let mut tls = tls;
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let server_name = ServerName::try_from(host.clone())
+        .map_err(|e| IdentityError::Config(format!("CA host {host:?}: {e}")))?;
+    let endpoint = Endpoint::from_shared(format!("http://{}", authority(&host, port)))
+        .map_err(|e| IdentityError::Config(e.to_string()))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_while_idle(true);
+    let channel = endpoint
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let (connector, server_name, host) =
+                (connector.clone(), server_name.clone(), host.clone());
+            async move {
+                let tcp = TcpStream::connect((host.as_str(), port)).await?;
+                tcp.set_nodelay(true)?;
+                let tls = connector.connect(server_name, tcp).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(tls))
+            }
+        }))
+        .await
+        .map_err(|e| IdentityError::CaUnreachable {
+            address: addr.to_owned(),
+            reason: error_chain(&e),
+        })?;
+    Ok(CertificateAuthorityClient::new(channel))
+}
+
+fn authority(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// "outer: inner: innermost", skipping repeats.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let msg = s.to_string();
+        if parts.last().is_none_or(|l| !l.contains(&msg)) {
+            parts.push(msg);
+        }
+        cur = s.source();
+    }
+    parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        for (input, host, port) in [
+            ("https://127.0.0.1:15012", "127.0.0.1", 15012),
+            ("ca.example:9000", "ca.example", 9000),
+            ("https://ca.example", "ca.example", 15012),
+            ("https://[::1]:15012/", "::1", 15012),
+        ] {
+            assert_eq!(parse_address(input).expect(input), (host.to_owned(), port));
+        }
+        assert!(parse_address("http://ca:1").is_err());
+    }
+}
