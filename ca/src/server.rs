@@ -299,13 +299,17 @@ impl CaServer {
         Ok(())
     }
 
-    /// Stops accepting, lets in-flight calls finish, and returns when the server is down.
-    pub async fn shutdown(mut self) {
+    /// Stops accepting and lets in-flight calls finish for up to `drain`; then closes what is
+    /// left (trust bundle streams never finish on their own; nodes reconnect with backoff).
+    pub async fn shutdown(mut self, drain: Duration) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
         self.renew.abort();
-        let _ = (&mut self.task).await;
+        if tokio::time::timeout(drain, &mut self.task).await.is_err() {
+            info!(drain = %humantime::format_duration(drain), "drain timeout reached; closing remaining connections");
+            self.task.abort();
+        }
     }
 }
 

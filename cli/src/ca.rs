@@ -18,6 +18,9 @@ use tracing::{info, warn};
 
 use crate::output::Output;
 
+/// How long `ca serve` lets in-flight calls finish after SIGTERM.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Arguments of `meshgate ca`.
 #[derive(Debug, Args)]
 pub(crate) struct CaArgs {
@@ -183,6 +186,6 @@ async fn serve(path: PathBuf) -> anyhow::Result<()> {
         }
     }
     info!("shutting down");
-    server.shutdown().await;
+    server.shutdown(DRAIN_TIMEOUT).await;
     Ok(())
 }

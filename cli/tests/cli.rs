@@ -1,0 +1,279 @@
+//! The `meshgate` binary as a user runs it: exit codes, output formats, files on disk.
+
+use std::{
+    io::{BufRead, BufReader},
+    os::unix::fs::PermissionsExt,
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use meshgate_agent::identity::{IdentityConfig, IdentityManager};
+
+fn meshgate(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .args(args)
+        .output()
+        .expect("run meshgate")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn init_ca(dir: &Path) -> serde_json::Value {
+    let out = meshgate(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "mesh.example",
+        "--data-dir",
+        dir.to_str().expect("utf8"),
+        "-o",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+#[test]
+fn ca_init_writes_private_keys_and_refuses_to_overwrite() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("ca");
+    let report = init_ca(&dir);
+    let fp = report["ca_fingerprint"].as_str().expect("fingerprint");
+    assert!(fp.starts_with("sha256:") && fp.len() == 7 + 64, "{fp}");
+    for key in ["root.key", "intermediate.key"] {
+        let mode = std::fs::metadata(dir.join(key))
+            .expect(key)
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{key}");
+    }
+    let again = meshgate(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "mesh.example",
+        "--data-dir",
+        dir.to_str().expect("utf8"),
+    ]);
+    assert_eq!(again.status.code(), Some(1));
+    let err = text(&again.stderr);
+    assert!(
+        err.contains("already exists") && err.contains("--force") && err.contains(fp),
+        "{err}"
+    );
+
+    let bad = meshgate(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "Not A Domain",
+        "--data-dir",
+        tmp.path().join("x").to_str().expect("utf8"),
+    ]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        text(&bad.stderr).contains("invalid trust domain"),
+        "{}",
+        text(&bad.stderr)
+    );
+}
+
+#[test]
+fn token_create_prints_json_for_scripts() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("ca");
+    let report = init_ca(&dir);
+    let out = meshgate(&[
+        "ca",
+        "token",
+        "create",
+        "--data-dir",
+        dir.to_str().expect("utf8"),
+        "--node",
+        "node-a",
+        "--services",
+        "web,prod/users",
+        "--ttl",
+        "30m",
+        "-o",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let mut keys: Vec<&str> = v
+        .as_object()
+        .expect("object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["ca_fingerprint", "expires_at", "node", "token"]);
+    assert_eq!(v["ca_fingerprint"], report["ca_fingerprint"]);
+    assert_eq!(v["node"], "node-a");
+    let token = v["token"].as_str().expect("token");
+    // stored hashed: the secret appears in no file of the CA
+    for entry in std::fs::read_dir(dir.join("tokens")).expect("tokens dir") {
+        let body = std::fs::read_to_string(entry.expect("entry").path()).expect("read");
+        assert!(!body.contains(token));
+        assert!(body.contains("prod/users"));
+    }
+    let table = meshgate(&[
+        "ca",
+        "token",
+        "create",
+        "--data-dir",
+        dir.to_str().expect("utf8"),
+        "--node",
+        "node-b",
+    ]);
+    assert!(
+        text(&table.stdout).contains("ca fingerprint:  sha256:"),
+        "{}",
+        text(&table.stdout)
+    );
+
+    let missing = meshgate(&[
+        "ca",
+        "token",
+        "create",
+        "--data-dir",
+        tmp.path().join("nope").to_str().expect("utf8"),
+        "--node",
+        "a",
+    ]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        text(&missing.stderr).contains("ca init"),
+        "{}",
+        text(&missing.stderr)
+    );
+}
+
+#[test]
+fn serve_reports_config_errors_with_line_and_column() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cfg = tmp.path().join("ca.yaml");
+    std::fs::write(
+        &cfg,
+        "trust_domain: mesh.example\ndata_dir: ./ca\nlisten_on: 1.2.3.4:5\n",
+    )
+    .expect("write");
+    let out = meshgate(&["ca", "serve", "--config", cfg.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains(&format!("{}:3:", cfg.display())), "{err}");
+    assert!(err.contains("listen_on"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_then_join_then_list_certs() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("ca");
+    let report = init_ca(&dir);
+    let cfg = tmp.path().join("ca.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "trust_domain: mesh.example\ndata_dir: {}\nlisten: 127.0.0.1:0\nworkload_ttl: 2h\n",
+            dir.display()
+        ),
+    )
+    .expect("write");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .args([
+            "--log-format",
+            "json",
+            "ca",
+            "serve",
+            "--config",
+            cfg.to_str().expect("utf8"),
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && let Some(addr) = v["fields"]["addr"].as_str()
+            {
+                let _ = tx.send(addr.to_owned());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("CA printed its address");
+
+    let out = meshgate(&[
+        "ca",
+        "token",
+        "create",
+        "--data-dir",
+        dir.to_str().expect("utf8"),
+        "--node",
+        "node-a",
+        "--services",
+        "web",
+        "-o",
+        "json",
+    ]);
+    let tok: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let node_dir = tmp.path().join("node-a");
+    let ids = IdentityManager::start(IdentityConfig {
+        trust_domain: "mesh.example".into(),
+        node: "node-a".into(),
+        data_dir: node_dir.clone(),
+        ca_address: format!("https://{addr}"),
+        ca_fingerprint: tok["ca_fingerprint"].as_str().expect("fp").into(),
+        join_token: Some(tok["token"].as_str().expect("token").into()),
+    })
+    .await
+    .expect("join through the CLI-served CA");
+    ids.workload("default", "web").await.expect("web");
+    assert_eq!(tok["ca_fingerprint"], report["ca_fingerprint"]);
+
+    let out = meshgate(&[
+        "certs",
+        "--data-dir",
+        node_dir.to_str().expect("utf8"),
+        "-o",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let certs: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let ids: Vec<&str> = certs
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|c| c["spiffe_id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "spiffe://mesh.example/node/node-a",
+            "spiffe://mesh.example/ns/default/svc/web"
+        ]
+    );
+    let left = certs[1]["time_left_seconds"].as_u64().expect("left");
+    assert!(left > 3600 && left <= 7200 + 60, "{left}");
+    let table = text(&meshgate(&["certs", "--data-dir", node_dir.to_str().expect("utf8")]).stdout);
+    assert!(table.starts_with("SPIFFE ID"), "{table}");
+    assert!(
+        table.contains("spiffe://mesh.example/ns/default/svc/web"),
+        "{table}"
+    );
+
+    // SIGTERM: a clean exit
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{status}");
+}
