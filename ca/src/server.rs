@@ -109,6 +109,7 @@ pub struct CaServer {
     fingerprint: String,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
+    accept: JoinHandle<()>,
     renew: JoinHandle<()>,
 }
 
@@ -229,6 +230,7 @@ impl CaServer {
             }
         });
         let service = CaService::new(state.clone());
+        let accept_abort = accept.abort_handle();
         let task = tokio::spawn(async move {
             let res = tonic::transport::Server::builder()
                 .add_service(CertificateAuthorityServer::new(service))
@@ -236,7 +238,7 @@ impl CaServer {
                     let _ = shutdown_rx.await;
                 })
                 .await;
-            accept.abort();
+            accept_abort.abort();
             if let Err(e) = res {
                 warn!(error = %e, "CA server stopped with an error");
             }
@@ -248,6 +250,7 @@ impl CaServer {
             fingerprint,
             shutdown: Some(shutdown_tx),
             task,
+            accept,
             renew,
         })
     }
@@ -305,6 +308,9 @@ impl CaServer {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+        // stop accepting at once; calls already in flight get `drain`
+        self.accept.abort();
+        let _ = (&mut self.accept).await;
         self.renew.abort();
         if tokio::time::timeout(drain, &mut self.task).await.is_err() {
             info!(drain = %humantime::format_duration(drain), "drain timeout reached; closing remaining connections");

@@ -24,6 +24,7 @@ pub(crate) struct TestCa {
     pub(crate) dir: TempDir,
     pub(crate) server: CaServer,
     pub(crate) trust_domain: String,
+    config: CaConfig,
 }
 
 impl TestCa {
@@ -53,7 +54,19 @@ impl TestCa {
             dir,
             server,
             trust_domain: trust_domain.into(),
+            config,
         }
+    }
+
+    /// Stops the server (the CA's state stays), runs `while_down`, then serves again on the
+    /// same address.
+    pub(crate) async fn restart<F: Future<Output = ()>>(mut self, while_down: F) -> Self {
+        let addr = self.server.local_addr();
+        self.server.shutdown(Duration::from_millis(100)).await;
+        while_down.await;
+        self.config.listen = addr;
+        self.server = CaServer::start(&self.config).await.expect("ca restart");
+        self
     }
 
     pub(crate) fn address(&self) -> String {

@@ -423,3 +423,31 @@ async fn trust_bundle_updates_reach_nodes() {
     let on_disk = pki::read_pem_certs(&dir.path().join("data/bundle.pem")).expect("bundle.pem");
     assert_eq!(on_disk.len(), 2);
 }
+
+#[tokio::test]
+async fn renewal_retries_while_the_ca_is_down_and_keeps_the_current_certificate() {
+    let ca = TestCa::start_with_ttl(TD, Duration::from_secs(4)).await;
+    let (node, _d) = ca.join("node-a", &["web"]).await;
+    let web = node.workload("default", "web").await.expect("web");
+    let held = web.info().expect("info").serial;
+    let ca = ca
+        .restart(async {
+            let failed = eventually(Duration::from_secs(20), || {
+                let node = node.clone();
+                async move { node.status().renew_failures >= 2 }
+            })
+            .await;
+            assert!(failed, "renewal attempts fail while the CA is down");
+            // the certificate in use did not change meanwhile
+            assert_eq!(web.info().expect("info").serial, held);
+        })
+        .await;
+    let recovered = eventually(Duration::from_secs(30), || {
+        let web = web.clone();
+        let held = held.clone();
+        async move { web.info().is_some_and(|i| i.serial != held) }
+    })
+    .await;
+    assert!(recovered, "renewal succeeds once the CA is back");
+    assert!(ca.issued() >= 1);
+}
