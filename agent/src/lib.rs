@@ -1,22 +1,28 @@
-//! meshgate's data plane. Today it holds the identity manager ([`identity`]): the piece every
-//! agent and gateway uses to join the mesh, hold and renew its SVIDs, follow the trust bundle and
-//! build the mTLS configs its tunnels use.
+//! meshgate's data plane: the node agent, and the pieces the gateway reuses.
+//!
+//! - [`identity`]: join the mesh, hold and renew SVIDs, follow the trust bundle, build mTLS configs.
+//! - [`transport`]: the HBONE-style tunnel (TLS 1.3 mTLS, HTTP/2 CONNECT) and byte splicing.
+//! - [`proxy`]: inbound (tunnels to local services, with intentions) and outbound (upstream listeners).
+//! - [`policy`]: intentions as pure functions; [`balance`]: P2C over peak-EWMA with ejection.
+//! - [`discovery`]: endpoints per service; [`admin`]: the loopback admin API; [`telemetry`]: metrics.
+//! - [`app`]: builds a running [`app::Agent`] from an [`config::AgentConfig`].
 //!
 //! ```no_run
-//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! use meshgate_agent::identity::{IdentityConfig, IdentityManager};
-//! let ids = IdentityManager::start(IdentityConfig {
-//!     trust_domain: "mesh.example".into(),
-//!     node: "node-a".into(),
-//!     data_dir: "./node-a".into(),
-//!     ca_address: "https://127.0.0.1:15012".into(),
-//!     ca_fingerprint: "sha256:…".into(),
-//!     join_token: Some("mgjt_…".into()),
-//! })
-//! .await?;
-//! let web = ids.workload("default", "web").await?;
-//! let _server_tls = ids.server_config(&web);
+//! # async fn run(cfg: meshgate_agent::config::AgentConfig) -> Result<(), Box<dyn std::error::Error>> {
+//! let agent = meshgate_agent::app::Agent::start(cfg).await?;
+//! println!("inbound on {}, admin on {}", agent.inbound_addr(), agent.admin_addr());
+//! agent.shutdown().await;
 //! # Ok(()) }
 //! ```
 
+pub mod admin;
+pub mod app;
+pub mod balance;
+pub mod config;
+pub mod discovery;
+pub mod drain;
 pub mod identity;
+pub mod policy;
+pub mod proxy;
+pub mod telemetry;
+pub mod transport;

@@ -114,6 +114,9 @@ pub type SharedBundle = Arc<ArcSwap<TrustBundle>>;
 pub enum ExpectedPeer {
     /// Exactly one of these SPIFFE IDs.
     AnyOf(Vec<SpiffeId>),
+    /// Any node identity (`spiffe://TD/node/*`) of the bundle's trust domain: how agents
+    /// verify each other's inbound ports, which present the node SVID.
+    AnyNode,
     /// Any ID in the bundle's trust domain.
     TrustDomain,
 }
@@ -252,6 +255,12 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         let id = verify_svid(&bundle, end_entity, intermediates, now, Usage::Server)?;
         match &self.expected {
             ExpectedPeer::TrustDomain => {}
+            ExpectedPeer::AnyNode if matches!(id.subject(), crate::spiffe::Subject::Node(_)) => {}
+            ExpectedPeer::AnyNode => {
+                return Err(other(&format!(
+                    "server identity {id} is not a node identity"
+                )));
+            }
             ExpectedPeer::AnyOf(ids) if ids.contains(&id) => {}
             ExpectedPeer::AnyOf(ids) => {
                 let want: Vec<String> = ids.iter().map(ToString::to_string).collect();

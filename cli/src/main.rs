@@ -1,6 +1,7 @@
 //! `meshgate`: the one binary. It parses the command line, sets up logging and wires the crates
 //! together; the work happens in `meshgate-ca` and `meshgate-agent`.
 
+mod agent;
 mod ca;
 mod certs;
 mod config;
@@ -33,6 +34,8 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the node agent: mTLS tunnels between services, intentions, admin API.
+    Agent(agent::AgentArgs),
     /// The certificate authority: create it, serve it, make join tokens.
     Ca(ca::CaArgs),
     /// List the certificates a node holds in its data dir.
@@ -67,6 +70,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Agent(args) => agent::run(args).await,
             Command::Ca(args) => ca::run(args).await,
             Command::Certs(args) => certs::run(args),
         }

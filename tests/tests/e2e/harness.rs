@@ -142,3 +142,148 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A running agent and the directory that holds its state.
+pub(crate) struct TestAgent {
+    pub(crate) agent: meshgate_agent::app::Agent,
+    pub(crate) _dir: TempDir,
+}
+
+impl TestAgent {
+    pub(crate) fn inbound(&self) -> std::net::SocketAddr {
+        self.agent.inbound_addr()
+    }
+
+    pub(crate) fn upstream(&self, service: &str) -> std::net::SocketAddr {
+        self.agent
+            .upstream_addr(service)
+            .expect("upstream listener")
+    }
+
+    /// GET on the admin API: (status, body).
+    pub(crate) async fn admin(&self, path: &str) -> (u16, String) {
+        http_get(self.agent.admin_addr(), path).await
+    }
+
+    /// One metric sample from /metrics (0 when absent).
+    pub(crate) async fn metric(&self, series: &str) -> f64 {
+        let (_, text) = self.admin("/metrics").await;
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+impl TestCa {
+    /// Starts an agent for `node`. `spec` holds `services`, `authz`, `discovery` (and any other
+    /// agent.yaml key); ports are 0 and the join token goes through a token file.
+    pub(crate) async fn agent(&self, node: &str, spec: serde_json::Value) -> TestAgent {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let services: Vec<String> = spec["services"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s["name"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let names: Vec<&str> = services.iter().map(String::as_str).collect();
+        let token_file = dir.path().join("join.token");
+        std::fs::write(&token_file, self.token(node, &names)).expect("token file");
+        let mut cfg = serde_json::json!({
+            "node": node,
+            "trust_domain": self.trust_domain,
+            "data_dir": dir.path().join("data"),
+            "ca": {"address": self.address(), "fingerprint": self.fingerprint(), "join_token_file": token_file},
+            "listen": {"inbound": "127.0.0.1:0", "admin": "127.0.0.1:0"},
+            "drain_timeout": "5s",
+        });
+        for (k, v) in spec.as_object().expect("spec object") {
+            cfg[k] = v.clone();
+        }
+        let cfg: meshgate_agent::config::AgentConfig =
+            serde_json::from_value(cfg).expect("agent config");
+        let agent = meshgate_agent::app::Agent::start(cfg)
+            .await
+            .expect("agent start");
+        TestAgent { agent, _dir: dir }
+    }
+}
+
+/// A minimal HTTP/1.1 GET with hyper: (status, body).
+pub(crate) async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path).await
+}
+
+/// A minimal HTTP/1.1 request with hyper: (status, body).
+pub(crate) async fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("http handshake");
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "test")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("response");
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// A TCP service on 127.0.0.1:0 that echoes until EOF, then closes; counts connections.
+pub(crate) struct EchoService {
+    pub(crate) port: u16,
+    pub(crate) accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EchoService {
+    pub(crate) async fn start() -> Self {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        Self {
+            port,
+            accepted,
+            task,
+        }
+    }
+
+    pub(crate) fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for EchoService {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

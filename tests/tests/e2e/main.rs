@@ -1,5 +1,6 @@
 //! meshgate end-to-end tests: real sockets, real TLS and real gRPC on loopback, port 0
 //! everywhere. One binary for every suite to save link time.
 
+mod agent;
 mod harness;
 mod identity;

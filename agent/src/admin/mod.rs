@@ -1,0 +1,181 @@
+//! The admin API on loopback (default 127.0.0.1:15000): `/healthz`, `/readyz`, `/metrics`
+//! (Prometheus text), `/config`, `/certs`, `/endpoints` (JSON). Read-only; the CLI reads it.
+
+use std::{
+    convert::Infallible,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Instant, SystemTime},
+};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header::CONTENT_TYPE};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use meshgate_ca::store::rfc3339;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tracing::warn;
+
+use crate::{discovery::Endpoints, drain::Drain, identity::IdentityManager, telemetry::Metrics};
+
+/// What the admin API reads.
+#[derive(Debug)]
+pub struct AdminState {
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// The effective config as JSON (no secrets: the token stays in its file).
+    pub config: serde_json::Value,
+    /// Set once SVIDs are held and listeners bound.
+    pub ready: AtomicBool,
+    /// Filled in once the identity manager has joined.
+    pub identity: OnceLock<IdentityManager>,
+    /// Filled in once discovery is set up.
+    pub endpoints: OnceLock<Arc<Endpoints>>,
+    /// Drain state (draining => not ready).
+    pub drain: Drain,
+}
+
+/// One certificate as `/certs` shows it.
+#[derive(Debug, Serialize)]
+pub struct CertView {
+    /// SPIFFE ID.
+    pub spiffe_id: String,
+    /// Serial, hex.
+    pub serial: String,
+    /// RFC 3339.
+    pub not_before: String,
+    /// RFC 3339.
+    pub not_after: String,
+    /// Seconds until expiry.
+    pub time_left_seconds: u64,
+}
+
+impl AdminState {
+    async fn certs(&self) -> Vec<CertView> {
+        let Some(ids) = self.identity.get() else {
+            return Vec::new();
+        };
+        let now = SystemTime::now();
+        ids.identities()
+            .await
+            .into_iter()
+            .filter_map(|i| i.info().map(|info| (i.id.to_string(), info)))
+            .map(|(id, info)| CertView {
+                spiffe_id: id,
+                serial: info.serial.clone(),
+                not_before: rfc3339(info.not_before),
+                not_after: rfc3339(info.not_after),
+                time_left_seconds: info.remaining(now).as_secs(),
+            })
+            .collect()
+    }
+
+    async fn metrics_text(&self) -> String {
+        if let Some(ids) = self.identity.get() {
+            for c in self.certs().await {
+                self.metrics.set_cert_expiry(
+                    &c.spiffe_id,
+                    i64::try_from(c.time_left_seconds).unwrap_or(i64::MAX),
+                );
+            }
+            self.metrics.set_renew_failures(ids.status().renew_failures);
+        }
+        self.metrics.set_ready(self.is_ready());
+        self.metrics.encode()
+    }
+
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst) && !self.drain.is_draining()
+    }
+}
+
+fn respond(
+    code: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = code;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    r
+}
+
+fn json(v: &impl Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_vec_pretty(v) {
+        Ok(b) => respond(StatusCode::OK, "application/json", b),
+        Err(e) => respond(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            e.to_string(),
+        ),
+    }
+}
+
+async fn route(req: Request<Incoming>, state: Arc<AdminState>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "the admin API is read-only: use GET\n",
+        );
+    }
+    match req.uri().path() {
+        "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
+        "/readyz" if state.is_ready() => respond(StatusCode::OK, "text/plain", "ready\n"),
+        "/readyz" if state.drain.is_draining() => respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready: draining\n",
+        ),
+        "/readyz" => respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready: waiting for certificates and listeners\n",
+        ),
+        "/metrics" => respond(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            state.metrics_text().await,
+        ),
+        "/config" => json(&state.config),
+        "/certs" => json(&state.certs().await),
+        "/endpoints" => match state.endpoints.get() {
+            Some(e) => json(&e.snapshot(Instant::now())),
+            None => json(&Vec::<()>::new()),
+        },
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found; try /healthz /readyz /metrics /config /certs /endpoints\n",
+        ),
+    }
+}
+
+/// Serves the admin API until the process ends (it keeps answering while draining).
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    loop {
+        let (tcp, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(req, state).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}

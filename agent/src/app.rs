@@ -1,0 +1,289 @@
+//! Builds a node agent from its config: admin API first (so health answers during the join),
+//! then identity, workload SVIDs, discovery, the inbound tunnel port and the upstream listeners.
+//! Reports what it bound (port 0 works everywhere) and drains on shutdown.
+
+use std::{collections::HashMap, net::SocketAddr, path::Path, sync::Arc, sync::atomic::Ordering};
+
+use tokio::{net::TcpListener, task::JoinHandle};
+use tracing::info;
+
+use crate::{
+    admin::{self, AdminState},
+    balance::BalanceConfig,
+    config::{AgentConfig, ConfigError},
+    discovery::Endpoints,
+    drain::Drain,
+    identity::{IdentityConfig, IdentityError, IdentityManager},
+    proxy::{
+        inbound::{self, Inbound, LocalService},
+        outbound::{self, Upstream},
+    },
+    telemetry::Metrics,
+    transport::hbone::Pool,
+};
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The config is invalid.
+    #[error("invalid config: {0}")]
+    Config(#[from] ConfigError),
+    /// A listener could not bind.
+    #[error("cannot bind the {what} listener on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: String,
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The join token file could not be read.
+    #[error("cannot read the join token file {path}: {source}")]
+    Token {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Joining or obtaining certificates failed.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+}
+
+/// A bound upstream listener.
+#[derive(Debug, Clone)]
+pub struct UpstreamListener {
+    /// The local service that owns it (its SVID is presented).
+    pub from: String,
+    /// The destination service.
+    pub service: String,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+/// A running node agent.
+#[derive(Debug)]
+pub struct Agent {
+    inbound_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    upstreams: Vec<UpstreamListener>,
+    identity: IdentityManager,
+    metrics: Arc<Metrics>,
+    state: Arc<AdminState>,
+    drain: Drain,
+    drain_timeout: std::time::Duration,
+    tasks: Vec<JoinHandle<()>>,
+    admin_task: JoinHandle<()>,
+}
+
+async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, AgentError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AgentError::Bind {
+            what: what.to_owned(),
+            addr,
+            source,
+        })
+}
+
+fn local_addr(what: &str, l: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, AgentError> {
+    l.local_addr().map_err(|source| AgentError::Bind {
+        what: what.to_owned(),
+        addr,
+        source,
+    })
+}
+
+fn read_token(path: Option<&Path>) -> Result<Option<String>, AgentError> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(Some(t.trim().to_owned())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(AgentError::Token {
+            path: path.display().to_string(),
+            source,
+        }),
+    }
+}
+
+impl Agent {
+    /// Starts the agent; returns once it is ready (certificates held, listeners bound).
+    pub async fn start(cfg: AgentConfig) -> Result<Self, AgentError> {
+        let policy = cfg.validate()?;
+        let metrics = Arc::new(Metrics::new());
+        let drain = Drain::new();
+
+        let admin_listener = bind("admin", cfg.listen.admin).await?;
+        let admin_addr = local_addr("admin", &admin_listener, cfg.listen.admin)?;
+        let state = Arc::new(AdminState {
+            metrics: metrics.clone(),
+            config: serde_json::to_value(&cfg).unwrap_or_default(),
+            ready: false.into(),
+            identity: Default::default(),
+            endpoints: Default::default(),
+            drain: drain.clone(),
+        });
+        let admin_task = tokio::spawn(admin::serve(admin_listener, state.clone()));
+
+        let identity = IdentityManager::start(IdentityConfig {
+            trust_domain: cfg.trust_domain.clone(),
+            node: cfg.node.clone(),
+            data_dir: cfg.data_dir.clone(),
+            ca_address: cfg.ca.address.clone(),
+            ca_fingerprint: cfg.ca.fingerprint.clone(),
+            join_token: read_token(cfg.ca.join_token_file.as_deref())?,
+        })
+        .await?;
+        let _ = state.identity.set(identity.clone());
+
+        let mut local = HashMap::new();
+        let mut owners = HashMap::new();
+        for s in &cfg.services {
+            let id = identity.workload(&cfg.namespace, &s.name).await?;
+            local.insert(
+                s.name.clone(),
+                LocalService {
+                    id: id.id.clone(),
+                    port: s.port,
+                    protocol: s.protocol,
+                },
+            );
+            owners.insert(s.name.clone(), id);
+        }
+        let upstream_names = cfg
+            .services
+            .iter()
+            .flat_map(|s| s.upstreams.iter().map(|u| u.service.clone()));
+        let balance = BalanceConfig {
+            failures_to_eject: cfg.tunnel.failures_to_eject,
+            ..BalanceConfig::default()
+        };
+        let endpoints = Arc::new(Endpoints::from_static(
+            &cfg.discovery.static_endpoints,
+            upstream_names,
+            balance,
+        ));
+        let _ = state.endpoints.set(endpoints.clone());
+        let pool = Arc::new(Pool::new(
+            identity.clone(),
+            cfg.tunnel.clone(),
+            metrics.clone(),
+        ));
+
+        let mut tasks = Vec::new();
+        let inbound_listener = bind("inbound", cfg.listen.inbound).await?;
+        let inbound_addr = local_addr("inbound", &inbound_listener, cfg.listen.inbound)?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config(&identity.node()));
+        let inbound_ctx = Arc::new(Inbound {
+            services: local,
+            policy,
+            tunnel: cfg.tunnel.clone(),
+            metrics: metrics.clone(),
+            drain: drain.clone(),
+        });
+        tasks.push(tokio::spawn(inbound::serve(
+            inbound_listener,
+            acceptor,
+            inbound_ctx,
+        )));
+
+        let mut upstreams = Vec::new();
+        for s in &cfg.services {
+            for u in &s.upstreams {
+                let what = format!("upstream {} -> {}", s.name, u.service);
+                let listener = bind(&what, u.listen).await?;
+                let addr = local_addr(&what, &listener, u.listen)?;
+                let up = Arc::new(Upstream {
+                    service: u.service.clone(),
+                    source: owners[&s.name].clone(),
+                    balancer: endpoints
+                        .balancer(&u.service)
+                        .expect("invariant: every upstream has a balancer"),
+                    pool: pool.clone(),
+                    metrics: metrics.clone(),
+                    drain: drain.clone(),
+                });
+                tasks.push(tokio::spawn(outbound::serve(listener, up)));
+                upstreams.push(UpstreamListener {
+                    from: s.name.clone(),
+                    service: u.service.clone(),
+                    addr,
+                });
+            }
+        }
+        state.ready.store(true, Ordering::SeqCst);
+        metrics.set_ready(true);
+        info!(node = %cfg.node, inbound = %inbound_addr, admin = %admin_addr, upstreams = upstreams.len(), "agent ready");
+        Ok(Self {
+            inbound_addr,
+            admin_addr,
+            upstreams,
+            identity,
+            metrics,
+            state,
+            drain,
+            drain_timeout: cfg.drain_timeout,
+            tasks,
+            admin_task,
+        })
+    }
+
+    /// The bound mesh inbound address.
+    pub fn inbound_addr(&self) -> SocketAddr {
+        self.inbound_addr
+    }
+
+    /// The bound admin address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Every bound upstream listener.
+    pub fn upstreams(&self) -> &[UpstreamListener] {
+        &self.upstreams
+    }
+
+    /// The address of the first upstream listener for `service`.
+    pub fn upstream_addr(&self, service: &str) -> Option<SocketAddr> {
+        self.upstreams
+            .iter()
+            .find(|u| u.service == service)
+            .map(|u| u.addr)
+    }
+
+    /// The identity manager.
+    pub fn identity(&self) -> &IdentityManager {
+        &self.identity
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Graceful drain: not ready, stop accepting, let in-flight streams finish for up to the
+    /// drain timeout, then stop. Returns true if everything finished in time.
+    pub async fn shutdown(self) -> bool {
+        self.state.ready.store(false, Ordering::SeqCst);
+        self.drain.start();
+        let in_flight = self.drain.active();
+        info!(in_flight, timeout = ?self.drain_timeout, "draining");
+        let clean = self.drain.wait_idle(self.drain_timeout).await;
+        if !clean {
+            info!(
+                left = self.drain.active(),
+                "drain timeout reached; closing what is left"
+            );
+        }
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.admin_task.abort();
+        clean
+    }
+}

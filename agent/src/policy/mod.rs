@@ -1,0 +1,3 @@
+//! Policy decisions as plain functions over plain data: intentions ([`authz`]).
+
+pub mod authz;

@@ -1,0 +1,281 @@
+//! The agent's metrics (Prometheus text via prometheus-client), named `meshgate_<area>_<name>`
+//! with small, bounded label sets. Logging setup belongs to the CLI.
+
+use std::sync::Arc;
+
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Which side of the tunnel a metric is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Upstream listeners -> remote agents.
+    Outbound,
+    /// Remote agents -> local services.
+    Inbound,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+/// Why a tunnel stream or request was refused on the inbound side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyReason {
+    /// An L4 intention (or the default) denied the source.
+    Policy,
+    /// An L7 rule denied one HTTP request.
+    L7Policy,
+    /// The CONNECT named a service that does not run on this node.
+    UnknownService,
+    /// The peer's certificate is not a workload SVID.
+    NotWorkload,
+}
+
+impl DenyReason {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenyReason::Policy => "policy",
+            DenyReason::L7Policy => "l7_policy",
+            DenyReason::UnknownService => "unknown_service",
+            DenyReason::NotWorkload => "not_workload",
+        }
+    }
+}
+
+/// Every metric the agent exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    tunnel_connections: Family<Labels, Counter>,
+    tunnel_connections_active: Family<Labels, Gauge>,
+    tunnel_streams: Family<Labels, Counter>,
+    tunnel_streams_active: Family<Labels, Gauge>,
+    tunnel_bytes: Family<Labels, Counter>,
+    handshake_failures: Family<Labels, Counter>,
+    authz_denials: Family<Labels, Counter>,
+    connect_failures: Family<Labels, Counter>,
+    cert_expiry: Family<Labels, Gauge>,
+    renew_failures: Gauge,
+    ready: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Self {
+            tunnel_connections: Family::default(),
+            tunnel_connections_active: Family::default(),
+            tunnel_streams: Family::default(),
+            tunnel_streams_active: Family::default(),
+            tunnel_bytes: Family::default(),
+            handshake_failures: Family::default(),
+            authz_denials: Family::default(),
+            connect_failures: Family::default(),
+            cert_expiry: Family::default(),
+            renew_failures: Gauge::default(),
+            ready: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "meshgate_tunnel_connections",
+            "mTLS tunnel connections established",
+            m.tunnel_connections.clone(),
+        );
+        registry.register(
+            "meshgate_tunnel_connections_active",
+            "mTLS tunnel connections open now",
+            m.tunnel_connections_active.clone(),
+        );
+        registry.register(
+            "meshgate_tunnel_streams",
+            "tunnel streams (one per application connection)",
+            m.tunnel_streams.clone(),
+        );
+        registry.register(
+            "meshgate_tunnel_streams_active",
+            "tunnel streams open now",
+            m.tunnel_streams_active.clone(),
+        );
+        registry.register(
+            "meshgate_tunnel_bytes",
+            "bytes carried, by direction and flow (sent = towards the service)",
+            m.tunnel_bytes.clone(),
+        );
+        registry.register(
+            "meshgate_tunnel_handshake_failures",
+            "TLS handshakes that failed",
+            m.handshake_failures.clone(),
+        );
+        registry.register(
+            "meshgate_authz_denials",
+            "connections or requests refused, by reason",
+            m.authz_denials.clone(),
+        );
+        registry.register(
+            "meshgate_upstream_connect_failures",
+            "failed attempts to open a tunnel stream, by service",
+            m.connect_failures.clone(),
+        );
+        registry.register(
+            "meshgate_identity_cert_expiry_seconds",
+            "seconds until each held certificate expires",
+            m.cert_expiry.clone(),
+        );
+        registry.register(
+            "meshgate_identity_renewal_failures",
+            "failed certificate renewal attempts since start",
+            m.renew_failures.clone(),
+        );
+        registry.register(
+            "meshgate_agent_ready",
+            "1 once certificates are held and listeners bound",
+            m.ready.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    fn dir(d: Direction) -> Labels {
+        vec![("direction", d.as_str().to_owned())]
+    }
+
+    /// A tunnel connection opened; call [`Metrics::tunnel_closed`] when it closes.
+    pub fn tunnel_opened(&self, d: Direction) {
+        self.tunnel_connections.get_or_create(&Self::dir(d)).inc();
+        self.tunnel_connections_active
+            .get_or_create(&Self::dir(d))
+            .inc();
+    }
+
+    /// A tunnel connection closed.
+    pub fn tunnel_closed(&self, d: Direction) {
+        self.tunnel_connections_active
+            .get_or_create(&Self::dir(d))
+            .dec();
+    }
+
+    /// A stream opened; the guard marks it closed on drop.
+    pub fn stream(self: &Arc<Self>, d: Direction) -> StreamGuard {
+        self.tunnel_streams.get_or_create(&Self::dir(d)).inc();
+        self.tunnel_streams_active
+            .get_or_create(&Self::dir(d))
+            .inc();
+        StreamGuard {
+            metrics: self.clone(),
+            direction: d,
+        }
+    }
+
+    /// Bytes carried towards the service (`sent`) and back (`received`).
+    pub fn bytes(&self, d: Direction, sent: u64, received: u64) {
+        let mut l = Self::dir(d);
+        l.push(("flow", "sent".into()));
+        self.tunnel_bytes.get_or_create(&l).inc_by(sent);
+        l[1].1 = "received".into();
+        self.tunnel_bytes.get_or_create(&l).inc_by(received);
+    }
+
+    /// A TLS handshake failed.
+    pub fn handshake_failed(&self, d: Direction) {
+        self.handshake_failures.get_or_create(&Self::dir(d)).inc();
+    }
+
+    /// An inbound refusal.
+    pub fn denied(&self, reason: DenyReason) {
+        self.authz_denials
+            .get_or_create(&vec![("reason", reason.as_str().to_owned())])
+            .inc();
+    }
+
+    /// An outbound attempt to reach `service` failed.
+    pub fn connect_failed(&self, service: &str) {
+        self.connect_failures
+            .get_or_create(&vec![("service", service.to_owned())])
+            .inc();
+    }
+
+    /// Sets the per-certificate expiry gauge.
+    pub fn set_cert_expiry(&self, spiffe_id: &str, seconds: i64) {
+        self.cert_expiry
+            .get_or_create(&vec![("spiffe_id", spiffe_id.to_owned())])
+            .set(seconds);
+    }
+
+    /// Sets the renewal failure gauge.
+    pub fn set_renew_failures(&self, n: u64) {
+        self.renew_failures
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Sets readiness.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("invariant: writing to a String cannot fail");
+        out
+    }
+}
+
+/// Marks a stream closed on drop.
+#[derive(Debug)]
+pub struct StreamGuard {
+    metrics: Arc<Metrics>,
+    direction: Direction,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.metrics
+            .tunnel_streams_active
+            .get_or_create(&Metrics::dir(self.direction))
+            .dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_names_and_labels() {
+        let m = Arc::new(Metrics::new());
+        m.tunnel_opened(Direction::Outbound);
+        {
+            let _s = m.stream(Direction::Inbound);
+            m.bytes(Direction::Inbound, 10, 20);
+        }
+        m.denied(DenyReason::Policy);
+        let text = m.encode();
+        for want in [
+            r#"meshgate_tunnel_connections_total{direction="outbound"} 1"#,
+            r#"meshgate_tunnel_streams_total{direction="inbound"} 1"#,
+            r#"meshgate_tunnel_streams_active{direction="inbound"} 0"#,
+            r#"meshgate_tunnel_bytes_total{direction="inbound",flow="received"} 20"#,
+            r#"meshgate_authz_denials_total{reason="policy"} 1"#,
+        ] {
+            assert!(text.contains(want), "missing {want} in\n{text}");
+        }
+    }
+}

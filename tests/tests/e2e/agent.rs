@@ -1,0 +1,529 @@
+//! Agent mode end to end: a CA, agents and services on loopback, real mTLS tunnels.
+
+use std::{sync::Arc, time::Duration};
+
+use meshgate_ca::{
+    signer::make_csr,
+    spiffe::SpiffeId,
+    store,
+    tls::CertSlot,
+    verify::{ExpectedPeer, SpiffeServerVerifier, tls13_client_config},
+};
+use serde_json::json;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use crate::harness::{EchoService, TestAgent, TestCa, eventually, http_request};
+
+const TD: &str = "mesh.example";
+
+/// node-a runs `web` (which calls `users`), node-b runs `users` on `port`.
+async fn pair(
+    ca: &TestCa,
+    users_port: u16,
+    protocol: &str,
+    authz: serde_json::Value,
+) -> (TestAgent, TestAgent) {
+    let b = ca
+        .agent(
+            "node-b",
+            json!({
+                "services": [{"name": "users", "port": users_port, "protocol": protocol}],
+                "authz": authz,
+            }),
+        )
+        .await;
+    let a = ca
+        .agent("node-a", json!({
+            "services": [{"name": "web", "port": 1, "upstreams": [{"service": "users", "listen": "127.0.0.1:0"}]}],
+            "discovery": {"static": {"users": [b.inbound().to_string()]}},
+        }))
+        .await;
+    (a, b)
+}
+
+fn allow_web() -> serde_json::Value {
+    json!({"default": "deny", "rules": [{"from": "web", "to": "users", "action": "allow"}]})
+}
+
+/// A service that hashes everything it receives and, at EOF, answers with the hash.
+async fn hashing_service() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut total = 0u64;
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            ctx.update(&buf[..n]);
+                            total += n as u64;
+                        }
+                    }
+                }
+                let reply = format!("{total} {}", meshgate_ca::pki::hex(ctx.finish().as_ref()));
+                let _ = s.write_all(reply.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_mib_arrive_intact_through_the_tunnel() {
+    let ca = TestCa::start(TD).await;
+    let (a, b) = pair(&ca, hashing_service().await, "tcp", allow_web()).await;
+    let mut client = TcpStream::connect(a.upstream("users"))
+        .await
+        .expect("connect");
+    let mut data = vec![0u8; 100 << 20];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    let want = format!(
+        "{} {}",
+        data.len(),
+        meshgate_ca::pki::hex(&meshgate_ca::pki::sha256(&data))
+    );
+    let (mut r, mut w) = client.split();
+    let send = async {
+        w.write_all(&data).await.expect("send");
+        // half-close client -> service: the service sees EOF and answers on the open half
+        w.shutdown().await.expect("shutdown");
+    };
+    let mut reply = String::new();
+    let recv = async { r.read_to_string(&mut reply).await.expect("reply") };
+    tokio::time::timeout(Duration::from_secs(120), async { tokio::join!(send, recv) })
+        .await
+        .expect("transfer finished in time");
+    assert_eq!(reply, want, "the service received exactly what was sent");
+    let sent = b
+        .metric(r#"meshgate_tunnel_bytes_total{direction="inbound",flow="sent"}"#)
+        .await;
+    assert!(sent >= (100 << 20) as f64, "{sent}");
+}
+
+#[tokio::test]
+async fn half_close_works_from_the_service_side_too() {
+    let ca = TestCa::start(TD).await;
+    // the service greets, closes its write half at once, then reads until EOF and reports
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.expect("accept");
+        s.write_all(b"hello").await.expect("greet");
+        s.shutdown().await.expect("half-close");
+        let mut got = Vec::new();
+        s.read_to_end(&mut got)
+            .await
+            .expect("read after half-close");
+        let _ = tx.send(got);
+    });
+    let (a, _b) = pair(&ca, port, "tcp", allow_web()).await;
+    let mut client = TcpStream::connect(a.upstream("users"))
+        .await
+        .expect("connect");
+    let mut greeting = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut greeting))
+        .await
+        .expect("EOF reaches the client")
+        .expect("read");
+    assert_eq!(greeting, b"hello");
+    client
+        .write_all(b"still open")
+        .await
+        .expect("the other half stays open");
+    client.shutdown().await.expect("shutdown");
+    let got = tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .expect("service got EOF")
+        .expect("report");
+    assert_eq!(got, b"still open");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_connections_ride_a_handful_of_tunnels() {
+    let ca = TestCa::start(TD).await;
+    let echo = EchoService::start().await;
+    let (a, b) = pair(&ca, echo.port, "tcp", allow_web()).await;
+    let addr = a.upstream("users");
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..1000u32 {
+        tasks.spawn(async move {
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            let msg = format!("client {i}");
+            s.write_all(msg.as_bytes()).await.expect("write");
+            s.shutdown().await.expect("shutdown");
+            let mut back = String::new();
+            s.read_to_string(&mut back).await.expect("read");
+            assert_eq!(back, msg);
+        });
+    }
+    let done = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(r) = tasks.join_next().await {
+            r.expect("client task");
+        }
+    })
+    .await;
+    assert!(done.is_ok(), "all 1000 connections completed");
+    assert_eq!(echo.accepted(), 1000);
+    let streams = a
+        .metric(r#"meshgate_tunnel_streams_total{direction="outbound"}"#)
+        .await;
+    let tunnels = a
+        .metric(r#"meshgate_tunnel_connections_total{direction="outbound"}"#)
+        .await;
+    assert_eq!(streams, 1000.0);
+    assert!(
+        (1.0..=4.0).contains(&tunnels),
+        "{tunnels} TLS connections for 1000 streams"
+    );
+    let inbound = b
+        .metric(r#"meshgate_tunnel_connections_total{direction="inbound"}"#)
+        .await;
+    assert!((1.0..=4.0).contains(&inbound), "{inbound}");
+}
+
+#[tokio::test]
+async fn denied_intention_never_reaches_the_service() {
+    let ca = TestCa::start(TD).await;
+    let echo = EchoService::start().await;
+    let authz = json!({"default": "deny", "rules": [{"from": "billing", "to": "users", "action": "allow"}]});
+    let (a, b) = pair(&ca, echo.port, "tcp", authz).await;
+    let mut client = TcpStream::connect(a.upstream("users"))
+        .await
+        .expect("connect");
+    let _ = client.write_all(b"hello").await;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut buf))
+        .await
+        .expect("the client connection is closed");
+    assert!(read.is_err() || buf.is_empty(), "nothing came back");
+    assert_eq!(echo.accepted(), 0, "the service never saw a connection");
+    let denied = b
+        .metric(r#"meshgate_authz_denials_total{reason="policy"}"#)
+        .await;
+    assert_eq!(denied, 1.0);
+}
+
+/// An HTTP service that answers "METHOD PATH" and records what it served.
+async fn http_service() -> (u16, Arc<std::sync::Mutex<Vec<String>>>) {
+    use http_body_util::Full;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let line = format!("{} {}", req.method(), req.uri().path());
+                        log.lock().expect("lock").push(line.clone());
+                        async move {
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                                bytes::Bytes::from(line),
+                            )))
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (port, seen)
+}
+
+#[tokio::test]
+async fn l7_deny_rule_blocks_only_the_matching_request() {
+    let ca = TestCa::start(TD).await;
+    let (port, seen) = http_service().await;
+    let authz = json!({"default": "deny", "rules": [
+        {"from": "web", "to": "users", "action": "allow"},
+        {"from": "web", "to": "users", "action": "deny", "methods": ["DELETE"], "paths": ["/admin/*"]},
+    ]});
+    let (a, b) = pair(&ca, port, "http", authz).await;
+    let addr = a.upstream("users");
+    let cases = [
+        ("GET", "/users/1", 200),
+        ("DELETE", "/admin/x", 403),
+        ("GET", "/admin/x", 200),
+        ("DELETE", "/users/1", 200),
+        ("DELETE", "/users/../admin/x", 400),
+    ];
+    for (method, path, want) in cases {
+        let (status, body) = http_request(addr, method, path).await;
+        assert_eq!(status, want, "{method} {path}: {body}");
+        if want == 200 {
+            assert_eq!(body, format!("{method} {path}"));
+        }
+    }
+    assert_eq!(
+        *seen.lock().expect("lock"),
+        vec!["GET /users/1", "GET /admin/x", "DELETE /users/1"],
+        "denied requests never reached the service"
+    );
+    assert_eq!(
+        b.metric(r#"meshgate_authz_denials_total{reason="l7_policy"}"#)
+            .await,
+        2.0
+    );
+}
+
+/// Opens a raw tunnel stream to `addr` with `tls` and asks for `service`: the CONNECT status,
+/// or the error that stopped it.
+async fn raw_connect(
+    addr: std::net::SocketAddr,
+    tls: rustls::ClientConfig,
+    service: &str,
+) -> Result<u16, String> {
+    let mut tls = tls;
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(
+            rustls_pki_types::ServerName::try_from("node").expect("name"),
+            tcp,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method("CONNECT")
+        .uri(format!("{service}:15008"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    Ok(resp.status().as_u16())
+}
+
+fn client_with(
+    ca_bundle: meshgate_ca::verify::SharedBundle,
+    slot: Option<Arc<CertSlot>>,
+) -> rustls::ClientConfig {
+    let b = tls13_client_config()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(
+            ca_bundle,
+            ExpectedPeer::AnyNode,
+        )));
+    match slot {
+        Some(s) => b.with_client_cert_resolver(s),
+        None => b.with_no_client_auth(),
+    }
+}
+
+#[tokio::test]
+async fn inbound_port_refuses_what_it_must() {
+    let ca = TestCa::start(TD).await;
+    let echo = EchoService::start().await;
+    let (a, b) = pair(&ca, echo.port, "tcp", allow_web()).await;
+    let inbound = b.inbound();
+    let bundle = a.agent.identity().bundle();
+
+    // plain TCP: no TLS, no answer
+    let mut plain = TcpStream::connect(inbound).await.expect("connect");
+    plain
+        .write_all(b"CONNECT users:15008 HTTP/1.1\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), plain.read_to_end(&mut buf))
+        .await
+        .expect("closed");
+    assert!(
+        !String::from_utf8_lossy(&buf).contains("200"),
+        "plain TCP got no tunnel"
+    );
+
+    // TLS without a client certificate
+    let err = raw_connect(inbound, client_with(bundle.clone(), None), "users").await;
+    assert!(err.is_err(), "no client cert: {err:?}");
+
+    // a certificate from a foreign CA
+    let foreign = TestCa::start(TD).await;
+    let (evil, _d) = foreign.join("node-a", &["web"]).await;
+    let evil_web = evil.workload("default", "web").await.expect("foreign web");
+    let dir = _d.path().join("data/svids/default");
+    let slot = CertSlot::new();
+    let key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.join("web.key")).expect("key"))
+        .expect("key");
+    slot.set(evil_web.chain(), key.serialize_der())
+        .expect("slot");
+    let err = raw_connect(inbound, client_with(bundle.clone(), Some(slot)), "users").await;
+    assert!(err.is_err(), "foreign CA: {err:?}");
+
+    // an expired certificate from the right CA
+    let material = store::load(&ca.data_dir()).expect("ca");
+    let signer = meshgate_ca::signer::Signer::new(material.intermediate, material.intermediate_key)
+        .expect("signer");
+    let id = SpiffeId::workload(TD, "default", "web").expect("id");
+    let (key, _) = make_csr(&id).expect("key");
+    let past = std::time::SystemTime::now() - Duration::from_secs(3 * 3600);
+    let chain = signer
+        .sign(&id, &key, Duration::from_secs(3600), past)
+        .expect("sign");
+    let slot = CertSlot::new();
+    slot.set(chain, key.serialize_der()).expect("slot");
+    let err = raw_connect(inbound, client_with(bundle.clone(), Some(slot)), "users").await;
+    assert!(err.is_err(), "expired cert: {err:?}");
+
+    assert!(
+        b.metric(r#"meshgate_tunnel_handshake_failures_total{direction="inbound"}"#)
+            .await
+            >= 3.0
+    );
+
+    // a valid identity asking for a service that is not on that node
+    let (good, _d2) = ca.join("node-c", &["web"]).await;
+    let web = good.workload("default", "web").await.expect("web");
+    let slot = CertSlot::new();
+    let key = rcgen::KeyPair::from_pem(
+        &std::fs::read_to_string(_d2.path().join("data/svids/default/web.key")).expect("key"),
+    )
+    .expect("key");
+    slot.set(web.chain(), key.serialize_der()).expect("slot");
+    let status = raw_connect(
+        inbound,
+        client_with(bundle.clone(), Some(slot.clone())),
+        "billing",
+    )
+    .await;
+    assert_eq!(status, Ok(404));
+    assert_eq!(
+        b.metric(r#"meshgate_authz_denials_total{reason="unknown_service"}"#)
+            .await,
+        1.0
+    );
+    // and the same identity may reach users
+    assert_eq!(
+        raw_connect(inbound, client_with(bundle, Some(slot)), "users").await,
+        Ok(200)
+    );
+    assert_eq!(
+        echo.accepted(),
+        1,
+        "only the allowed stream reached the service"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_fail_over_when_an_endpoint_dies() {
+    let ca = TestCa::start(TD).await;
+    let echo_b = EchoService::start().await;
+    let echo_c = EchoService::start().await;
+    let spec =
+        |port: u16| json!({"services": [{"name": "users", "port": port}], "authz": allow_web()});
+    let b = ca.agent("node-b", spec(echo_b.port)).await;
+    let c = ca.agent("node-c", spec(echo_c.port)).await;
+    let a = ca
+        .agent("node-a", json!({
+            "services": [{"name": "web", "port": 1, "upstreams": [{"service": "users", "listen": "127.0.0.1:0"}]}],
+            "discovery": {"static": {"users": [b.inbound().to_string(), c.inbound().to_string()]}},
+        }))
+        .await;
+    let addr = a.upstream("users");
+    let roundtrip = |i: usize| async move {
+        let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let msg = format!("m{i}");
+        s.write_all(msg.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        s.shutdown().await.map_err(|e| e.to_string())?;
+        let mut back = String::new();
+        s.read_to_string(&mut back)
+            .await
+            .map_err(|e| e.to_string())?;
+        if back == msg {
+            Ok(())
+        } else {
+            Err(format!("got {back:?}"))
+        }
+    };
+    for i in 0..20 {
+        roundtrip(i).await.expect("both endpoints up");
+    }
+    assert!(echo_b.accepted() + echo_c.accepted() == 20);
+    assert!(b.agent.shutdown().await, "node-b drained");
+    let before_c = echo_c.accepted();
+    for i in 0..30 {
+        roundtrip(i)
+            .await
+            .expect("no client-visible error after node-b died");
+    }
+    assert_eq!(
+        echo_c.accepted() - before_c,
+        30,
+        "everything went to node-c"
+    );
+    let (_, endpoints) = a.admin("/endpoints").await;
+    let v: serde_json::Value = serde_json::from_str(&endpoints).expect("json");
+    let eps = v[0]["endpoints"].as_array().expect("endpoints");
+    assert!(
+        eps.iter()
+            .any(|e| e["ejected"] == true || e["consecutive_failures"].as_u64() > Some(0)),
+        "{endpoints}"
+    );
+}
+
+#[tokio::test]
+async fn admin_api_reports_health_readiness_and_state() {
+    let ca = TestCa::start(TD).await;
+    let echo = EchoService::start().await;
+    let (a, _b) = pair(&ca, echo.port, "tcp", allow_web()).await;
+    assert_eq!(a.admin("/healthz").await.0, 200);
+    assert_eq!(a.admin("/readyz").await.0, 200);
+    let (_, certs) = a.admin("/certs").await;
+    let certs: serde_json::Value = serde_json::from_str(&certs).expect("json");
+    let ids: Vec<&str> = certs
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|c| c["spiffe_id"].as_str())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "spiffe://mesh.example/node/node-a",
+            "spiffe://mesh.example/ns/default/svc/web"
+        ]
+    );
+    let (_, config) = a.admin("/config").await;
+    assert!(config.contains("\"node\": \"node-a\""), "{config}");
+    assert!(!config.contains("mgjt_"), "the join token is never shown");
+    let (_, metrics) = a.admin("/metrics").await;
+    assert!(metrics.contains("meshgate_identity_cert_expiry_seconds{spiffe_id=\"spiffe://mesh.example/ns/default/svc/web\"}"), "{metrics}");
+    assert!(metrics.contains("meshgate_agent_ready 1"), "{metrics}");
+    assert_eq!(a.admin("/nope").await.0, 404);
+    let ready = eventually(Duration::from_secs(1), || async { true }).await;
+    assert!(ready);
+}
