@@ -161,7 +161,18 @@ impl Pool {
                 .uri(format!("{service}:{}", endpoint.port()))
                 .body(Empty::<Bytes>::new())
                 .expect("invariant: CONNECT request is well-formed");
-            let resp = match sender.send_request(req).await {
+            // a pooled connection to a node that vanished (link down) would hang until the
+            // keepalive notices; bound the wait so the caller can fail over at once
+            let sent =
+                tokio::time::timeout(self.cfg.connect_timeout, sender.send_request(req)).await;
+            let Ok(sent) = sent else {
+                slot.lock().await.take();
+                return Err(TunnelError::Http2 {
+                    addr: endpoint,
+                    reason: format!("no answer to CONNECT within {:?}", self.cfg.connect_timeout),
+                });
+            };
+            let resp = match sent {
                 Ok(r) => r,
                 Err(e) if attempt == 0 && (e.is_closed() || e.is_canceled()) => {
                     slot.lock().await.take();

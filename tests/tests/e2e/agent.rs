@@ -527,3 +527,41 @@ async fn admin_api_reports_health_readiness_and_state() {
     let ready = eventually(Duration::from_secs(1), || async { true }).await;
     assert!(ready);
 }
+
+#[tokio::test]
+async fn drain_lets_open_streams_finish_and_refuses_new_ones() {
+    let ca = TestCa::start(TD).await;
+    let echo = EchoService::start().await;
+    let (a, _b) = pair(&ca, echo.port, "tcp", allow_web()).await;
+    let addr = a.upstream("users");
+    let admin = a.agent.admin_addr();
+    let mut open = TcpStream::connect(addr).await.expect("connect");
+    open.write_all(b"before").await.expect("write");
+    let mut buf = [0u8; 6];
+    open.read_exact(&mut buf).await.expect("echo");
+    let drained = tokio::spawn(async move { a.agent.shutdown().await });
+    // while draining: not ready, no new connections, the open stream still works
+    let not_ready = eventually(Duration::from_secs(5), || async move {
+        crate::harness::http_get(admin, "/readyz").await.0 == 503
+    })
+    .await;
+    assert!(not_ready, "readyz turns 503 while draining");
+    let refused = eventually(Duration::from_secs(5), || async move {
+        TcpStream::connect(addr).await.is_err()
+    })
+    .await;
+    assert!(refused, "the upstream listener stops accepting");
+    open.write_all(b"during")
+        .await
+        .expect("the open stream keeps working");
+    open.read_exact(&mut buf).await.expect("echo during drain");
+    assert_eq!(&buf, b"during");
+    open.shutdown().await.expect("shutdown");
+    let mut rest = Vec::new();
+    open.read_to_end(&mut rest).await.expect("eof");
+    let clean = tokio::time::timeout(Duration::from_secs(10), drained)
+        .await
+        .expect("drain finished")
+        .expect("task");
+    assert!(clean, "drain completed before its timeout");
+}
