@@ -14,3 +14,27 @@ pub(crate) fn load_yaml<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
         None => anyhow!("{}: {e}", path.display()),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use meshgate_agent::config::AgentConfig;
+    use meshgate_ca::server::CaConfig;
+
+    fn example(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/examples")
+            .join(name)
+    }
+
+    #[test]
+    fn shipped_examples_are_valid() {
+        let agent: AgentConfig =
+            super::load_yaml(&example("agent.yaml")).expect("agent.yaml parses");
+        agent.validate().expect("agent.yaml validates");
+        assert_eq!(agent.services[0].upstreams[0].service, "users");
+        let ca: CaConfig = super::load_yaml(&example("ca.yaml")).expect("ca.yaml parses");
+        assert_eq!(ca.trust_domain, "mesh.example");
+    }
+}

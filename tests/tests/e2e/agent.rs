@@ -472,27 +472,46 @@ async fn connections_fail_over_when_an_endpoint_dies() {
     for i in 0..20 {
         roundtrip(i).await.expect("both endpoints up");
     }
-    assert!(echo_b.accepted() + echo_c.accepted() == 20);
-    assert!(b.agent.shutdown().await, "node-b drained");
-    let before_c = echo_c.accepted();
+    assert_eq!(echo_b.accepted() + echo_c.accepted(), 20);
+    // kill the endpoint the balancer prefers right now, so the next pick hits a dead node
+    let b_before = echo_b.accepted();
+    roundtrip(20).await.expect("probe");
+    let (dead, alive, alive_echo, dead_addr) = if echo_b.accepted() > b_before {
+        (b, c, &echo_c, "b")
+    } else {
+        (c, b, &echo_b, "c")
+    };
+    let dead_inbound = dead.inbound().to_string();
+    assert!(dead.agent.shutdown().await, "node-{dead_addr} drained");
+    let before = alive_echo.accepted();
     for i in 0..30 {
         roundtrip(i)
             .await
-            .expect("no client-visible error after node-b died");
+            .expect("no client-visible error after a node died");
     }
     assert_eq!(
-        echo_c.accepted() - before_c,
+        alive_echo.accepted() - before,
         30,
-        "everything went to node-c"
+        "everything went to the live node"
     );
     let (_, endpoints) = a.admin("/endpoints").await;
     let v: serde_json::Value = serde_json::from_str(&endpoints).expect("json");
     let eps = v[0]["endpoints"].as_array().expect("endpoints");
+    let dead_ep = eps
+        .iter()
+        .find(|e| e["addr"] == dead_inbound.as_str())
+        .expect("dead endpoint listed");
     assert!(
-        eps.iter()
-            .any(|e| e["ejected"] == true || e["consecutive_failures"].as_u64() > Some(0)),
-        "{endpoints}"
+        dead_ep["consecutive_failures"].as_u64() > Some(0)
+            || dead_ep["times_ejected"].as_u64() > Some(0),
+        "the dead endpoint's failures are recorded: {endpoints}"
     );
+    assert!(
+        a.metric(r#"meshgate_upstream_connect_failures_total{service="users"}"#)
+            .await
+            >= 1.0
+    );
+    drop(alive);
 }
 
 #[tokio::test]

@@ -16,6 +16,13 @@ static INIT: Once = Once::new();
 pub(crate) fn init() {
     INIT.call_once(|| {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        // RUST_LOG=meshgate_agent=debug shows the agents' logs for a failing test
+        if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
     });
 }
 
@@ -254,9 +261,11 @@ pub(crate) struct EchoService {
 impl EchoService {
     pub(crate) async fn start() -> Self {
         use tokio::io::AsyncWriteExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.1:0".parse().expect("addr"))
             .expect("bind");
+        let listener = socket.listen(4096).expect("listen");
         let port = listener.local_addr().expect("addr").port();
         let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let count = accepted.clone();
