@@ -7,11 +7,13 @@ use std::{collections::HashMap, net::SocketAddr, path::Path, sync::Arc, sync::at
 use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::info;
 
+use meshgate_ca::consul::{ConsulClient, ConsulError, ServiceRegistration};
+
 use crate::{
     admin::{self, AdminState},
     balance::BalanceConfig,
     config::{AgentConfig, ConfigError},
-    discovery::Endpoints,
+    discovery::{Endpoints, Source, consul, dns},
     drain::Drain,
     identity::{IdentityConfig, IdentityError, IdentityManager},
     proxy::{
@@ -51,6 +53,28 @@ pub enum AgentError {
     /// Joining or obtaining certificates failed.
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    /// The Consul settings are unusable.
+    #[error(transparent)]
+    Consul(ConsulError),
+    /// The DNS settings are unusable.
+    #[error("DNS discovery: {0}")]
+    Dns(String),
+}
+
+/// Retries Consul registration with backoff until it succeeds.
+async fn retry_registration(
+    client: ConsulClient,
+    regs: Vec<ServiceRegistration>,
+    metrics: Arc<Metrics>,
+) {
+    let mut delay = std::time::Duration::from_secs(1);
+    loop {
+        tokio::time::sleep(delay).await;
+        if consul::register_all(&client, &regs, &metrics).await.is_ok() {
+            return;
+        }
+        delay = (delay * 2).min(std::time::Duration::from_secs(60));
+    }
 }
 
 /// A bound upstream listener.
@@ -77,6 +101,8 @@ pub struct Agent {
     drain_timeout: std::time::Duration,
     tasks: Vec<JoinHandle<()>>,
     admin_task: JoinHandle<()>,
+    consul: Option<ConsulClient>,
+    registrations: Vec<ServiceRegistration>,
 }
 
 /// Listen backlog: bursts of new connections (a thousand clients at once) queue in the kernel
@@ -152,6 +178,44 @@ impl Agent {
         .await?;
         let _ = state.identity.set(identity.clone());
 
+        // Bind the inbound port before registering, so the registration carries the real port
+        // (port 0 works) and the CA can find the services in Consul before signing their SVIDs.
+        let mut tasks = Vec::new();
+        let inbound_listener = bind("inbound", cfg.listen.inbound).await?;
+        let inbound_addr = local_addr("inbound", &inbound_listener, cfg.listen.inbound)?;
+        let consul = match &cfg.discovery.consul {
+            Some(c) => Some(ConsulClient::new(c).map_err(AgentError::Consul)?),
+            None => None,
+        };
+        let mut registrations = Vec::new();
+        if let (Some(client), true) = (&consul, cfg.consul_registration()) {
+            let advertise = cfg.advertise()?;
+            registrations = cfg
+                .services
+                .iter()
+                .map(|s| {
+                    consul::registration(
+                        s,
+                        &cfg.node,
+                        advertise,
+                        inbound_addr.port(),
+                        &cfg.registration,
+                    )
+                })
+                .collect();
+            if consul::register_all(client, &registrations, &metrics)
+                .await
+                .is_err()
+            {
+                // keep trying in the background; the agent serves meanwhile
+                tasks.push(tokio::spawn(retry_registration(
+                    client.clone(),
+                    registrations.clone(),
+                    metrics.clone(),
+                )));
+            }
+        }
+
         let mut local = HashMap::new();
         let mut owners = HashMap::new();
         for s in &cfg.services {
@@ -174,21 +238,57 @@ impl Agent {
             failures_to_eject: cfg.tunnel.failures_to_eject,
             ..BalanceConfig::default()
         };
-        let endpoints = Arc::new(Endpoints::from_static(
+        let dns_names: Vec<String> = cfg
+            .discovery
+            .dns
+            .as_ref()
+            .map(|d| d.services.keys().cloned().collect())
+            .unwrap_or_default();
+        let endpoints = Arc::new(Endpoints::new(
             &cfg.discovery.static_endpoints,
             upstream_names,
+            &dns_names,
+            consul.is_some(),
             balance,
         ));
         let _ = state.endpoints.set(endpoints.clone());
+        // endpoints of other nodes are on the same inbound port as ours unless they say otherwise
+        let mesh_port = match cfg.listen.inbound.port() {
+            0 => 15008,
+            p => p,
+        };
+        if let Some(client) = &consul {
+            for (name, entry) in endpoints.by_source(Source::Consul) {
+                tasks.push(tokio::spawn(consul::watch(
+                    client.clone(),
+                    name,
+                    entry,
+                    mesh_port,
+                    metrics.clone(),
+                )));
+            }
+        }
+        if let Some(dns_cfg) = &cfg.discovery.dns {
+            let resolver = dns::resolver(dns_cfg).map_err(AgentError::Dns)?;
+            for (name, entry) in endpoints.by_source(Source::Dns) {
+                let svc = dns_cfg.services[&name].clone();
+                tasks.push(tokio::spawn(dns::watch(
+                    resolver.clone(),
+                    name,
+                    svc,
+                    dns_cfg.clone(),
+                    mesh_port,
+                    entry,
+                    metrics.clone(),
+                )));
+            }
+        }
         let pool = Arc::new(Pool::new(
             identity.clone(),
             cfg.tunnel.clone(),
             metrics.clone(),
         ));
 
-        let mut tasks = Vec::new();
-        let inbound_listener = bind("inbound", cfg.listen.inbound).await?;
-        let inbound_addr = local_addr("inbound", &inbound_listener, cfg.listen.inbound)?;
         let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config(&identity.node()));
         let inbound_ctx = Arc::new(Inbound {
             services: local,
@@ -241,6 +341,8 @@ impl Agent {
             drain_timeout: cfg.drain_timeout,
             tasks,
             admin_task,
+            consul,
+            registrations,
         })
     }
 
@@ -293,6 +395,9 @@ impl Agent {
         }
         for t in &self.tasks {
             t.abort();
+        }
+        if let Some(client) = &self.consul {
+            consul::deregister_all(client, &self.registrations).await;
         }
         self.admin_task.abort();
         clean

@@ -9,7 +9,12 @@ use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration}
 use meshgate_ca::spiffe::{validate_segment, validate_trust_domain};
 use serde::{Deserialize, Serialize};
 
-use crate::policy::authz::{AuthzConfig, Policy};
+use meshgate_ca::consul::ConsulConfig;
+
+use crate::{
+    discovery::dns::DnsConfig,
+    policy::authz::{AuthzConfig, Policy},
+};
 
 /// The whole agent configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -38,6 +43,9 @@ pub struct AgentConfig {
     /// Where other services' endpoints come from.
     #[serde(default)]
     pub discovery: DiscoveryConfig,
+    /// Consul registration of the local services (when `discovery.consul` is set).
+    #[serde(default)]
+    pub registration: RegistrationConfig,
     /// Tunnel tuning.
     #[serde(default)]
     pub tunnel: TunnelConfig,
@@ -123,6 +131,13 @@ pub struct ServiceConfig {
     /// Services this one calls, each through a local listener.
     #[serde(default)]
     pub upstreams: Vec<UpstreamConfig>,
+    /// Tags for its Consul registration.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Path of an HTTP health endpoint on the local service: Consul gets an HTTP check
+    /// `http://127.0.0.1:PORT/PATH`. Without it, a TCP check on the port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_path: Option<String>,
 }
 
 /// A local listener that carries connections to another service through the mesh.
@@ -135,13 +150,72 @@ pub struct UpstreamConfig {
     pub listen: SocketAddr,
 }
 
-/// Discovery sources.
+/// Discovery sources. A service listed under `static` uses those addresses; one listed under
+/// `dns.services` is looked up in DNS; every other upstream is watched in Consul when
+/// `consul` is set.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiscoveryConfig {
     /// Service name -> agent inbound addresses of the nodes that run it.
     #[serde(default, rename = "static")]
     pub static_endpoints: BTreeMap<String, Vec<SocketAddr>>,
+    /// Consul: blocking health queries per upstream, and registration of local services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consul: Option<ConsulConfig>,
+    /// DNS: A or SRV lookups per service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsConfig>,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_check_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_check_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_deregister_after() -> Duration {
+    Duration::from_secs(3600)
+}
+
+/// How local services are registered in Consul.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrationConfig {
+    /// Register local services when `discovery.consul` is set. Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// The address other nodes reach this node's inbound port at. Default: the IP of
+    /// `listen.inbound` (required when that is 0.0.0.0 or ::).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<std::net::IpAddr>,
+    /// Tags added to every registration.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Health check interval. Default 10s.
+    #[serde(default = "default_check_interval", with = "humantime_serde")]
+    pub check_interval: Duration,
+    /// Health check timeout. Default 2s.
+    #[serde(default = "default_check_timeout", with = "humantime_serde")]
+    pub check_timeout: Duration,
+    /// Consul removes an instance critical for this long (minimum 1m). Default 1h.
+    #[serde(default = "default_deregister_after", with = "humantime_serde")]
+    pub deregister_critical_after: Duration,
+}
+
+impl Default for RegistrationConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            advertise: None,
+            tags: Vec::new(),
+            check_interval: default_check_interval(),
+            check_timeout: default_check_timeout(),
+            deregister_critical_after: default_deregister_after(),
+        }
+    }
 }
 
 /// Tunnel tuning; the defaults suit most meshes.
@@ -279,6 +353,47 @@ impl AgentConfig {
                 ));
             }
         }
+        if let Some(dns) = &self.discovery.dns {
+            for (name, svc) in &dns.services {
+                if self.discovery.static_endpoints.contains_key(name) {
+                    return Err(err(
+                        format!("discovery.dns.services.{name}"),
+                        "also listed under discovery.static",
+                    ));
+                }
+                if svc.name.is_empty() {
+                    return Err(err(
+                        format!("discovery.dns.services.{name}.name"),
+                        "must not be empty",
+                    ));
+                }
+            }
+            if dns.min_refresh.is_zero() || dns.max_refresh < dns.min_refresh {
+                return Err(err(
+                    "discovery.dns",
+                    "min_refresh must be > 0 and <= max_refresh",
+                ));
+            }
+        }
+        if self.consul_registration() {
+            self.advertise()?;
+            if self.registration.deregister_critical_after < Duration::from_secs(60) {
+                return Err(err(
+                    "registration.deregister_critical_after",
+                    "Consul's minimum is 1m",
+                ));
+            }
+        }
+        for (i, svc) in self.services.iter().enumerate() {
+            if let Some(p) = &svc.health_path
+                && !p.starts_with('/')
+            {
+                return Err(err(
+                    format!("services[{i}].health_path"),
+                    "must start with '/'",
+                ));
+            }
+        }
         let t = &self.tunnel;
         if t.connect_timeout.is_zero() {
             return Err(err("tunnel.connect_timeout", "must be more than zero"));
@@ -296,6 +411,23 @@ impl AgentConfig {
             ));
         }
         Policy::compile(&self.authz).map_err(|e| err("authz", e.to_string()))
+    }
+
+    /// Whether local services are registered in Consul.
+    pub fn consul_registration(&self) -> bool {
+        self.discovery.consul.is_some() && self.registration.enabled
+    }
+
+    /// The address registered for this node's inbound port.
+    pub fn advertise(&self) -> Result<std::net::IpAddr, ConfigError> {
+        match self.registration.advertise {
+            Some(ip) => Ok(ip),
+            None if !self.listen.inbound.ip().is_unspecified() => Ok(self.listen.inbound.ip()),
+            None => Err(err(
+                "registration.advertise",
+                "required when listen.inbound is 0.0.0.0 or ::: the address other nodes reach this node at",
+            )),
+        }
     }
 
     /// The service named `name` on this node.

@@ -68,6 +68,9 @@ pub struct Metrics {
     cert_expiry: Family<Labels, Gauge>,
     renew_failures: Gauge,
     ready: Gauge,
+    discovery_endpoints: Family<Labels, Gauge>,
+    discovery_stale: Family<Labels, Gauge>,
+    discovery_errors: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -92,6 +95,9 @@ impl Metrics {
             cert_expiry: Family::default(),
             renew_failures: Gauge::default(),
             ready: Gauge::default(),
+            discovery_endpoints: Family::default(),
+            discovery_stale: Family::default(),
+            discovery_errors: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -149,6 +155,17 @@ impl Metrics {
             "1 once certificates are held and listeners bound",
             m.ready.clone(),
         );
+        registry.register(
+            "meshgate_discovery_endpoints",
+            "endpoints known per upstream service",
+            m.discovery_endpoints.clone(),
+        );
+        registry.register(
+            "meshgate_discovery_stale",
+            "1 while a service's source fails and its last good endpoints are in use",
+            m.discovery_stale.clone(),
+        );
+        registry.register("meshgate_discovery_errors", "discovery and registration errors, by source and kind (unreachable, token, permission, status, decode, lookup)", m.discovery_errors.clone());
         Self { registry, ..m }
     }
 
@@ -227,6 +244,25 @@ impl Metrics {
     /// Sets readiness.
     pub fn set_ready(&self, ready: bool) {
         self.ready.set(i64::from(ready));
+    }
+
+    /// A service's endpoint count and freshness.
+    pub fn discovery_update(&self, service: &str, endpoints: usize, stale: bool) {
+        let l = vec![("service", service.to_owned())];
+        self.discovery_endpoints
+            .get_or_create(&l)
+            .set(i64::try_from(endpoints).unwrap_or(i64::MAX));
+        self.discovery_stale.get_or_create(&l).set(i64::from(stale));
+    }
+
+    /// A discovery or registration error.
+    pub fn discovery_error(&self, source: &'static str, kind: &'static str) {
+        self.discovery_errors
+            .get_or_create(&vec![
+                ("source", source.to_owned()),
+                ("kind", kind.to_owned()),
+            ])
+            .inc();
     }
 
     /// Prometheus text exposition.

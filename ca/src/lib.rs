@@ -17,12 +17,14 @@
 //!     listen: "127.0.0.1:15012".parse()?,
 //!     workload_ttl: std::time::Duration::from_secs(86400),
 //!     node_ttl: std::time::Duration::from_secs(86400),
+//!     consul: None,
 //! };
 //! let server = CaServer::start(&config).await?;
 //! println!("serving on {}", server.local_addr());
 //! # Ok(()) }
 //! ```
 
+pub mod consul;
 pub mod pki;
 pub mod server;
 pub mod service;

@@ -53,6 +53,10 @@ pub struct CaConfig {
     /// Node SVID lifetime. Default 24h.
     #[serde(default = "default_ttl", with = "humantime_serde")]
     pub node_ttl: Duration,
+    /// When set, a node may obtain a workload SVID only for a service registered on that node
+    /// in Consul's catalog (instead of the join token's service list).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consul: Option<crate::consul::ConsulConfig>,
 }
 
 /// Why the CA could not start.
@@ -148,6 +152,13 @@ impl CaServer {
             .map_err(|e| ServeError::Tls(e.to_string()))?;
         let bundle = load_bundle(&config.data_dir, &ca.trust_domain, 1)?;
         let shared_bundle = Arc::new(arc_swap::ArcSwap::from_pointee(bundle.clone()));
+        let consul = match &config.consul {
+            Some(c) => Some(
+                crate::consul::ConsulClient::new(c)
+                    .map_err(|e| ServeError::Config(e.to_string()))?,
+            ),
+            None => None,
+        };
         let state = Arc::new(CaState::new(
             ca.trust_domain.clone(),
             config.data_dir.clone(),
@@ -155,6 +166,7 @@ impl CaServer {
             bundle,
             config.workload_ttl,
             config.node_ttl,
+            consul,
         ));
 
         // the serving certificate, renewed in the background

@@ -24,6 +24,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::{
+    consul::ConsulClient,
     pki::CertInfo,
     signer::{self, Signer},
     spiffe::{SpiffeId, Subject},
@@ -42,6 +43,7 @@ pub struct CaState {
     pub(crate) bundle: watch::Sender<TrustBundle>,
     pub(crate) workload_ttl: Duration,
     pub(crate) node_ttl: Duration,
+    pub(crate) consul: Option<ConsulClient>,
     issued: AtomicU64,
     refused: AtomicU64,
 }
@@ -54,6 +56,7 @@ impl CaState {
         bundle: TrustBundle,
         workload_ttl: Duration,
         node_ttl: Duration,
+        consul: Option<ConsulClient>,
     ) -> Self {
         Self {
             tokens: TokenStore::new(&data_dir),
@@ -64,6 +67,7 @@ impl CaState {
             bundle: watch::channel(bundle).0,
             workload_ttl,
             node_ttl,
+            consul,
             issued: AtomicU64::new(0),
             refused: AtomicU64::new(0),
         }
@@ -249,16 +253,45 @@ impl CertificateAuthority for CaService {
             ));
         };
         let scope = format!("{namespace}/{service}");
-        let allowed = s
-            .nodes
-            .get(&node)
-            .is_some_and(|r| r.services.contains(&scope));
-        if !allowed {
-            return Err(s.refuse(
-                "SignWorkload",
-                &node,
-                Status::permission_denied(format!("node {node} may not run service {scope}")),
-            ));
+        match &s.consul {
+            // the catalog decides: the service must be registered on this very node
+            Some(consul) => match consul.catalog_service(service, Some(&node)).await {
+                Ok((entries, _))
+                    if entries
+                        .iter()
+                        .any(|e| e.node == node && e.service_name == *service) => {}
+                Ok(_) => {
+                    return Err(s.refuse(
+                        "SignWorkload",
+                        &node,
+                        Status::permission_denied(format!(
+                            "service {service} is not registered on node {node} in Consul's catalog"
+                        )),
+                    ));
+                }
+                Err(e) => {
+                    return Err(s.refuse(
+                        "SignWorkload",
+                        &node,
+                        Status::unavailable(format!("cannot check Consul's catalog: {e}")),
+                    ));
+                }
+            },
+            None => {
+                let allowed = s
+                    .nodes
+                    .get(&node)
+                    .is_some_and(|r| r.services.contains(&scope));
+                if !allowed {
+                    return Err(s.refuse(
+                        "SignWorkload",
+                        &node,
+                        Status::permission_denied(format!(
+                            "node {node} may not run service {scope}"
+                        )),
+                    ));
+                }
+            }
         }
         s.issue(&node, &csr.id, &csr.public_key, s.workload_ttl)
             .map(Response::new)

@@ -40,6 +40,21 @@ impl TestCa {
     }
 
     pub(crate) async fn start_with_ttl(trust_domain: &str, ttl: Duration) -> Self {
+        Self::start_full(trust_domain, ttl, None).await
+    }
+
+    /// A CA that checks workload requests against Consul's catalog at `consul_url`.
+    pub(crate) async fn start_with_consul(trust_domain: &str, consul_url: &str) -> Self {
+        let consul = serde_json::from_value(serde_json::json!({"address": consul_url}))
+            .expect("consul config");
+        Self::start_full(trust_domain, Duration::from_secs(3600), Some(consul)).await
+    }
+
+    pub(crate) async fn start_full(
+        trust_domain: &str,
+        ttl: Duration,
+        consul: Option<meshgate_ca::consul::ConsulConfig>,
+    ) -> Self {
         init();
         let dir = tempfile::tempdir().expect("tempdir");
         store::init(
@@ -55,6 +70,7 @@ impl TestCa {
             listen: "127.0.0.1:0".parse().expect("addr"),
             workload_ttl: ttl,
             node_ttl: ttl,
+            consul,
         };
         let server = CaServer::start(&config).await.expect("ca serve");
         Self {

@@ -2,5 +2,7 @@
 //! everywhere. One binary for every suite to save link time.
 
 mod agent;
+mod consul;
+mod consul_standin;
 mod harness;
 mod identity;
