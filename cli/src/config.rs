@@ -34,6 +34,10 @@ mod tests {
             super::load_yaml(&example("agent.yaml")).expect("agent.yaml parses");
         agent.validate().expect("agent.yaml validates");
         assert_eq!(agent.services[0].upstreams[0].service, "users");
+        let consul: AgentConfig =
+            super::load_yaml(&example("agent-consul.yaml")).expect("agent-consul.yaml parses");
+        consul.validate().expect("agent-consul.yaml validates");
+        assert!(consul.discovery.consul.is_some() && consul.discovery.dns.is_some());
         let ca: CaConfig = super::load_yaml(&example("ca.yaml")).expect("ca.yaml parses");
         assert_eq!(ca.trust_domain, "mesh.example");
     }

@@ -5,6 +5,7 @@ mod agent;
 mod ca;
 mod certs;
 mod config;
+mod inspect;
 mod output;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -40,6 +41,10 @@ enum Command {
     Ca(ca::CaArgs),
     /// List the certificates a node holds in its data dir.
     Certs(certs::CertsArgs),
+    /// The services a running agent calls: source, freshness, endpoint counts.
+    Services(inspect::AdminArgs),
+    /// The endpoints of one service as a running agent sees them.
+    Endpoints(inspect::EndpointsArgs),
 }
 
 fn init_logging(cli: &Cli) {
@@ -73,6 +78,8 @@ fn main() -> std::process::ExitCode {
             Command::Agent(args) => agent::run(args).await,
             Command::Ca(args) => ca::run(args).await,
             Command::Certs(args) => certs::run(args),
+            Command::Services(args) => inspect::services(args).await,
+            Command::Endpoints(args) => inspect::endpoints(args).await,
         }
     });
     match result {

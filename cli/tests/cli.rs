@@ -277,3 +277,135 @@ async fn serve_then_join_then_list_certs() {
     let status = child.wait().expect("wait");
     assert!(status.success(), "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_and_endpoints_read_a_running_agent() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ca_dir = tmp.path().join("ca");
+    meshgate_ca::store::init(&ca_dir, "mesh.example", false, std::time::SystemTime::now())
+        .expect("init");
+    let ca = meshgate_ca::server::CaServer::start(&meshgate_ca::server::CaConfig {
+        trust_domain: "mesh.example".into(),
+        data_dir: ca_dir.clone(),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        workload_ttl: Duration::from_secs(3600),
+        node_ttl: Duration::from_secs(3600),
+        consul: None,
+    })
+    .await
+    .expect("ca");
+    let token = meshgate_ca::store::TokenStore::new(&ca_dir)
+        .create(
+            "node-a",
+            &["web".to_owned()],
+            Duration::from_secs(600),
+            std::time::SystemTime::now(),
+        )
+        .expect("token");
+    std::fs::write(tmp.path().join("t"), &token.token).expect("token file");
+    let cfg: meshgate_agent::config::AgentConfig = serde_json::from_value(serde_json::json!({
+        "node": "node-a",
+        "trust_domain": "mesh.example",
+        "data_dir": tmp.path().join("node-a"),
+        "ca": {"address": format!("https://{}", ca.local_addr()), "fingerprint": ca.fingerprint(), "join_token_file": tmp.path().join("t")},
+        "listen": {"inbound": "127.0.0.1:0", "admin": "127.0.0.1:0"},
+        "services": [{"name": "web", "port": 1, "upstreams": [{"service": "users", "listen": "127.0.0.1:0"}]}],
+        "discovery": {"static": {"users": ["127.0.0.1:9", "127.0.0.1:10"]}},
+    }))
+    .expect("config");
+    let agent = meshgate_agent::app::Agent::start(cfg).await.expect("agent");
+    let admin = agent.admin_addr().to_string();
+    let run = |args: Vec<String>| async move {
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            meshgate(&args)
+        })
+        .await
+        .expect("join")
+    };
+    let out = run(vec![
+        "services".into(),
+        "--admin".into(),
+        admin.clone(),
+        "-o".into(),
+        "json".into(),
+    ])
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v[0]["service"], "users");
+    assert_eq!(v[0]["source"], "static");
+    assert_eq!(v[0]["state"], "fresh");
+    assert_eq!(v[0]["endpoints"], 2);
+    let table = text(
+        &run(vec!["services".into(), "--admin".into(), admin.clone()])
+            .await
+            .stdout,
+    );
+    assert!(
+        table.starts_with("SERVICE") && table.contains("users") && table.contains("2/2"),
+        "{table}"
+    );
+
+    let out = run(vec![
+        "endpoints".into(),
+        "users".into(),
+        "--admin".into(),
+        admin.clone(),
+        "-o".into(),
+        "json".into(),
+    ])
+    .await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let addrs: Vec<&str> = v
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|e| e["address"].as_str().expect("addr"))
+        .collect();
+    assert_eq!(addrs, ["127.0.0.1:9", "127.0.0.1:10"]);
+    assert_eq!(v[0]["health"], "healthy");
+    let table = text(
+        &run(vec![
+            "endpoints".into(),
+            "users".into(),
+            "--admin".into(),
+            admin.clone(),
+        ])
+        .await
+        .stdout,
+    );
+    assert!(
+        table.contains("users: source static, fresh") && table.contains("ADDRESS"),
+        "{table}"
+    );
+
+    let out = run(vec![
+        "endpoints".into(),
+        "nope".into(),
+        "--admin".into(),
+        admin,
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("does not call \"nope\""),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(vec![
+        "services".into(),
+        "--admin".into(),
+        "127.0.0.1:9".into(),
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("cannot reach the agent's admin API"),
+        "{}",
+        text(&out.stderr)
+    );
+    agent.shutdown().await;
+    ca.shutdown(Duration::from_millis(100)).await;
+}

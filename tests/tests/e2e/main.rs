@@ -4,5 +4,6 @@
 mod agent;
 mod consul;
 mod consul_standin;
+mod dns;
 mod harness;
 mod identity;
