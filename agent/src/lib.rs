@@ -21,6 +21,7 @@ pub mod balance;
 pub mod config;
 pub mod discovery;
 pub mod drain;
+pub mod http;
 pub mod identity;
 pub mod policy;
 pub mod proxy;

@@ -12,16 +12,21 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
+use hyper::upgrade::Upgraded;
+
 use crate::{
-    balance::Balancer,
+    balance::{Balancer, InFlight},
     drain::Drain,
     identity::Identity,
     telemetry::{Direction, Metrics},
-    transport::{forward::splice, hbone::Pool},
+    transport::{
+        forward::splice,
+        hbone::{Pool, TunnelError},
+    },
 };
 
 /// Attempts on distinct endpoints before a client connection is given up.
-const MAX_ATTEMPTS: usize = 3;
+pub const MAX_ATTEMPTS: usize = 3;
 
 /// One upstream listener's context.
 #[derive(Debug)]
@@ -59,41 +64,88 @@ pub async fn serve(listener: TcpListener, up: Arc<Upstream>) {
     }
 }
 
-async fn connection(mut client: TcpStream, addr: std::net::SocketAddr, up: Arc<Upstream>) {
-    let _tracked = up.drain.track();
-    let _ = client.set_nodelay(true);
+/// Why no tunnel stream to a service could be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Discovery knows no endpoint of the service.
+    #[error("no endpoints known for {0}")]
+    NoEndpoints(String),
+    /// The destination's intentions refused the source (403): final, no other endpoint is tried.
+    #[error(transparent)]
+    Denied(TunnelError),
+    /// Every endpoint tried failed.
+    #[error("no endpoint of {service} reachable after {tried} attempts; last error: {last}")]
+    AllFailed {
+        /// The service.
+        service: String,
+        /// Endpoints tried.
+        tried: usize,
+        /// The last failure.
+        last: TunnelError,
+    },
+}
+
+/// Opens a tunnel stream to `service`: picks an endpoint (P2C over peak-EWMA, ejected ones
+/// skipped), and on a failure records it and tries another, up to [`MAX_ATTEMPTS`] distinct
+/// endpoints. The returned guard keeps the endpoint's in-flight count until dropped.
+pub async fn open_stream(
+    service: &str,
+    source: &Identity,
+    balancer: &Balancer,
+    pool: &Pool,
+    metrics: &Metrics,
+) -> Result<(Upgraded, InFlight), OpenError> {
     let mut rand = super::rng();
     let mut exclude = Vec::new();
+    let mut last = None;
     for _ in 0..MAX_ATTEMPTS {
-        let Some(ep) = up.balancer.pick(Instant::now(), &exclude, &mut rand) else {
+        let Some(ep) = balancer.pick(Instant::now(), &exclude, &mut rand) else {
             break;
         };
-        let _in_flight = ep.start();
+        let in_flight = ep.start();
         let started = Instant::now();
-        match up.pool.connect(&up.source, ep.addr(), &up.service).await {
+        match pool.connect(source, ep.addr(), service).await {
             Ok(tunnel) => {
                 ep.record_success(Instant::now(), started.elapsed());
-                let _metered = up.metrics.stream(Direction::Outbound);
-                let mut tunnel = TokioIo::new(tunnel);
-                match splice(&mut client, &mut tunnel).await {
-                    Ok((sent, received)) => up.metrics.bytes(Direction::Outbound, sent, received),
-                    Err(e) => {
-                        debug!(dst.service = %up.service, error = %e, "outbound stream ended with an error")
-                    }
-                }
-                return;
+                return Ok((tunnel, in_flight));
             }
-            Err(e) if !e.is_retryable() => {
-                info!(src.addr = %addr, dst.service = %up.service, error = %e, "connection refused by the destination's intentions");
-                return;
-            }
+            Err(e) if !e.is_retryable() => return Err(OpenError::Denied(e)),
             Err(e) => {
                 ep.record_failure(Instant::now());
-                up.metrics.connect_failed(&up.service);
-                warn!(dst.service = %up.service, endpoint = %ep.addr(), error = %e, "endpoint failed; trying another");
+                metrics.connect_failed(service);
+                warn!(dst.service = %service, endpoint = %ep.addr(), error = %e, "endpoint failed; trying another");
                 exclude.push(ep.addr());
+                last = Some(e);
             }
         }
     }
-    warn!(src.addr = %addr, dst.service = %up.service, tried = exclude.len(), "no endpoint reachable; closing the client connection");
+    Err(match last {
+        Some(last) => OpenError::AllFailed {
+            service: service.to_owned(),
+            tried: exclude.len(),
+            last,
+        },
+        None => OpenError::NoEndpoints(service.to_owned()),
+    })
+}
+
+async fn connection(mut client: TcpStream, addr: std::net::SocketAddr, up: Arc<Upstream>) {
+    let _tracked = up.drain.track();
+    let _ = client.set_nodelay(true);
+    match open_stream(&up.service, &up.source, &up.balancer, &up.pool, &up.metrics).await {
+        Ok((tunnel, _in_flight)) => {
+            let _metered = up.metrics.stream(Direction::Outbound);
+            let mut tunnel = TokioIo::new(tunnel);
+            match splice(&mut client, &mut tunnel).await {
+                Ok((sent, received)) => up.metrics.bytes(Direction::Outbound, sent, received),
+                Err(e) => debug!(dst.service = %up.service, error = %e, "outbound stream ended with an error"),
+            }
+        }
+        Err(OpenError::Denied(e)) => {
+            info!(src.addr = %addr, dst.service = %up.service, error = %e, "connection refused by the destination's intentions");
+        }
+        Err(e) => {
+            warn!(src.addr = %addr, dst.service = %up.service, error = %e, "closing the client connection");
+        }
+    }
 }
