@@ -71,7 +71,11 @@ pub struct ConnInfo {
 /// What the front calls for every request.
 pub trait Handler: Send + Sync + 'static {
     /// Answers one request.
-    fn handle(&self, req: Request<Incoming>, conn: Arc<ConnInfo>) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+    fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: Arc<ConnInfo>,
+    ) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
 }
 
 /// Connection-level limits.
@@ -123,15 +127,19 @@ pub fn tls_acceptor(certs: &[CertFiles]) -> Result<tokio_rustls::TlsAcceptor, Fr
     let mut wildcard = HashMap::new();
     let mut default = None;
     for c in certs {
-        let chain = meshgate_ca::pki::read_pem_certs(&c.cert_file).map_err(|e| cert_err(&c.cert_file, e))?;
-        let key = PrivateKeyDer::from_pem_file(&c.key_file).map_err(|e| cert_err(&c.key_file, e))?;
+        let chain = meshgate_ca::pki::read_pem_certs(&c.cert_file)
+            .map_err(|e| cert_err(&c.cert_file, e))?;
+        let key =
+            PrivateKeyDer::from_pem_file(&c.key_file).map_err(|e| cert_err(&c.key_file, e))?;
         let signing = provider
             .key_provider
             .load_private_key(key)
             .map_err(|e| cert_err(&c.key_file, e))?;
         let leaf = chain[0].clone();
         let certified = Arc::new(CertifiedKey::new(chain, signing));
-        certified.keys_match().map_err(|e| cert_err(&c.key_file, format!("does not match the certificate: {e}")))?;
+        certified
+            .keys_match()
+            .map_err(|e| cert_err(&c.key_file, format!("does not match the certificate: {e}")))?;
         let (_, parsed) = x509_names(&leaf).map_err(|e| cert_err(&c.cert_file, e))?;
         for name in parsed {
             match name.strip_prefix("*.") {
@@ -161,7 +169,8 @@ pub fn tls_acceptor(certs: &[CertFiles]) -> Result<tokio_rustls::TlsAcceptor, Fr
 /// The DNS names of a certificate (SAN dNSName entries), lowercase.
 fn x509_names(der: &[u8]) -> Result<((), Vec<String>), String> {
     use x509_parser::{extensions::GeneralName, prelude::FromDer};
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).map_err(|e| e.to_string())?;
+    let (_, cert) =
+        x509_parser::certificate::X509Certificate::from_der(der).map_err(|e| e.to_string())?;
     let mut names = Vec::new();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for n in &san.value.general_names {
@@ -178,14 +187,22 @@ fn x509_names(der: &[u8]) -> Result<((), Vec<String>), String> {
 struct SharedIo<T>(Arc<Mutex<T>>);
 
 impl<T: AsyncRead + Unpin> AsyncRead for SharedIo<T> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let mut io = self.0.lock().expect("invariant: io lock not poisoned");
         Pin::new(&mut *io).poll_read(cx, buf)
     }
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for SharedIo<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let mut io = self.0.lock().expect("invariant: io lock not poisoned");
         Pin::new(&mut *io).poll_write(cx, buf)
     }
@@ -203,7 +220,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for SharedIo<T> {
 struct LastWord<T>(Arc<Mutex<T>>);
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for LastWord<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let mut io = self.0.lock().expect("invariant: io lock not poisoned");
         Pin::new(&mut *io).poll_write(cx, buf)
     }
@@ -219,7 +240,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for LastWord<T> {
 
 /// Accepts on `listener` (TLS when `tls` is set) until draining starts; open connections then
 /// finish their requests (HTTP/2 gets GOAWAY).
-pub async fn serve(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>, handler: Arc<dyn Handler>, limits: FrontLimits, drain: Drain) {
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    handler: Arc<dyn Handler>,
+    limits: FrontLimits,
+    drain: Drain,
+) {
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -237,19 +264,34 @@ pub async fn serve(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>
             let _tracked = drain.track();
             let _ = tcp.set_nodelay(true);
             match tls {
-                Some(acceptor) => match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => connection(stream, ConnInfo { peer, tls: true }, handler, limits, drain).await,
-                    Ok(Err(e)) => debug!(src.addr = %peer, error = %e, "public TLS handshake failed"),
-                    Err(_) => debug!(src.addr = %peer, "public TLS handshake timed out"),
-                },
-                None => connection(tcp, ConnInfo { peer, tls: false }, handler, limits, drain).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+                    {
+                        Ok(Ok(stream)) => {
+                            connection(stream, ConnInfo { peer, tls: true }, handler, limits, drain)
+                                .await
+                        }
+                        Ok(Err(e)) => {
+                            debug!(src.addr = %peer, error = %e, "public TLS handshake failed")
+                        }
+                        Err(_) => debug!(src.addr = %peer, "public TLS handshake timed out"),
+                    }
+                }
+                None => {
+                    connection(tcp, ConnInfo { peer, tls: false }, handler, limits, drain).await
+                }
             }
         });
     }
 }
 
-async fn connection<T>(io: T, info: ConnInfo, handler: Arc<dyn Handler>, limits: FrontLimits, drain: Drain)
-where
+async fn connection<T>(
+    io: T,
+    info: ConnInfo,
+    handler: Arc<dyn Handler>,
+    limits: FrontLimits,
+    drain: Drain,
+) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let shared = Arc::new(Mutex::new(io));
@@ -287,7 +329,10 @@ where
             .is_some_and(hyper::Error::is_timeout);
         if timed_out {
             // hyper closes silently when the head does not arrive; say why first
-            let id = format!("{:016x}", u64::from_le_bytes(meshgate_ca::pki::random_bytes::<8>()));
+            let id = format!(
+                "{:016x}",
+                u64::from_le_bytes(meshgate_ca::pki::random_bytes::<8>())
+            );
             let mut w = LastWord(shared);
             let _ = w.write_all(&Problem::RequestTimeout.raw_http1(&id)).await;
             let _ = w.shutdown().await;

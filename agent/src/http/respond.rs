@@ -112,11 +112,19 @@ impl Problem {
             Problem::NoRoute => "no route matches this request".into(),
             Problem::RequestTimeout => "the request head did not arrive in time".into(),
             Problem::BodyTooLarge { limit } => format!("the request body exceeds {limit} bytes"),
-            Problem::UnsupportedMediaType { got } => format!("content type {got:?} is not accepted by this route"),
-            Problem::HeadersTooLarge { limit } => format!("the request headers exceed {limit} bytes"),
+            Problem::UnsupportedMediaType { got } => {
+                format!("content type {got:?} is not accepted by this route")
+            }
+            Problem::HeadersTooLarge { limit } => {
+                format!("the request headers exceed {limit} bytes")
+            }
             Problem::UpstreamFailed => "the service failed to answer".into(),
-            Problem::UpstreamUnavailable { service } => format!("no instance of {service} is available"),
-            Problem::UpstreamTimeout { timeout_ms } => format!("the service did not answer within {timeout_ms} ms"),
+            Problem::UpstreamUnavailable { service } => {
+                format!("no instance of {service} is available")
+            }
+            Problem::UpstreamTimeout { timeout_ms } => {
+                format!("the service did not answer within {timeout_ms} ms")
+            }
         }
     }
 
@@ -175,17 +183,40 @@ mod tests {
         let cases = [
             (Problem::NoRoute, 404, "no-route"),
             (Problem::UpstreamFailed, 502, "upstream-failed"),
-            (Problem::UpstreamUnavailable { service: "users".into() }, 503, "upstream-unavailable"),
-            (Problem::UpstreamTimeout { timeout_ms: 100 }, 504, "upstream-timeout"),
+            (
+                Problem::UpstreamUnavailable {
+                    service: "users".into(),
+                },
+                503,
+                "upstream-unavailable",
+            ),
+            (
+                Problem::UpstreamTimeout { timeout_ms: 100 },
+                504,
+                "upstream-timeout",
+            ),
             (Problem::BodyTooLarge { limit: 10 }, 413, "body-too-large"),
-            (Problem::UnsupportedMediaType { got: "text/plain".into() }, 415, "unsupported-media-type"),
-            (Problem::HeadersTooLarge { limit: 10 }, 431, "headers-too-large"),
+            (
+                Problem::UnsupportedMediaType {
+                    got: "text/plain".into(),
+                },
+                415,
+                "unsupported-media-type",
+            ),
+            (
+                Problem::HeadersTooLarge { limit: 10 },
+                431,
+                "headers-too-large",
+            ),
             (Problem::RequestTimeout, 408, "request-timeout"),
         ];
         for (p, status, slug) in cases {
             let r = p.response("req-1");
             assert_eq!(r.status().as_u16(), status);
-            assert_eq!(r.headers()[header::CONTENT_TYPE], "application/problem+json");
+            assert_eq!(
+                r.headers()[header::CONTENT_TYPE],
+                "application/problem+json"
+            );
             let body = r.into_body().collect().await.expect("body").to_bytes();
             let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
             assert_eq!(v["type"], format!("{TYPE_BASE}{slug}"));

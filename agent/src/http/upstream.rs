@@ -56,13 +56,21 @@ impl Connection for MeshIo {
 }
 
 impl hyper::rt::Read for MeshIo {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: hyper::rt::ReadBufCursor<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
 impl hyper::rt::Write for MeshIo {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -99,18 +107,27 @@ impl tower::Service<Uri> for MeshConnector {
         let inner = self.inner.clone();
         Box::pin(async move {
             let service = uri.host().unwrap_or_default().to_owned();
-            let balancer = inner
-                .endpoints
-                .balancer(&service)
-                .ok_or_else(|| UpstreamError::Unavailable(format!("no discovery entry for {service}")))?;
-            match open_stream(&service, &inner.source, &balancer, &inner.pool, &inner.metrics).await {
+            let balancer = inner.endpoints.balancer(&service).ok_or_else(|| {
+                UpstreamError::Unavailable(format!("no discovery entry for {service}"))
+            })?;
+            match open_stream(
+                &service,
+                &inner.source,
+                &balancer,
+                &inner.pool,
+                &inner.metrics,
+            )
+            .await
+            {
                 Ok((io, in_flight)) => Ok(MeshIo {
                     io,
                     _in_flight: in_flight,
                 }),
-                Err(e @ (OpenError::NoEndpoints(_) | OpenError::AllFailed { .. } | OpenError::Denied(_))) => {
-                    Err(UpstreamError::Unavailable(e.to_string()))
-                }
+                Err(
+                    e @ (OpenError::NoEndpoints(_)
+                    | OpenError::AllFailed { .. }
+                    | OpenError::Denied(_)),
+                ) => Err(UpstreamError::Unavailable(e.to_string())),
             }
         })
     }
@@ -130,7 +147,12 @@ impl std::fmt::Debug for MeshHttpClient {
 
 impl MeshHttpClient {
     /// A client presenting `source`'s SVID, with endpoints from `endpoints`.
-    pub fn new(source: Identity, endpoints: Arc<Endpoints>, pool: Arc<Pool>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        source: Identity,
+        endpoints: Arc<Endpoints>,
+        pool: Arc<Pool>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let connector = MeshConnector {
             inner: Arc::new(ConnectorInner {
                 source,
@@ -150,7 +172,11 @@ impl MeshHttpClient {
     }
 
     /// Sends `req` to `service` (the URI's path and query are kept).
-    pub async fn send(&self, service: &str, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, UpstreamError> {
+    pub async fn send(
+        &self,
+        service: &str,
+        req: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let (mut parts, body) = req.into_parts();
         let pq = parts
             .uri
@@ -163,7 +189,9 @@ impl MeshHttpClient {
         parts.version = http::Version::HTTP_11;
         match self.client.request(Request::from_parts(parts, body)).await {
             Ok(r) => Ok(r),
-            Err(e) if e.is_connect() => Err(UpstreamError::Unavailable(crate::identity::error_chain(&e))),
+            Err(e) if e.is_connect() => {
+                Err(UpstreamError::Unavailable(crate::identity::error_chain(&e)))
+            }
             Err(e) => Err(UpstreamError::Failed(crate::identity::error_chain(&e))),
         }
     }

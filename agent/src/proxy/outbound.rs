@@ -138,7 +138,9 @@ async fn connection(mut client: TcpStream, addr: std::net::SocketAddr, up: Arc<U
             let mut tunnel = TokioIo::new(tunnel);
             match splice(&mut client, &mut tunnel).await {
                 Ok((sent, received)) => up.metrics.bytes(Direction::Outbound, sent, received),
-                Err(e) => debug!(dst.service = %up.service, error = %e, "outbound stream ended with an error"),
+                Err(e) => {
+                    debug!(dst.service = %up.service, error = %e, "outbound stream ended with an error")
+                }
             }
         }
         Err(OpenError::Denied(e)) => {
