@@ -13,7 +13,7 @@ use crate::{
     admin::{self, AdminState},
     balance::BalanceConfig,
     config::{AgentConfig, ConfigError},
-    discovery::{Endpoints, Source, consul, dns},
+    discovery::{self, consul},
     drain::Drain,
     identity::{IdentityConfig, IdentityError, IdentityManager},
     proxy::{
@@ -164,6 +164,7 @@ impl Agent {
             identity: Default::default(),
             endpoints: Default::default(),
             drain: drain.clone(),
+            extension: Default::default(),
         });
         let admin_task = tokio::spawn(admin::serve(admin_listener, state.clone()));
 
@@ -238,51 +239,23 @@ impl Agent {
             failures_to_eject: cfg.tunnel.failures_to_eject,
             ..BalanceConfig::default()
         };
-        let dns_names: Vec<String> = cfg
-            .discovery
-            .dns
-            .as_ref()
-            .map(|d| d.services.keys().cloned().collect())
-            .unwrap_or_default();
-        let endpoints = Arc::new(Endpoints::new(
-            &cfg.discovery.static_endpoints,
-            upstream_names,
-            &dns_names,
-            consul.is_some(),
-            balance,
-        ));
-        let _ = state.endpoints.set(endpoints.clone());
         // endpoints of other nodes are on the same inbound port as ours unless they say otherwise
         let mesh_port = match cfg.listen.inbound.port() {
             0 => 15008,
             p => p,
         };
-        if let Some(client) = &consul {
-            for (name, entry) in endpoints.by_source(Source::Consul) {
-                tasks.push(tokio::spawn(consul::watch(
-                    client.clone(),
-                    name,
-                    entry,
-                    mesh_port,
-                    metrics.clone(),
-                )));
-            }
-        }
-        if let Some(dns_cfg) = &cfg.discovery.dns {
-            let resolver = dns::resolver(dns_cfg).map_err(AgentError::Dns)?;
-            for (name, entry) in endpoints.by_source(Source::Dns) {
-                let svc = dns_cfg.services[&name].clone();
-                tasks.push(tokio::spawn(dns::watch(
-                    resolver.clone(),
-                    name,
-                    svc,
-                    dns_cfg.clone(),
-                    mesh_port,
-                    entry,
-                    metrics.clone(),
-                )));
-            }
-        }
+        let running = discovery::spawn(
+            &cfg.discovery,
+            consul.as_ref(),
+            upstream_names,
+            mesh_port,
+            balance,
+            &metrics,
+        )
+        .map_err(AgentError::Dns)?;
+        let endpoints = running.endpoints;
+        tasks.extend(running.tasks);
+        let _ = state.endpoints.set(endpoints.clone());
         let pool = Arc::new(Pool::new(
             identity.clone(),
             cfg.tunnel.clone(),

@@ -80,6 +80,14 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// A fresh registry with every metric registered, plus what `extra` registers (metrics of
+    /// a composition such as the gateway).
+    pub fn with_extra(extra: impl FnOnce(&mut Registry)) -> Self {
+        let mut m = Self::new();
+        extra(&mut m.registry);
+        m
+    }
+
     /// A fresh registry with every metric registered.
     pub fn new() -> Self {
         let mut registry = Registry::default();

@@ -37,6 +37,14 @@ pub struct AdminState {
     pub endpoints: OnceLock<Arc<Endpoints>>,
     /// Drain state (draining => not ready).
     pub drain: Drain,
+    /// Extra read-only endpoints a composition adds (the gateway's `/routes`).
+    pub extension: OnceLock<Arc<dyn AdminExtension>>,
+}
+
+/// Extra admin endpoints, answered with JSON.
+pub trait AdminExtension: Send + Sync + std::fmt::Debug {
+    /// The JSON for `path` (with its raw `query`), or None if the path is not this extension's.
+    fn get(&self, path: &str, query: &str) -> Option<Result<serde_json::Value, String>>;
 }
 
 /// One certificate as `/certs` shows it.
@@ -148,11 +156,19 @@ async fn route(req: Request<Incoming>, state: Arc<AdminState>) -> Response<Full<
             Some(e) => json(&e.snapshot(Instant::now())),
             None => json(&Vec::<()>::new()),
         },
-        _ => respond(
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found; try /healthz /readyz /metrics /config /certs /endpoints\n",
-        ),
+        path => match state
+            .extension
+            .get()
+            .and_then(|x| x.get(path, req.uri().query().unwrap_or_default()))
+        {
+            Some(Ok(v)) => json(&v),
+            Some(Err(e)) => respond(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+            None => respond(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found; try /healthz /readyz /metrics /config /certs /endpoints\n",
+            ),
+        },
     }
 }
 

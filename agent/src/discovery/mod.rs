@@ -15,7 +15,76 @@ use std::{
 
 use serde::Serialize;
 
-use crate::balance::{BalanceConfig, Balancer, EndpointStatus};
+use meshgate_ca::consul::ConsulClient;
+use tokio::task::JoinHandle;
+
+use crate::{
+    balance::{BalanceConfig, Balancer, EndpointStatus},
+    config::DiscoveryConfig,
+    telemetry::Metrics,
+};
+
+/// Discovery up and running: the endpoints, the watcher tasks, and the Consul client (shared
+/// with registration).
+#[derive(Debug)]
+pub struct Running {
+    /// Endpoints of every service.
+    pub endpoints: Arc<Endpoints>,
+    /// Watch tasks (Consul queries, DNS refreshes); abort them to stop.
+    pub tasks: Vec<JoinHandle<()>>,
+}
+
+/// Builds the endpoint set for `services` from `cfg` and starts the Consul and DNS watchers.
+/// `mesh_port` is the inbound port assumed for endpoints that do not name one.
+pub fn spawn(
+    cfg: &DiscoveryConfig,
+    consul: Option<&ConsulClient>,
+    services: impl IntoIterator<Item = String>,
+    mesh_port: u16,
+    balance: BalanceConfig,
+    metrics: &Arc<Metrics>,
+) -> Result<Running, String> {
+    let dns_names: Vec<String> = cfg
+        .dns
+        .as_ref()
+        .map(|d| d.services.keys().cloned().collect())
+        .unwrap_or_default();
+    let endpoints = Arc::new(Endpoints::new(
+        &cfg.static_endpoints,
+        services,
+        &dns_names,
+        consul.is_some(),
+        balance,
+    ));
+    let mut tasks = Vec::new();
+    if let Some(client) = consul {
+        for (name, entry) in endpoints.by_source(Source::Consul) {
+            tasks.push(tokio::spawn(consul::watch(
+                client.clone(),
+                name,
+                entry,
+                mesh_port,
+                metrics.clone(),
+            )));
+        }
+    }
+    if let Some(dns_cfg) = &cfg.dns {
+        let resolver = dns::resolver(dns_cfg)?;
+        for (name, entry) in endpoints.by_source(Source::Dns) {
+            let svc = dns_cfg.services[&name].clone();
+            tasks.push(tokio::spawn(dns::watch(
+                resolver.clone(),
+                name,
+                svc,
+                dns_cfg.clone(),
+                mesh_port,
+                entry,
+                metrics.clone(),
+            )));
+        }
+    }
+    Ok(Running { endpoints, tasks })
+}
 
 /// Where a service's endpoints come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
