@@ -17,7 +17,7 @@ use crate::{
 };
 
 /// The whole agent configuration.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     /// This node's name (`spiffe://TD/node/NAME`).
@@ -51,6 +51,7 @@ pub struct AgentConfig {
     pub tunnel: TunnelConfig,
     /// How long in-flight connections may finish after SIGTERM. Default 30s.
     #[serde(default = "default_drain", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub drain_timeout: Duration,
 }
 
@@ -63,7 +64,7 @@ fn default_drain() -> Duration {
 }
 
 /// The CA this node joins.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CaRef {
     /// `https://HOST:PORT` of `meshgate ca serve`.
@@ -76,7 +77,7 @@ pub struct CaRef {
 }
 
 /// Listen addresses.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Listen {
     /// Mesh inbound (mTLS tunnels). Default `0.0.0.0:15008`.
@@ -105,7 +106,9 @@ impl Default for Listen {
 }
 
 /// How the inbound side treats a service's traffic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// Bytes: L4 intentions only.
@@ -118,7 +121,7 @@ pub enum Protocol {
 }
 
 /// A service that runs on this node.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     /// Service name.
@@ -141,7 +144,7 @@ pub struct ServiceConfig {
 }
 
 /// A local listener that carries connections to another service through the mesh.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// The destination service.
@@ -153,7 +156,7 @@ pub struct UpstreamConfig {
 /// Discovery sources. A service listed under `static` uses those addresses; one listed under
 /// `dns.services` is looked up in DNS; every other upstream is watched in Consul when
 /// `consul` is set.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DiscoveryConfig {
     /// Service name -> agent inbound addresses of the nodes that run it.
@@ -181,7 +184,7 @@ fn default_deregister_after() -> Duration {
 }
 
 /// How local services are registered in Consul.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegistrationConfig {
     /// Register local services when `discovery.consul` is set. Default true.
@@ -196,12 +199,15 @@ pub struct RegistrationConfig {
     pub tags: Vec<String>,
     /// Health check interval. Default 10s.
     #[serde(default = "default_check_interval", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub check_interval: Duration,
     /// Health check timeout. Default 2s.
     #[serde(default = "default_check_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub check_timeout: Duration,
     /// Consul removes an instance critical for this long (minimum 1m). Default 1h.
     #[serde(default = "default_deregister_after", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub deregister_critical_after: Duration,
 }
 
@@ -219,17 +225,20 @@ impl Default for RegistrationConfig {
 }
 
 /// Tunnel tuning; the defaults suit most meshes.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TunnelConfig {
     /// TCP + TLS connect timeout to another agent. Default 5s.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub connect_timeout: Duration,
     /// HTTP/2 keepalive ping interval on idle tunnels. Default 10s.
     #[serde(default = "default_keepalive", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub keepalive_interval: Duration,
     /// Close a tunnel whose ping is not answered within this. Default 20s.
     #[serde(default = "default_keepalive_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub keepalive_timeout: Duration,
     /// HTTP/2 stream window (bytes). Default 4 MiB.
     #[serde(default = "default_stream_window")]

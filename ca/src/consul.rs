@@ -25,7 +25,7 @@ fn default_wait() -> Duration {
 }
 
 /// `discovery.consul` (agent) and `consul` (CA).
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConsulConfig {
     /// `http://HOST:PORT` or `https://HOST:PORT` of a Consul agent. Default port 8500.
@@ -53,6 +53,7 @@ pub struct ConsulConfig {
     pub stale: bool,
     /// How long one blocking query may wait. Default 5m (Consul clamps at 10m).
     #[serde(default = "default_wait", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub wait: Duration,
 }
 
@@ -70,7 +71,7 @@ impl fmt::Debug for ConsulConfig {
 }
 
 /// TLS to Consul.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConsulTls {
     /// CA bundle (PEM) that signs Consul's certificate; default: the system roots.

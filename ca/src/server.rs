@@ -37,7 +37,7 @@ fn default_ttl() -> Duration {
 }
 
 /// `ca.yaml`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CaConfig {
     /// Trust domain; must match the one the CA was initialized with.
@@ -49,9 +49,11 @@ pub struct CaConfig {
     pub listen: SocketAddr,
     /// Workload SVID lifetime. Default 24h.
     #[serde(default = "default_ttl", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub workload_ttl: Duration,
     /// Node SVID lifetime. Default 24h.
     #[serde(default = "default_ttl", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub node_ttl: Duration,
     /// When set, a node may obtain a workload SVID only for a service registered on that node
     /// in Consul's catalog (instead of the join token's service list).

@@ -42,3 +42,108 @@ mod tests {
         assert_eq!(ca.trust_domain, "mesh.example");
     }
 }
+
+/// Which configuration a file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Kind {
+    /// agent.yaml
+    Agent,
+    /// gateway.yaml
+    Gateway,
+    /// ca.yaml
+    Ca,
+}
+
+/// Arguments of `meshgate config`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ConfigArgs {
+    #[command(subcommand)]
+    command: ConfigCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum ConfigCommand {
+    /// Check a config file: syntax (errors as FILE:LINE:COLUMN) and meaning; exit 1 if invalid.
+    Validate {
+        /// The file.
+        file: std::path::PathBuf,
+        /// What the file is; guessed from its keys when not given.
+        #[arg(long, value_enum)]
+        kind: Option<Kind>,
+    },
+    /// Print the JSON Schema of a config (for editors and CI linters).
+    Schema {
+        /// Which config.
+        #[arg(long, value_enum)]
+        kind: Kind,
+    },
+}
+
+fn guess(path: &Path) -> anyhow::Result<Kind> {
+    let v: serde_json::Value = load_yaml(path)?;
+    let has = |k: &str| v.get(k).is_some();
+    Ok(
+        if has("routes")
+            || has("tls")
+            || v["listen"].get("https").is_some()
+            || v["listen"].get("http").is_some()
+        {
+            Kind::Gateway
+        } else if has("node") {
+            Kind::Agent
+        } else {
+            Kind::Ca
+        },
+    )
+}
+
+/// `meshgate config …`.
+pub(crate) fn run(args: ConfigArgs) -> anyhow::Result<()> {
+    match args.command {
+        ConfigCommand::Schema { kind } => {
+            let schema = match kind {
+                Kind::Agent => schemars::schema_for!(meshgate_agent::config::AgentConfig),
+                Kind::Gateway => schemars::schema_for!(meshgate_gateway::config::GatewayConfig),
+                Kind::Ca => schemars::schema_for!(meshgate_ca::server::CaConfig),
+            };
+            println!("{}", serde_json::to_string_pretty(&schema)?);
+            Ok(())
+        }
+        ConfigCommand::Validate { file, kind } => {
+            let kind = match kind {
+                Some(k) => k,
+                None => guess(&file)?,
+            };
+            let what = match kind {
+                Kind::Agent => {
+                    let c: meshgate_agent::config::AgentConfig = load_yaml(&file)?;
+                    c.validate()
+                        .map_err(|e| anyhow!("{}: {e}", file.display()))?;
+                    format!(
+                        "agent config for node {} ({} services)",
+                        c.node,
+                        c.services.len()
+                    )
+                }
+                Kind::Gateway => {
+                    let c: meshgate_gateway::config::GatewayConfig = load_yaml(&file)?;
+                    c.compile()
+                        .map_err(|e| anyhow!("{}: {e}", file.display()))?;
+                    format!(
+                        "gateway config for node {} ({} routes)",
+                        c.node,
+                        c.routes.len()
+                    )
+                }
+                Kind::Ca => {
+                    let c: meshgate_ca::server::CaConfig = load_yaml(&file)?;
+                    meshgate_ca::spiffe::validate_trust_domain(&c.trust_domain)
+                        .map_err(|e| anyhow!("{}: trust_domain: {e}", file.display()))?;
+                    format!("CA config for trust domain {}", c.trust_domain)
+                }
+            };
+            println!("{}: valid {what}", file.display());
+            Ok(())
+        }
+    }
+}

@@ -5,8 +5,10 @@ mod agent;
 mod ca;
 mod certs;
 mod config;
+mod gateway;
 mod inspect;
 mod output;
+mod routes;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -41,6 +43,12 @@ enum Command {
     Ca(ca::CaArgs),
     /// List the certificates a node holds in its data dir.
     Certs(certs::CertsArgs),
+    /// Run the gateway: the public HTTPS/HTTP door to every service, through the mesh.
+    Gateway(gateway::GatewayArgs),
+    /// The gateway's routes, or which route a request would take (--match).
+    Routes(routes::RoutesArgs),
+    /// Validate config files and print their JSON Schema.
+    Config(config::ConfigArgs),
     /// The services a running agent calls: source, freshness, endpoint counts.
     Services(inspect::AdminArgs),
     /// The endpoints of one service as a running agent sees them.
@@ -79,6 +87,9 @@ fn main() -> std::process::ExitCode {
             Command::Ca(args) => ca::run(args).await,
             Command::Certs(args) => certs::run(args),
             Command::Services(args) => inspect::services(args).await,
+            Command::Gateway(args) => gateway::run(args).await,
+            Command::Routes(args) => routes::run(args).await,
+            Command::Config(args) => config::run(args),
             Command::Endpoints(args) => inspect::endpoints(args).await,
         }
     });

@@ -1,5 +1,22 @@
-//! meshgate gateway mode: edge policy (routes, JWT, API keys, rate limits, CORS, transforms,
-//! transcoding) layered on the agent's data plane.
+//! meshgate gateway mode: edge policy layered on the agent's data plane.
 //!
-//! It depends on `meshgate-agent` and never the reverse, and it holds no socket code: listeners,
-//! TLS and tunnels live in `meshgate-agent`. The edge filters arrive with the gateway issues.
+//! The gateway is the agent's outbound half with a public front: the same identity manager,
+//! tunnels and discovery (`meshgate-agent`), plus the edge chain this crate owns:
+//!
+//! - [`routes`]: the route table (host, path, method, header and query matching; most specific
+//!   wins; versioning; weighted splits with pinning; rewrites).
+//! - [`hygiene`]: spoofable identity headers stripped, request id, W3C traceparent,
+//!   X-Forwarded-* with trusted proxies.
+//! - [`cors`]: preflights answered here; upstream CORS headers replaced.
+//! - [`transform`]: header add/set/remove and JSON body field rename/remove.
+//! - [`config`], [`server`] (the request path), [`app`] (start, reload, drain).
+//!
+//! It holds no socket code: listeners, TLS and tunnels live in `meshgate-agent`.
+
+pub mod app;
+pub mod config;
+pub mod cors;
+pub mod hygiene;
+pub mod routes;
+pub mod server;
+pub mod transform;

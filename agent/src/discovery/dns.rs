@@ -33,7 +33,7 @@ fn default_max_refresh() -> Duration {
 }
 
 /// `discovery.dns`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DnsConfig {
     /// Name servers (`IP:PORT`); default: the system's (`/etc/resolv.conf`).
@@ -44,14 +44,18 @@ pub struct DnsConfig {
     pub services: BTreeMap<String, DnsService>,
     /// Never refresh more often than this, whatever the TTL. Default 1s.
     #[serde(default = "default_min_refresh", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub min_refresh: Duration,
     /// Refresh at least this often. Default 5m.
     #[serde(default = "default_max_refresh", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub max_refresh: Duration,
 }
 
 /// Record type to ask for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum RecordKind {
     /// A/AAAA records, on `port`.
@@ -62,7 +66,7 @@ pub enum RecordKind {
 }
 
 /// One service's DNS name.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DnsService {
     /// The name to look up, e.g. `users.service.consul` or `_users._tcp.example.`.

@@ -37,7 +37,7 @@ use super::{Body, respond::Problem};
 use crate::drain::Drain;
 
 /// A certificate and its key, PEM files.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CertFiles {
     /// Certificate chain, leaf first.

@@ -96,8 +96,10 @@ pub struct MeshConnector {
 
 impl tower::Service<Uri> for MeshConnector {
     type Response = MeshIo;
-    type Error = UpstreamError;
-    type Future = Pin<Box<dyn Future<Output = Result<MeshIo, UpstreamError>> + Send>>;
+    // a plain boxed error: hyper's client wants `Into<BoxError>`, and a concrete type there
+    // trips the compiler's higher-ranked Send checks in callers
+    type Error = super::BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<MeshIo, super::BoxError>> + Send>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
@@ -107,9 +109,9 @@ impl tower::Service<Uri> for MeshConnector {
         let inner = self.inner.clone();
         Box::pin(async move {
             let service = uri.host().unwrap_or_default().to_owned();
-            let balancer = inner.endpoints.balancer(&service).ok_or_else(|| {
-                UpstreamError::Unavailable(format!("no discovery entry for {service}"))
-            })?;
+            let Some(balancer) = inner.endpoints.balancer(&service) else {
+                return Err(format!("no discovery entry for {service}").into());
+            };
             match open_stream(
                 &service,
                 &inner.source,
@@ -127,7 +129,7 @@ impl tower::Service<Uri> for MeshConnector {
                     e @ (OpenError::NoEndpoints(_)
                     | OpenError::AllFailed { .. }
                     | OpenError::Denied(_)),
-                ) => Err(UpstreamError::Unavailable(e.to_string())),
+                ) => Err(e.to_string().into()),
             }
         })
     }

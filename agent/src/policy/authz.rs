@@ -15,7 +15,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// What a rule (or the default) does with matching traffic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     /// Let the traffic through.
@@ -39,7 +39,7 @@ fn deny() -> Action {
 }
 
 /// The `authz` section of the config: a default action and the rules.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuthzConfig {
     /// The action when no rule matches (default: deny).
@@ -60,7 +60,7 @@ impl Default for AuthzConfig {
 }
 
 /// One rule as written in the config.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
     /// The source: a service name, `*`, a prefix ending in `*`, or a SPIFFE ID (exact or with a

@@ -5,5 +5,7 @@ mod agent;
 mod consul;
 mod consul_standin;
 mod dns;
+mod gateway;
+mod gw_harness;
 mod harness;
 mod identity;

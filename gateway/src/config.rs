@@ -1,0 +1,265 @@
+//! `gateway.yaml`: the gateway's configuration and its validation into a [`Compiled`] policy
+//! set that requests read through an `ArcSwap` (hot reload swaps it whole).
+//!
+//! Parsing (YAML, file:line:column) is the CLI's job; this module owns the shape, defaults and
+//! checks. Listeners, identity and discovery are fixed at start; routes, header policy, CORS,
+//! limits and transforms reload.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+use meshgate_agent::{
+    config::{CaRef, DiscoveryConfig, TunnelConfig},
+    http::front::CertFiles,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    cors::{Cors, CorsConfig},
+    hygiene::{Hygiene, HygieneConfig},
+    routes::{RouteConfig, RouteTable},
+    transform::{self, TransformConfig},
+};
+
+fn default_namespace() -> String {
+    "default".into()
+}
+fn default_identity() -> String {
+    "gateway".into()
+}
+fn default_drain() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// The whole gateway configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// This gateway's node name (`spiffe://TD/node/NAME`).
+    pub node: String,
+    /// Trust domain.
+    pub trust_domain: String,
+    /// Namespace of the gateway's own workload identity. Default `default`.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// The service name the gateway's SVID carries (`spiffe://TD/ns/NS/svc/NAME`): what
+    /// intentions on the services see as the source. Default `gateway`.
+    #[serde(default = "default_identity")]
+    pub identity: String,
+    /// Keys and certificates (0700, keys 0600).
+    pub data_dir: PathBuf,
+    /// The CA to join.
+    pub ca: CaRef,
+    /// Listeners.
+    pub listen: GatewayListen,
+    /// Certificates for the HTTPS listener, chosen by SNI; the first is the default.
+    #[serde(default)]
+    pub tls: Vec<CertFiles>,
+    /// Answer plain-HTTP requests with a redirect to HTTPS (308). Default false.
+    #[serde(default)]
+    pub redirect_https: bool,
+    /// Request limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Header hygiene: spoofable headers stripped, request id, traceparent, X-Forwarded-*.
+    #[serde(default)]
+    pub headers: HygieneConfig,
+    /// CORS for every route without its own.
+    #[serde(default)]
+    pub cors: Option<CorsConfig>,
+    /// Routes; see docs/gateway.md for the matching order.
+    #[serde(default)]
+    pub routes: Vec<GatewayRoute>,
+    /// Where services' endpoints come from (as for the agent).
+    #[serde(default)]
+    pub discovery: DiscoveryConfig,
+    /// Tunnel tuning (as for the agent).
+    #[serde(default)]
+    pub tunnel: TunnelConfig,
+    /// How long open requests may finish after SIGTERM. Default 30s.
+    #[serde(default = "default_drain", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub drain_timeout: Duration,
+}
+
+/// A route plus its edge policies.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct GatewayRoute {
+    /// Matching, backend, rewrite, timeout, retries, body limit, content types.
+    #[serde(flatten)]
+    pub route: RouteConfig,
+    /// CORS for this route (replaces the global one).
+    #[serde(default)]
+    pub cors: Option<CorsConfig>,
+    /// Header and JSON body transforms.
+    #[serde(default)]
+    pub transforms: Option<TransformConfig>,
+}
+
+/// Listen addresses.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayListen {
+    /// HTTPS (HTTP/1.1 and HTTP/2 by ALPN). Needs `tls`.
+    #[serde(default)]
+    pub https: Option<SocketAddr>,
+    /// Plain HTTP.
+    #[serde(default)]
+    pub http: Option<SocketAddr>,
+    /// Admin API; loopback only. Default 127.0.0.1:15000.
+    #[serde(default = "default_admin")]
+    pub admin: SocketAddr,
+}
+
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 15000))
+}
+
+fn default_max_body() -> u64 {
+    1 << 20
+}
+fn default_max_headers() -> usize {
+    16 * 1024
+}
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+
+/// Request limits; routes may lower or raise `max_body` and `timeout`.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest request body (413 beyond). Default 1 MiB.
+    #[serde(default = "default_max_body")]
+    pub max_body: u64,
+    /// Largest request head, all header names and values (431 beyond). Default 16 KiB.
+    #[serde(default = "default_max_headers")]
+    pub max_header_bytes: usize,
+    /// Time for a request head to arrive (408 after). Default 10s.
+    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub header_read_timeout: Duration,
+    /// Default route timeout (504 after). Default 15s.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body: default_max_body(),
+            max_header_bytes: default_max_headers(),
+            header_read_timeout: default_header_timeout(),
+            timeout: default_timeout(),
+        }
+    }
+}
+
+/// A config that failed validation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct GatewayConfigError(pub String);
+
+/// Everything a request needs, compiled once per config load.
+#[derive(Debug)]
+pub struct Compiled {
+    /// The route table.
+    pub table: RouteTable,
+    /// Per-route CORS and transforms, by route name.
+    pub policies: BTreeMap<String, RoutePolicy>,
+    /// Header hygiene.
+    pub hygiene: Hygiene,
+    /// Limits.
+    pub limits: Limits,
+    /// Redirect plain HTTP to HTTPS.
+    pub redirect_https: bool,
+    /// The HTTPS port, for redirects.
+    pub https_port: Option<u16>,
+}
+
+/// The compiled edge policies of one route.
+#[derive(Debug, Default)]
+pub struct RoutePolicy {
+    /// CORS (the route's, else the global one).
+    pub cors: Option<Cors>,
+    /// Transforms.
+    pub transforms: Option<TransformConfig>,
+}
+
+impl GatewayConfig {
+    /// Every service a route may send to.
+    pub fn backend_services(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .routes
+            .iter()
+            .flat_map(|r| r.route.backend.services())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Checks everything that needs no I/O and compiles the reloadable part.
+    pub fn compile(&self) -> Result<Compiled, GatewayConfigError> {
+        let e = |m: String| GatewayConfigError(m);
+        meshgate_ca::spiffe::validate_trust_domain(&self.trust_domain)
+            .map_err(|x| e(format!("trust_domain: {x}")))?;
+        meshgate_ca::spiffe::validate_segment(&self.node).map_err(|x| e(format!("node: {x}")))?;
+        meshgate_ca::spiffe::validate_segment(&self.identity)
+            .map_err(|x| e(format!("identity: {x}")))?;
+        if !self.listen.admin.ip().is_loopback() {
+            return Err(e(format!(
+                "listen.admin: {} is not a loopback address",
+                self.listen.admin
+            )));
+        }
+        if self.listen.https.is_none() && self.listen.http.is_none() {
+            return Err(e("listen: set https, http or both".into()));
+        }
+        if self.listen.https.is_some() && self.tls.is_empty() {
+            return Err(e("tls: listen.https needs at least one certificate".into()));
+        }
+        if self.redirect_https && (self.listen.https.is_none() || self.listen.http.is_none()) {
+            return Err(e(
+                "redirect_https needs both listen.http and listen.https".into()
+            ));
+        }
+        let routes: Vec<RouteConfig> = self.routes.iter().map(|r| r.route.clone()).collect();
+        let table = RouteTable::compile(&routes).map_err(|x| e(x.to_string()))?;
+        let global_cors = self.cors.clone();
+        let mut policies = BTreeMap::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let name = &r.route.name;
+            let cors_cfg = r.cors.as_ref().or(global_cors.as_ref());
+            let cors = match cors_cfg {
+                Some(c) => {
+                    Some(Cors::new(c).map_err(|x| e(format!("routes[{i}] ({name}).cors: {x}")))?)
+                }
+                None => None,
+            };
+            if let Some(t) = &r.transforms {
+                transform::validate(t)
+                    .map_err(|x| e(format!("routes[{i}] ({name}).transforms: {x}")))?;
+            }
+            policies.insert(
+                name.clone(),
+                RoutePolicy {
+                    cors,
+                    transforms: r.transforms.clone(),
+                },
+            );
+        }
+        let hygiene = Hygiene::new(&self.headers).map_err(|x| e(format!("headers: {x}")))?;
+        Ok(Compiled {
+            table,
+            policies,
+            hygiene,
+            limits: self.limits.clone(),
+            redirect_https: self.redirect_https,
+            https_port: self.listen.https.map(|a| a.port()),
+        })
+    }
+}

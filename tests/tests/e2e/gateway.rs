@@ -1,0 +1,445 @@
+//! Gateway mode end to end: HTTPS/HTTP clients -> gateway -> mesh tunnel -> agent -> service.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::{
+    gw_harness::{Backend, Conn, TestGateway, plain, tls},
+    harness::{TestAgent, TestCa},
+};
+
+const TD: &str = "mesh.example";
+
+struct Stack {
+    _ca: TestCa,
+    _node: TestAgent,
+    gw: TestGateway,
+    v1: Backend,
+    canary: Backend,
+    v2: Backend,
+}
+
+fn routes() -> serde_json::Value {
+    json!([
+        {"name": "users-v2-header", "match": {"hosts": ["api.example"], "path": {"prefix": "/users"}, "headers": {"Accept-Version": "2"}}, "backend": {"service": "users-v2"}},
+        {"name": "users-v2-subdomain", "match": {"hosts": ["v2.api.example"], "path": {"prefix": "/users"}}, "backend": {"service": "users-v2"}},
+        {"name": "users-v2-path", "match": {"hosts": ["api.example"], "path": {"prefix": "/v2/users"}}, "rewrite": {"prefix": "/users"}, "backend": {"service": "users-v2"}},
+        {"name": "users", "match": {"hosts": ["api.example"], "path": {"prefix": "/users"}},
+         "backend": {"split": [{"service": "users", "weight": 90}, {"service": "users-canary", "weight": 10}], "pin": {"header": "X-Canary", "cookie": "canary"}}},
+        {"name": "upload", "match": {"path": {"exact": "/upload"}, "methods": ["POST"]}, "max_body": 1024, "content_types": ["application/json"], "backend": {"service": "users"}},
+        {"name": "slow", "match": {"path": {"prefix": "/slow"}}, "timeout": "1s", "backend": {"service": "users"}},
+        {"name": "down", "match": {"path": {"prefix": "/down"}}, "backend": {"service": "nobody"}},
+        {"name": "cors", "match": {"path": {"prefix": "/cors"}}, "cors": {"allow_origins": ["https://app.example"], "allow_headers": ["Content-Type"]}, "backend": {"service": "users"}},
+        {"name": "transform", "match": {"path": {"prefix": "/t"}},
+         "transforms": {"request_headers": {"set": {"X-From-Gateway": "yes"}}, "response_json": {"remove": ["secret"], "rename": {"service": "svc"}}},
+         "backend": {"service": "users"}},
+    ])
+}
+
+async fn stack() -> Stack {
+    let ca = TestCa::start(TD).await;
+    let (v1, canary, v2) = (
+        Backend::start("users").await,
+        Backend::start("users-canary").await,
+        Backend::start("users-v2").await,
+    );
+    let node = ca
+        .agent("node-b", json!({
+            "services": [
+                {"name": "users", "port": v1.port, "protocol": "http"},
+                {"name": "users-canary", "port": canary.port, "protocol": "http"},
+                {"name": "users-v2", "port": v2.port, "protocol": "http"},
+            ],
+            "authz": {"default": "deny", "rules": [{"from": "gateway", "to": "*", "action": "allow"}]},
+        }))
+        .await;
+    let b = node.inbound().to_string();
+    let gw = ca
+        .gateway(json!({
+            "routes": routes(),
+            "discovery": {"static": {"users": [b], "users-canary": [b], "users-v2": [b], "nobody": ["127.0.0.1:9"]}},
+        }))
+        .await;
+    Stack {
+        _ca: ca,
+        _node: node,
+        gw,
+        v1,
+        canary,
+        v2,
+    }
+}
+
+fn service_of(g: &crate::gw_harness::Got) -> String {
+    g.json()["service"].as_str().unwrap_or_default().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_h1_and_h2_reach_services_through_the_mesh() {
+    let s = stack().await;
+    for h2 in [false, true] {
+        let got = tls(
+            &s.gw,
+            h2,
+            "GET",
+            "api.example",
+            "/users/7",
+            &[("x-canary", "users")],
+            b"",
+        )
+        .await;
+        assert_eq!(got.status, 200, "h2={h2}: {}", got.body);
+        assert_eq!(service_of(&got), "users");
+        assert_eq!(got.json()["path"], "/users/7");
+        assert!(got.headers.contains_key("x-request-id"));
+    }
+    let got = plain(
+        s.gw.http(),
+        "GET",
+        "api.example",
+        "/users/1",
+        &[("x-canary", "users")],
+        b"",
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    // the service saw the mesh, not the client: forwarded headers and a traceparent
+    let seen =
+        s.v1.seen
+            .lock()
+            .expect("lock")
+            .last()
+            .cloned()
+            .expect("seen");
+    assert_eq!(
+        seen.headers.get("x-forwarded-for").map(String::as_str),
+        Some("127.0.0.1")
+    );
+    assert!(
+        seen.headers
+            .get("traceparent")
+            .is_some_and(|t| t.starts_with("00-")),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn errors_are_problem_json_with_the_right_status() {
+    let s = stack().await;
+    let gw = s.gw.http();
+    let got = plain(gw, "GET", "other.example", "/nope", &[], b"").await;
+    assert_eq!(got.status, 404);
+    assert_eq!(got.headers["content-type"], "application/problem+json");
+    assert_eq!(got.json()["type"], "https://meshgate.dev/problems/no-route");
+    assert!(got.json()["request_id"].is_string());
+
+    let got = plain(gw, "GET", "api.example", "/down/x", &[], b"").await;
+    assert_eq!(got.status, 503, "{}", got.body);
+    assert_eq!(
+        got.json()["type"],
+        "https://meshgate.dev/problems/upstream-unavailable"
+    );
+    assert!(
+        !got.body.contains("127.0.0.1:9"),
+        "no upstream internals: {}",
+        got.body
+    );
+
+    let before = s.v1.count();
+    let big = format!("{{\"x\":\"{}\"}}", "a".repeat(4000));
+    let got = plain(
+        gw,
+        "POST",
+        "api.example",
+        "/upload",
+        &[("content-type", "application/json")],
+        big.as_bytes(),
+    )
+    .await;
+    assert_eq!(got.status, 413);
+    assert_eq!(
+        got.json()["type"],
+        "https://meshgate.dev/problems/body-too-large"
+    );
+    let got = plain(
+        gw,
+        "POST",
+        "api.example",
+        "/upload",
+        &[("content-type", "text/plain")],
+        b"hi",
+    )
+    .await;
+    assert_eq!(got.status, 415);
+    assert_eq!(
+        s.v1.count(),
+        before,
+        "the upstream saw nothing of refused requests"
+    );
+    let got = plain(
+        gw,
+        "POST",
+        "api.example",
+        "/upload",
+        &[("content-type", "application/json; charset=utf-8")],
+        b"{}",
+    )
+    .await;
+    assert_eq!(got.status, 200);
+
+    let big_header = "x".repeat(20_000);
+    let got = plain(
+        gw,
+        "GET",
+        "api.example",
+        "/users/1",
+        &[("x-big", &big_header)],
+        b"",
+    )
+    .await;
+    assert_eq!(got.status, 431);
+
+    let started = Instant::now();
+    let got = plain(gw, "GET", "api.example", "/slow/3000", &[], b"").await;
+    let took = started.elapsed();
+    assert_eq!(got.status, 504);
+    assert_eq!(
+        got.json()["type"],
+        "https://meshgate.dev/problems/upstream-timeout"
+    );
+    assert!(
+        took >= Duration::from_millis(900) && took <= Duration::from_millis(1100),
+        "504 after {took:?}, route timeout 1s"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn splits_pins_and_versions() {
+    let s = stack().await;
+    let mut conn = Conn::open(s.gw.http()).await;
+    let mut canary = 0;
+    for _ in 0..2000 {
+        let got = conn.get("api.example", "/users/1", &[]).await;
+        assert_eq!(got.status, 200);
+        if service_of(&got) == "users-canary" {
+            canary += 1;
+        }
+    }
+    let share = f64::from(canary) / 2000.0 * 100.0;
+    assert!(
+        (7.0..=13.0).contains(&share),
+        "canary share {share:.1}% for a 90/10 split"
+    );
+    for _ in 0..50 {
+        assert_eq!(
+            service_of(
+                &conn
+                    .get("api.example", "/users/1", &[("x-canary", "users-canary")])
+                    .await
+            ),
+            "users-canary"
+        );
+        assert_eq!(
+            service_of(
+                &conn
+                    .get(
+                        "api.example",
+                        "/users/1",
+                        &[("cookie", "a=b; canary=users-canary")]
+                    )
+                    .await
+            ),
+            "users-canary"
+        );
+    }
+    assert_eq!(
+        service_of(
+            &conn
+                .get("api.example", "/users/1", &[("accept-version", "2")])
+                .await
+        ),
+        "users-v2"
+    );
+    assert_eq!(
+        service_of(&conn.get("v2.api.example", "/users/1", &[]).await),
+        "users-v2"
+    );
+    let got = conn.get("api.example", "/v2/users/9", &[]).await;
+    assert_eq!(service_of(&got), "users-v2");
+    assert_eq!(got.json()["path"], "/users/9", "prefix rewritten");
+    assert!(s.v2.count() >= 3 && s.canary.count() >= 100);
+}
+
+#[tokio::test]
+async fn spoofed_identity_headers_never_reach_the_service() {
+    let s = stack().await;
+    let got = plain(
+        s.gw.http(),
+        "GET",
+        "api.example",
+        "/users/1",
+        &[
+            ("x-user-id", "admin"),
+            ("x-scopes", "root"),
+            ("x-consumer-id", "c1"),
+            ("x-forwarded-client-cert", "forged"),
+            ("x-canary", "users"),
+        ],
+        b"",
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    let seen =
+        s.v1.seen
+            .lock()
+            .expect("lock")
+            .last()
+            .cloned()
+            .expect("seen");
+    for h in [
+        "x-user-id",
+        "x-scopes",
+        "x-consumer-id",
+        "x-forwarded-client-cert",
+    ] {
+        assert!(
+            !seen.headers.contains_key(h),
+            "{h} reached the service: {seen:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn cors_is_answered_and_enforced_at_the_gateway() {
+    let s = stack().await;
+    let gw = s.gw.http();
+    let before = s.v1.count();
+    let pre = plain(
+        gw,
+        "OPTIONS",
+        "api.example",
+        "/cors/x",
+        &[
+            ("origin", "https://app.example"),
+            ("access-control-request-method", "POST"),
+            ("access-control-request-headers", "content-type"),
+        ],
+        b"",
+    )
+    .await;
+    assert_eq!(pre.status, 204);
+    assert_eq!(
+        pre.headers["access-control-allow-origin"],
+        "https://app.example"
+    );
+    assert!(
+        pre.headers["access-control-allow-methods"]
+            .to_str()
+            .expect("str")
+            .contains("POST")
+    );
+    assert_eq!(s.v1.count(), before, "preflight answered by the gateway");
+    let denied = plain(
+        gw,
+        "OPTIONS",
+        "api.example",
+        "/cors/x",
+        &[
+            ("origin", "https://evil.example"),
+            ("access-control-request-method", "POST"),
+        ],
+        b"",
+    )
+    .await;
+    assert_eq!(denied.status, 403);
+    let actual = plain(
+        gw,
+        "GET",
+        "api.example",
+        "/cors/x",
+        &[("origin", "https://app.example")],
+        b"",
+    )
+    .await;
+    assert_eq!(actual.status, 200);
+    assert_eq!(
+        actual.headers["access-control-allow-origin"], "https://app.example",
+        "the upstream's '*' was replaced"
+    );
+    assert!(
+        !actual.headers.contains_key("access-control-allow-methods"),
+        "upstream CORS headers removed"
+    );
+}
+
+#[tokio::test]
+async fn transforms_apply_both_ways() {
+    let s = stack().await;
+    let got = plain(s.gw.http(), "GET", "api.example", "/t/x", &[], b"").await;
+    assert_eq!(got.status, 200);
+    let v = got.json();
+    assert_eq!(v["svc"], "users", "{v}");
+    assert!(
+        v.get("secret").is_none() && v.get("service").is_none(),
+        "{v}"
+    );
+    let seen =
+        s.v1.seen
+            .lock()
+            .expect("lock")
+            .last()
+            .cloned()
+            .expect("seen");
+    assert_eq!(
+        seen.headers.get("x-from-gateway").map(String::as_str),
+        Some("yes")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_under_load_loses_nothing_and_invalid_configs_are_refused() {
+    let s = std::sync::Arc::new(stack().await);
+    let addr = s.gw.http();
+    let mut loaders = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        loaders.spawn(async move {
+            let mut conn = Conn::open(addr).await;
+            let mut failed = 0;
+            for _ in 0..750 {
+                if conn.get("api.example", "/users/1", &[]).await.status != 200 {
+                    failed += 1;
+                }
+            }
+            failed
+        });
+    }
+    let gw = s.clone();
+    let reloader = tokio::spawn(async move {
+        let mut ok = 0;
+        for i in 0..20 {
+            let weight = if i % 2 == 0 { 50 } else { 90 };
+            let r = gw.gw.reload_with(|c| {
+                c["routes"][3]["backend"]["split"][0]["weight"] = json!(weight);
+                c["routes"][3]["backend"]["split"][1]["weight"] = json!(100 - weight);
+            });
+            if r.is_ok() {
+                ok += 1;
+            }
+            let bad = gw.gw.reload_with(|c| {
+                c["routes"][3]["backend"] = json!({"service": "not-in-discovery"})
+            });
+            assert!(bad.is_err(), "an invalid config must be refused");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ok
+    });
+    let mut failed = 0;
+    while let Some(r) = loaders.join_next().await {
+        failed += r.expect("loader");
+    }
+    assert_eq!(reloader.await.expect("reloader"), 20);
+    assert_eq!(failed, 0, "requests failed during reloads");
+    let got = plain(addr, "GET", "api.example", "/users/1", &[], b"").await;
+    assert_eq!(got.status, 200, "the last valid config serves");
+}
