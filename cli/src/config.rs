@@ -38,6 +38,10 @@ mod tests {
             super::load_yaml(&example("agent-consul.yaml")).expect("agent-consul.yaml parses");
         consul.validate().expect("agent-consul.yaml validates");
         assert!(consul.discovery.consul.is_some() && consul.discovery.dns.is_some());
+        let gw: meshgate_gateway::config::GatewayConfig =
+            super::load_yaml(&example("gateway.yaml")).expect("gateway.yaml parses");
+        gw.compile().expect("gateway.yaml validates");
+        assert_eq!(gw.routes.len(), 3);
         let ca: CaConfig = super::load_yaml(&example("ca.yaml")).expect("ca.yaml parses");
         assert_eq!(ca.trust_domain, "mesh.example");
     }

@@ -5,6 +5,7 @@ mod agent;
 mod ca;
 mod certs;
 mod config;
+mod dev;
 mod gateway;
 mod inspect;
 mod output;
@@ -37,6 +38,8 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Everything on 127.0.0.1 in one process: CA, two agents, gateway, demo service.
+    Dev(dev::DevArgs),
     /// Run the node agent: mTLS tunnels between services, intentions, admin API.
     Agent(agent::AgentArgs),
     /// The certificate authority: create it, serve it, make join tokens.
@@ -58,8 +61,10 @@ enum Command {
 fn init_logging(cli: &Cli) {
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal as _;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Json => builder.json().init(),
@@ -84,6 +89,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Agent(args) => agent::run(args).await,
+            Command::Dev(args) => dev::run(args).await,
             Command::Ca(args) => ca::run(args).await,
             Command::Certs(args) => certs::run(args),
             Command::Services(args) => inspect::services(args).await,

@@ -409,3 +409,133 @@ async fn services_and_endpoints_read_a_running_agent() {
     agent.shutdown().await;
     ca.shutdown(Duration::from_millis(100)).await;
 }
+
+fn example(name: &str) -> String {
+    format!("{}/../deploy/examples/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn config_validate_and_schema_cover_every_kind() {
+    for (file, kind) in [
+        ("agent.yaml", "agent"),
+        ("gateway.yaml", "gateway"),
+        ("ca.yaml", "CA"),
+    ] {
+        let out = meshgate(&["config", "validate", &example(file)]);
+        assert!(out.status.success(), "{file}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stdout).contains(&format!("valid {kind} config")),
+            "{}",
+            text(&out.stdout)
+        );
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let bad = tmp.path().join("gateway.yaml");
+    let mut body = std::fs::read_to_string(example("gateway.yaml")).expect("example");
+    body = body.replace(
+        "    match: { hosts: [api.example], path: { prefix: /v1/orders } }",
+        "    match: { hosts: [api.example], paht: { prefix: /v1/orders } }",
+    );
+    std::fs::write(&bad, body).expect("write");
+    let out = meshgate(&["config", "validate", bad.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:", bad.display())) && err.contains("paht"),
+        "{err}"
+    );
+    let at = format!("{}:", bad.display());
+    let line = err
+        .split_once(&at)
+        .and_then(|(_, rest)| rest.split(':').next())
+        .and_then(|l| l.trim().parse::<usize>().ok());
+    let typo_line = std::fs::read_to_string(&bad)
+        .expect("read")
+        .lines()
+        .position(|l| l.contains("paht"))
+        .map(|i| i + 1);
+    assert_eq!(
+        line, typo_line,
+        "file:line:column points at the typo: {err}"
+    );
+    // a semantic error: a split without weights
+    let sem = tmp.path().join("sem.yaml");
+    let body = std::fs::read_to_string(example("gateway.yaml"))
+        .expect("example")
+        .replace("weight: 90", "weight: 0")
+        .replace("weight: 10", "weight: 0");
+    std::fs::write(&sem, body).expect("write");
+    let out = meshgate(&[
+        "config",
+        "validate",
+        sem.to_str().expect("utf8"),
+        "--kind",
+        "gateway",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("routes[1] (users)"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    for kind in ["agent", "gateway", "ca"] {
+        let out = meshgate(&["config", "schema", "--kind", kind]);
+        assert!(out.status.success());
+        let schema: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json schema");
+        assert!(schema["properties"].is_object(), "{kind}");
+    }
+    let out = meshgate(&["config", "schema", "--kind", "gateway"]);
+    let schema: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(schema["properties"]["routes"].is_object());
+}
+
+#[test]
+fn routes_match_names_the_route_and_why_others_lost() {
+    let gw = example("gateway.yaml");
+    let out = meshgate(&["routes", "--config", &gw]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    assert!(
+        table.starts_with("#") && table.contains("users-v2") && table.contains("users=90"),
+        "{table}"
+    );
+    let out = meshgate(&[
+        "routes",
+        "--config",
+        &gw,
+        "--match",
+        "GET https://api.example/users/7",
+        "-H",
+        "Accept-Version: 2",
+        "-o",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["chosen"], "users-v2");
+    let out = meshgate(&[
+        "routes",
+        "--config",
+        &gw,
+        "--match",
+        "GET https://api.example/users/7",
+    ]);
+    let t = text(&out.stdout);
+    assert!(
+        t.contains("-> route users") && t.contains("Accept-Version"),
+        "{t}"
+    );
+    let out = meshgate(&[
+        "routes",
+        "--config",
+        &gw,
+        "--match",
+        "DELETE https://other.example/x",
+    ]);
+    assert!(
+        text(&out.stdout).contains("no route (404)"),
+        "{}",
+        text(&out.stdout)
+    );
+}

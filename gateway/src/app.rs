@@ -267,6 +267,21 @@ impl GatewayApp {
             metrics.clone(),
         ));
         let client = MeshHttpClient::new(me, running.endpoints, pool, metrics.clone());
+        // bind first: redirects need the real HTTPS port (port 0 works)
+        let https = match cfg.listen.https {
+            Some(addr) => {
+                let acceptor = front::tls_acceptor(&cfg.tls)
+                    .map_err(|e| GatewayError::Setup(e.to_string()))?;
+                Some((bind("https", addr).await?, acceptor))
+            }
+            None => None,
+        };
+        let http = match cfg.listen.http {
+            Some(addr) => Some(bind("http", addr).await?),
+            None => None,
+        };
+        let mut compiled = compiled;
+        compiled.https_port = https.as_ref().map(|((_, a), _)| a.port());
         let gateway = Arc::new(Gateway::new(compiled, client, gw_metrics.clone()));
         let _ = state.extension.set(Arc::new(RoutesApi {
             gateway: gateway.clone(),
@@ -278,10 +293,7 @@ impl GatewayApp {
         };
         let handler: Arc<dyn front::Handler> = Arc::new(GatewayHandler(gateway.clone()));
         let mut https_addr = None;
-        if let Some(addr) = cfg.listen.https {
-            let acceptor =
-                front::tls_acceptor(&cfg.tls).map_err(|e| GatewayError::Setup(e.to_string()))?;
-            let (l, a) = bind("https", addr).await?;
+        if let Some(((l, a), acceptor)) = https {
             https_addr = Some(a);
             tasks.push(tokio::spawn(front::serve(
                 l,
@@ -292,8 +304,7 @@ impl GatewayApp {
             )));
         }
         let mut http_addr = None;
-        if let Some(addr) = cfg.listen.http {
-            let (l, a) = bind("http", addr).await?;
+        if let Some((l, a)) = http {
             http_addr = Some(a);
             tasks.push(tokio::spawn(front::serve(
                 l,
@@ -366,7 +377,8 @@ impl GatewayApp {
                     "node, identity, data_dir, listen, tls and discovery change only with a restart; routes, headers, cors, limits and transforms reload".into(),
                 ));
             }
-            let compiled = next.compile()?;
+            let mut compiled = next.compile()?;
+            compiled.https_port = self.https_addr.map(|a| a.port());
             let known = self.state.endpoints.get().cloned();
             for svc in next.backend_services() {
                 if known.as_ref().is_some_and(|e| e.entry(&svc).is_none()) {

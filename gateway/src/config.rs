@@ -81,19 +81,8 @@ pub struct GatewayConfig {
     pub drain_timeout: Duration,
 }
 
-/// A route plus its edge policies.
-#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct GatewayRoute {
-    /// Matching, backend, rewrite, timeout, retries, body limit, content types.
-    #[serde(flatten)]
-    pub route: RouteConfig,
-    /// CORS for this route (replaces the global one).
-    #[serde(default)]
-    pub cors: Option<CorsConfig>,
-    /// Header and JSON body transforms.
-    #[serde(default)]
-    pub transforms: Option<TransformConfig>,
-}
+/// A route with its edge policies (CORS, transforms) as written in `gateway.yaml`.
+pub type GatewayRoute = RouteConfig;
 
 /// Listen addresses.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
@@ -195,7 +184,7 @@ impl GatewayConfig {
         let mut v: Vec<String> = self
             .routes
             .iter()
-            .flat_map(|r| r.route.backend.services())
+            .flat_map(|r| r.backend.services())
             .collect();
         v.sort();
         v.dedup();
@@ -227,12 +216,11 @@ impl GatewayConfig {
                 "redirect_https needs both listen.http and listen.https".into()
             ));
         }
-        let routes: Vec<RouteConfig> = self.routes.iter().map(|r| r.route.clone()).collect();
-        let table = RouteTable::compile(&routes).map_err(|x| e(x.to_string()))?;
+        let table = RouteTable::compile(&self.routes).map_err(|x| e(x.to_string()))?;
         let global_cors = self.cors.clone();
         let mut policies = BTreeMap::new();
         for (i, r) in self.routes.iter().enumerate() {
-            let name = &r.route.name;
+            let name = &r.name;
             let cors_cfg = r.cors.as_ref().or(global_cors.as_ref());
             let cors = match cors_cfg {
                 Some(c) => {

@@ -113,6 +113,12 @@ pub struct RouteConfig {
     /// (`application/json`); empty means any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub content_types: Vec<String>,
+    /// CORS for this route (replaces the gateway-wide `cors`); checked by `crate::config`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cors: Option<crate::cors::CorsConfig>,
+    /// Header and JSON body transforms; checked by `crate::config`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transforms: Option<crate::transform::TransformConfig>,
 }
 
 /// The conditions of a route; every one given must hold (see the module docs).

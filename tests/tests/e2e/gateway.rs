@@ -443,3 +443,41 @@ async fn reload_under_load_loses_nothing_and_invalid_configs_are_refused() {
     let got = plain(addr, "GET", "api.example", "/users/1", &[], b"").await;
     assert_eq!(got.status, 200, "the last valid config serves");
 }
+
+#[tokio::test]
+async fn a_slow_request_head_gets_408_and_redirects_go_to_https() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca = TestCa::start(TD).await;
+    let gw = ca
+        .gateway(json!({
+            "limits": {"header_read_timeout": "300ms"},
+            "redirect_https": true,
+            "routes": [{"name": "any", "backend": {"service": "users"}}],
+            "discovery": {"static": {"users": ["127.0.0.1:9"]}},
+        }))
+        .await;
+    let mut s = tokio::net::TcpStream::connect(gw.http())
+        .await
+        .expect("connect");
+    s.write_all(b"GET /users HTTP/1.1\r\nHost: api.exa")
+        .await
+        .expect("partial head");
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("answered")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        text.contains("application/problem+json") && text.contains("request-timeout"),
+        "{text}"
+    );
+
+    let got = plain(gw.http(), "GET", "api.example", "/users/1?x=1", &[], b"").await;
+    assert_eq!(got.status, 308);
+    assert_eq!(
+        got.headers["location"],
+        format!("https://api.example:{}/users/1?x=1", gw.https().port())
+    );
+}
