@@ -539,3 +539,144 @@ fn routes_match_names_the_route_and_why_others_lost() {
         text(&out.stdout)
     );
 }
+
+/// GET through a plain HTTP/1.1 connection: (status, body).
+async fn http_get(addr: &str, host: &str, path: &str) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header("host", host)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("req");
+    let resp = sender.send_request(req).await.expect("response");
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_binary_reloads_on_file_change_and_sighup_and_refuses_invalid_files() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ca_dir = tmp.path().join("ca");
+    meshgate_ca::store::init(&ca_dir, "mesh.example", false, std::time::SystemTime::now())
+        .expect("init");
+    let ca = meshgate_ca::server::CaServer::start(&meshgate_ca::server::CaConfig {
+        trust_domain: "mesh.example".into(),
+        data_dir: ca_dir.clone(),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        workload_ttl: Duration::from_secs(3600),
+        node_ttl: Duration::from_secs(3600),
+        consul: None,
+    })
+    .await
+    .expect("ca");
+    let token = meshgate_ca::store::TokenStore::new(&ca_dir)
+        .create(
+            "gw",
+            &["gateway".to_owned()],
+            Duration::from_secs(600),
+            std::time::SystemTime::now(),
+        )
+        .expect("token");
+    std::fs::write(tmp.path().join("gw.token"), &token.token).expect("token");
+    let cfg_path = tmp.path().join("gateway.yaml");
+    let write_cfg = |route_path: &str| {
+        let yaml = format!(
+            "node: gw\ntrust_domain: mesh.example\ndata_dir: {data}\n\
+             ca: {{ address: \"https://{ca}\", fingerprint: \"{fp}\", join_token_file: {tok} }}\n\
+             listen: {{ http: 127.0.0.1:0, admin: 127.0.0.1:0 }}\n\
+             routes:\n  - {{ name: r, match: {{ path: {{ prefix: {route_path} }} }}, backend: {{ service: users }} }}\n\
+             discovery: {{ static: {{ users: [\"127.0.0.1:9\"] }} }}\n",
+            data = tmp.path().join("gw").display(),
+            ca = ca.local_addr(),
+            fp = ca.fingerprint(),
+            tok = tmp.path().join("gw.token").display(),
+        );
+        std::fs::write(&cfg_path, yaml).expect("write config");
+    };
+    write_cfg("/one");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .args([
+            "--log-format",
+            "json",
+            "gateway",
+            "--config",
+            cfg_path.to_str().expect("utf8"),
+            "--watch-interval",
+            "200ms",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn gateway");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    let wait_for = |msg: &str| -> serde_json::Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let v = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("gateway never logged {msg:?}"));
+            if v["fields"]["message"] == msg {
+                return v;
+            }
+        }
+    };
+    let ready = wait_for("gateway ready");
+    let http = ready["fields"]["http"]
+        .as_str()
+        .expect("http")
+        .trim_start_matches("Some(")
+        .trim_end_matches(')')
+        .to_owned();
+    // the route answers (503: its backend is down, but it matched) and others are 404
+    assert_eq!(http_get(&http, "a", "/one/x").await.0, 503);
+    assert_eq!(http_get(&http, "a", "/two/x").await.0, 404);
+
+    // a file change is picked up
+    write_cfg("/two");
+    wait_for("config reloaded");
+    assert_eq!(http_get(&http, "a", "/two/x").await.0, 503);
+    assert_eq!(http_get(&http, "a", "/one/x").await.0, 404);
+
+    // an invalid file is refused and the old routes keep serving
+    std::fs::write(&cfg_path, "node: gw\nroutes: [ {name: broken} ]\n").expect("write");
+    let rejected = wait_for("config rejected; the previous config keeps serving");
+    assert!(
+        rejected["fields"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("gateway.yaml")),
+        "{rejected}"
+    );
+    assert_eq!(http_get(&http, "a", "/two/x").await.0, 503);
+
+    // SIGHUP reloads too
+    write_cfg("/three");
+    Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    wait_for("config reloaded");
+    assert_eq!(http_get(&http, "a", "/three/x").await.0, 503);
+
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{status}");
+    ca.shutdown(Duration::from_millis(100)).await;
+}

@@ -481,3 +481,64 @@ async fn a_slow_request_head_gets_408_and_redirects_go_to_https() {
         format!("https://api.example:{}/users/1?x=1", gw.https().port())
     );
 }
+
+#[tokio::test]
+async fn https_certificates_are_chosen_by_sni() {
+    let ca = TestCa::start(TD).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut tls_list = Vec::new();
+    let mut ders = Vec::new();
+    for (i, name) in ["api.example", "*.shop.example"].iter().enumerate() {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec![(*name).to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        let (c, k) = (
+            dir.path().join(format!("{i}.crt")),
+            dir.path().join(format!("{i}.key")),
+        );
+        std::fs::write(&c, cert.pem()).expect("crt");
+        std::fs::write(&k, key.serialize_pem()).expect("key");
+        tls_list.push(json!({"cert_file": c, "key_file": k}));
+        ders.push(cert.der().clone());
+    }
+    let gw = ca
+        .gateway(json!({
+            "tls": tls_list,
+            "routes": [{"name": "any", "backend": {"service": "users"}}],
+            "discovery": {"static": {"users": ["127.0.0.1:9"]}},
+        }))
+        .await;
+    for (sni, want) in [
+        ("api.example", 0),
+        ("www.shop.example", 1),
+        ("unknown.example", 0),
+    ] {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ders[want].clone()).expect("root");
+        let cfg = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(gw.https())
+            .await
+            .expect("connect");
+        let res = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+            .connect(
+                rustls_pki_types::ServerName::try_from(sni.to_owned()).expect("sni"),
+                tcp,
+            )
+            .await;
+        if sni == "unknown.example" {
+            // the default (first) certificate is presented; it does not cover this name
+            assert!(res.is_err(), "{sni}");
+        } else {
+            let s = res.unwrap_or_else(|e| panic!("{sni}: {e}"));
+            assert_eq!(
+                s.get_ref().1.peer_certificates().expect("certs")[0],
+                ders[want],
+                "{sni}"
+            );
+        }
+    }
+}
