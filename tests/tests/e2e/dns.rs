@@ -109,6 +109,25 @@ async fn a_and_srv_records_feed_endpoints_and_changes_follow_the_ttl() {
     let Some(dns) = Dnsmasq::start(tmp.path(), &srv).await else {
         return skip("dnsmasq is not installed (apt-get install dnsmasq-base)");
     };
+    // wait until dnsmasq answers, so the agent's first lookup is not a race with its start
+    let probe_cfg: meshgate_agent::discovery::dns::DnsConfig = serde_json::from_value(json!({
+        "nameservers": [format!("127.0.0.1:{}", dns.port)],
+    }))
+    .expect("dns config");
+    let resolver = meshgate_agent::discovery::dns::resolver(&probe_cfg).expect("resolver");
+    let probe: meshgate_agent::discovery::dns::DnsService =
+        serde_json::from_value(json!({"name": "users.mesh.test.", "record": "a", "port": 1}))
+            .expect("svc");
+    let answering = eventually(Duration::from_secs(20), || {
+        let (resolver, probe) = (resolver.clone(), probe.clone());
+        async move {
+            meshgate_agent::discovery::dns::lookup(&resolver, &probe, 1)
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    assert!(answering, "dnsmasq answers on 127.0.0.1:{}", dns.port);
     let a = ca
         .agent(
             "node-a",
@@ -129,7 +148,7 @@ async fn a_and_srv_records_feed_endpoints_and_changes_follow_the_ttl() {
         .await;
     let want = format!("127.0.0.2:{port}");
     assert!(
-        eventually(Duration::from_secs(10), || async {
+        eventually(Duration::from_secs(20), || async {
             users_of(&a).await == vec![want.clone()]
         })
         .await,
@@ -140,7 +159,7 @@ async fn a_and_srv_records_feed_endpoints_and_changes_follow_the_ttl() {
         body.contains(&format!("\"addr\": \"{want}\"")) && body.contains("\"source\": \"dns\""),
         "{body}"
     );
-    let srv_ok = eventually(Duration::from_secs(10), || async {
+    let srv_ok = eventually(Duration::from_secs(20), || async {
         let (_, body) = a.admin("/endpoints").await;
         let v: serde_json::Value = serde_json::from_str(&body).expect("json");
         v.as_array()
@@ -171,7 +190,7 @@ async fn a_and_srv_records_feed_endpoints_and_changes_follow_the_ttl() {
     dns.reload();
     let moved = format!("127.0.0.3:{port}");
     assert!(
-        eventually(Duration::from_secs(10), || async {
+        eventually(Duration::from_secs(20), || async {
             users_of(&a).await == vec![moved.clone()]
         })
         .await,
