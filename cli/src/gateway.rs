@@ -25,9 +25,11 @@ fn fingerprint(path: &std::path::Path) -> Option<Vec<u8>> {
 }
 
 /// Loads, validates and applies the file; logs one clear line either way.
-fn reload(app: &GatewayApp, path: &std::path::Path) {
-    let result = crate::config::load_yaml::<GatewayConfig>(path)
-        .and_then(|cfg| app.reload(cfg).map_err(anyhow::Error::from));
+async fn reload(app: &GatewayApp, path: &std::path::Path) {
+    let result = match crate::config::load_yaml::<GatewayConfig>(path) {
+        Ok(cfg) => app.reload(cfg).await.map_err(anyhow::Error::from),
+        Err(e) => Err(e),
+    };
     match result {
         Ok(()) => info!(config = %path.display(), "config reloaded"),
         Err(e) => {
@@ -58,13 +60,13 @@ pub(crate) async fn run(args: GatewayArgs) -> anyhow::Result<()> {
             _ = int.recv() => break,
             _ = hup.recv() => {
                 seen = fingerprint(&args.config);
-                reload(&app, &args.config);
+                reload(&app, &args.config).await;
             }
             _ = tick.tick(), if !args.watch_interval.is_zero() => {
                 let now = fingerprint(&args.config);
                 if now.is_some() && now != seen {
                     seen = now;
-                    reload(&app, &args.config);
+                    reload(&app, &args.config).await;
                 }
             }
         }

@@ -23,6 +23,9 @@ use tracing::info;
 
 use crate::{
     config::{Compiled, GatewayConfig, GatewayConfigError},
+    jwks::{FetchFailures, JwksCache},
+    jwt::JwtProviderConfig,
+    ratelimit::MemoryStore,
     routes::RequestView,
     server::{Gateway, GatewayHandler, GatewayMetrics},
 };
@@ -163,6 +166,74 @@ impl AdminExtension for RoutesApi {
     }
 }
 
+/// A provider's config, its cache and the cache's refresh task.
+type CacheEntry = (JwtProviderConfig, Arc<JwksCache>, Arc<JoinHandle<()>>);
+
+/// A cache that still has to be loaded.
+type FreshCache = (JwtProviderConfig, Arc<JwksCache>);
+
+/// The JWKS caches in use, by provider, each with its refresh task. A reload reuses the cache
+/// of a provider whose config did not change, so its keys and schedule carry over.
+#[derive(Debug, Default, Clone)]
+struct Caches {
+    by_name: std::collections::BTreeMap<String, CacheEntry>,
+}
+
+impl Caches {
+    /// Compiles `cfg` with these caches; returns the caches that are new and must be loaded.
+    fn compile(
+        &mut self,
+        cfg: &GatewayConfig,
+        store: &Arc<MemoryStore>,
+        failures: &FetchFailures,
+    ) -> Result<(Compiled, Vec<FreshCache>), GatewayConfigError> {
+        let mut fresh = Vec::new();
+        let ca = cfg.auth.jwks_ca_file.clone();
+        let existing = self.by_name.clone();
+        let compiled = cfg.compile_with(
+            &mut |p| {
+                if let Some((old, cache, _)) = existing.get(&p.name)
+                    && old == p
+                {
+                    return Ok(cache.clone());
+                }
+                let cache = Arc::new(JwksCache::new(p, ca.as_deref(), failures.clone())?);
+                fresh.push((p.clone(), cache.clone()));
+                Ok(cache)
+            },
+            store.clone(),
+        )?;
+        let names: std::collections::BTreeSet<String> =
+            cfg.auth.jwt.iter().map(|p| p.name.clone()).collect();
+        self.by_name.retain(|n, _| names.contains(n));
+        Ok((compiled, fresh))
+    }
+
+    /// Loads new caches (a failed load keeps an empty set and is logged) and starts refreshing.
+    async fn load(&mut self, fresh: Vec<FreshCache>) {
+        for (p, cache) in fresh {
+            cache.load().await;
+            let task = Arc::new(cache.spawn_refresh());
+            if let Some((_, _, old)) = self.by_name.insert(p.name.clone(), (p, cache, task)) {
+                old.abort();
+            }
+        }
+    }
+
+    /// Stops the refresh of caches `next` no longer uses.
+    fn retire(&self, next: &Caches) {
+        for (name, (_, cache, task)) in &self.by_name {
+            let kept = next
+                .by_name
+                .get(name)
+                .is_some_and(|(_, c, _)| Arc::ptr_eq(c, cache));
+            if !kept {
+                task.abort();
+            }
+        }
+    }
+}
+
 /// A running gateway.
 #[derive(Debug)]
 pub struct GatewayApp {
@@ -171,7 +242,9 @@ pub struct GatewayApp {
     admin_addr: SocketAddr,
     gateway: Arc<Gateway>,
     metrics: Arc<GatewayMetrics>,
-    config: std::sync::Mutex<GatewayConfig>,
+    config: tokio::sync::Mutex<(GatewayConfig, Caches)>,
+    store: Arc<MemoryStore>,
+    failures: FetchFailures,
     state: Arc<AdminState>,
     drain: Drain,
     drain_timeout: std::time::Duration,
@@ -201,9 +274,21 @@ async fn bind(
 impl GatewayApp {
     /// Starts the gateway; returns once it is ready.
     pub async fn start(cfg: GatewayConfig) -> Result<Self, GatewayError> {
-        let compiled = cfg.compile()?;
+        cfg.compile()?;
         let gw_metrics = Arc::new(GatewayMetrics::default());
-        let metrics = Arc::new(Metrics::with_extra(|r| gw_metrics.register(r)));
+        let failures = FetchFailures::default();
+        let metrics = Arc::new(Metrics::with_extra(|r| {
+            gw_metrics.register(r);
+            r.register(
+                "meshgate_gateway_jwks_fetch_failures",
+                "JWKS fetches that failed, by provider and reason (dns, tcp, tls, http_status, bad_json, io)",
+                failures.clone(),
+            );
+        }));
+        let store = Arc::new(MemoryStore::new());
+        let mut caches = Caches::default();
+        let (compiled, fresh) = caches.compile(&cfg, &store, &failures)?;
+        caches.load(fresh).await;
         let drain = Drain::new();
         let (admin_listener, admin_addr) = bind("admin", cfg.listen.admin).await?;
         let state = Arc::new(AdminState {
@@ -324,7 +409,9 @@ impl GatewayApp {
             gateway,
             metrics: gw_metrics,
             drain_timeout: cfg.drain_timeout,
-            config: std::sync::Mutex::new(cfg),
+            config: tokio::sync::Mutex::new((cfg, caches)),
+            store,
+            failures,
             state,
             drain,
             tasks,
@@ -351,51 +438,54 @@ impl GatewayApp {
     /// Validates `next` and swaps it in atomically. Listeners, identity, discovery and tunnel
     /// settings are fixed at start: a change to them is refused with a message saying so, and
     /// every route's backend must be known to discovery. On error the old config keeps serving.
-    pub fn reload(&self, next: GatewayConfig) -> Result<(), GatewayConfigError> {
-        let result = (|| {
-            let cur = self
-                .config
-                .lock()
-                .expect("invariant: config lock not poisoned")
-                .clone();
-            let fixed = |c: &GatewayConfig| {
-                serde_json::json!([
-                    c.node,
-                    c.trust_domain,
-                    c.namespace,
-                    c.identity,
-                    c.data_dir,
-                    c.listen.https,
-                    c.listen.http,
-                    c.listen.admin,
-                    serde_json::to_value(&c.tls).unwrap_or_default(),
-                    serde_json::to_value(&c.discovery).unwrap_or_default()
-                ])
-            };
-            if fixed(&cur) != fixed(&next) {
-                return Err(GatewayConfigError(
-                    "node, identity, data_dir, listen, tls and discovery change only with a restart; routes, headers, cors, limits and transforms reload".into(),
-                ));
-            }
-            let mut compiled = next.compile()?;
-            compiled.https_port = self.https_addr.map(|a| a.port());
-            let known = self.state.endpoints.get().cloned();
-            for svc in next.backend_services() {
-                if known.as_ref().is_some_and(|e| e.entry(&svc).is_none()) {
-                    return Err(GatewayConfigError(format!(
-                        "service {svc} has no discovery entry; new services need a restart (or an entry in discovery.static)"
-                    )));
-                }
-            }
-            self.gateway.swap(compiled);
-            *self
-                .config
-                .lock()
-                .expect("invariant: config lock not poisoned") = next;
-            Ok(())
-        })();
+    pub async fn reload(&self, next: GatewayConfig) -> Result<(), GatewayConfigError> {
+        let mut guard = self.config.lock().await;
+        let result = self.try_reload(&mut guard, next).await;
         self.metrics.reload(result.is_ok());
         result
+    }
+
+    async fn try_reload(
+        &self,
+        guard: &mut (GatewayConfig, Caches),
+        next: GatewayConfig,
+    ) -> Result<(), GatewayConfigError> {
+        let fixed = |c: &GatewayConfig| {
+            serde_json::json!([
+                c.node,
+                c.trust_domain,
+                c.namespace,
+                c.identity,
+                c.data_dir,
+                c.listen.https,
+                c.listen.http,
+                c.listen.admin,
+                serde_json::to_value(&c.tls).unwrap_or_default(),
+                serde_json::to_value(&c.discovery).unwrap_or_default(),
+                c.auth.jwks_ca_file,
+            ])
+        };
+        if fixed(&guard.0) != fixed(&next) {
+            return Err(GatewayConfigError(
+                "node, identity, data_dir, listen, tls, discovery and auth.jwks_ca_file change only with a restart; routes, headers, cors, limits, transforms and auth reload".into(),
+            ));
+        }
+        let known = self.state.endpoints.get().cloned();
+        for svc in next.backend_services() {
+            if known.as_ref().is_some_and(|e| e.entry(&svc).is_none()) {
+                return Err(GatewayConfigError(format!(
+                    "service {svc} has no discovery entry; new services need a restart (or an entry in discovery.static)"
+                )));
+            }
+        }
+        let mut caches = guard.1.clone();
+        let (mut compiled, fresh) = caches.compile(&next, &self.store, &self.failures)?;
+        compiled.https_port = self.https_addr.map(|a| a.port());
+        caches.load(fresh).await;
+        self.gateway.swap(compiled);
+        guard.1.retire(&caches);
+        *guard = (next, caches);
+        Ok(())
     }
 
     /// Graceful drain: not ready, listeners closed, open requests finish within the drain

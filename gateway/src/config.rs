@@ -13,9 +13,15 @@ use meshgate_agent::{
 };
 use serde::{Deserialize, Serialize};
 
+use std::sync::Arc;
+
 use crate::{
+    auth::{Auth, AuthConfig},
     cors::{Cors, CorsConfig},
     hygiene::{Hygiene, HygieneConfig},
+    jwks::{FetchFailures, JwksCache},
+    jwt::JwtProviderConfig,
+    ratelimit::MemoryStore,
     routes::{RouteConfig, RouteTable},
     transform::{self, TransformConfig},
 };
@@ -66,6 +72,10 @@ pub struct GatewayConfig {
     /// CORS for every route without its own.
     #[serde(default)]
     pub cors: Option<CorsConfig>,
+    /// Credentials routes can require (JWT providers, API keys), identity header names, and
+    /// rate-limit policies.
+    #[serde(default)]
+    pub auth: AuthConfig,
     /// Routes; see docs/gateway.md for the matching order.
     #[serde(default)]
     pub routes: Vec<GatewayRoute>,
@@ -167,6 +177,8 @@ pub struct Compiled {
     pub redirect_https: bool,
     /// The HTTPS port, for redirects.
     pub https_port: Option<u16>,
+    /// Authentication, authorization, identity injection and rate limits.
+    pub auth: Arc<Auth>,
 }
 
 /// The compiled edge policies of one route.
@@ -191,8 +203,24 @@ impl GatewayConfig {
         v
     }
 
-    /// Checks everything that needs no I/O and compiles the reloadable part.
+    /// Checks everything that needs no I/O and compiles the reloadable part, with fresh JWKS
+    /// caches (not loaded) and a fresh rate-limit store: what `meshgate config validate` runs.
     pub fn compile(&self) -> Result<Compiled, GatewayConfigError> {
+        let failures = FetchFailures::default();
+        let ca = self.auth.jwks_ca_file.clone();
+        self.compile_with(
+            &mut |p| JwksCache::new(p, ca.as_deref(), failures.clone()).map(Arc::new),
+            Arc::new(MemoryStore::new()),
+        )
+    }
+
+    /// Like [`GatewayConfig::compile`], with JWKS caches from `cache_for` (so a reload keeps the
+    /// keys of unchanged providers) and the rate-limit `store` (so counts survive reloads).
+    pub fn compile_with(
+        &self,
+        cache_for: &mut dyn FnMut(&JwtProviderConfig) -> Result<Arc<JwksCache>, String>,
+        store: Arc<MemoryStore>,
+    ) -> Result<Compiled, GatewayConfigError> {
         let e = |m: String| GatewayConfigError(m);
         meshgate_ca::spiffe::validate_trust_domain(&self.trust_domain)
             .map_err(|x| e(format!("trust_domain: {x}")))?;
@@ -241,6 +269,20 @@ impl GatewayConfig {
             );
         }
         let hygiene = Hygiene::new(&self.headers).map_err(|x| e(format!("headers: {x}")))?;
+        let mut caches = BTreeMap::new();
+        for p in &self.auth.jwt {
+            p.validate()
+                .map_err(|x| e(format!("auth.jwt ({}): {x}", p.name)))?;
+            caches.insert(
+                p.name.clone(),
+                cache_for(p).map_err(|x| e(format!("auth.jwt ({}): {x}", p.name)))?,
+            );
+        }
+        let auth = Auth::new(&self.auth, &caches, store).map_err(e)?;
+        for r in &self.routes {
+            auth.check_route(&r.name, r.auth.as_ref(), r.rate_limit.as_deref())
+                .map_err(e)?;
+        }
         Ok(Compiled {
             table,
             policies,
@@ -248,6 +290,7 @@ impl GatewayConfig {
             limits: self.limits.clone(),
             redirect_https: self.redirect_https,
             https_port: self.listen.https.map(|a| a.port()),
+            auth: Arc::new(auth),
         })
     }
 }

@@ -9,14 +9,21 @@
 //!   X-Forwarded-* with trusted proxies.
 //! - [`cors`]: preflights answered here; upstream CORS headers replaced.
 //! - [`transform`]: header add/set/remove and JSON body field rename/remove.
+//! - [`auth`]: edge authentication ([`jwt`] with [`jwks`] caches, [`apikey`]), authorization
+//!   (scopes, claims, groups), identity injection and rate limits ([`ratelimit`]).
 //! - [`config`], [`server`] (the request path), [`app`] (start, reload, drain).
 //!
 //! It holds no socket code: listeners, TLS and tunnels live in `meshgate-agent`.
 
+pub mod apikey;
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod cors;
 pub mod hygiene;
+pub mod jwks;
+pub mod jwt;
+pub mod ratelimit;
 pub mod routes;
 pub mod server;
 pub mod transform;

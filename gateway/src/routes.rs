@@ -119,6 +119,12 @@ pub struct RouteConfig {
     /// Header and JSON body transforms; checked by `crate::config`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transforms: Option<crate::transform::TransformConfig>,
+    /// Authentication and authorization this route requires; checked by `crate::config`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<crate::auth::RouteAuth>,
+    /// Name of the rate-limit policy (in `auth.rate_limits`) applied to this route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<String>,
 }
 
 /// The conditions of a route; every one given must hold (see the module docs).

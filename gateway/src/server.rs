@@ -126,6 +126,14 @@ impl std::fmt::Debug for Gateway {
     }
 }
 
+/// Milliseconds since the Unix epoch, for rate limits.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 fn rand64() -> u64 {
     u64::from_le_bytes(meshgate_ca::pki::random_bytes::<8>())
 }
@@ -207,6 +215,7 @@ impl Gateway {
             .hygiene
             .ingress(&mut parts.headers, conn.peer.ip(), scheme, &mut rand);
         let rid = ingress.request_id.clone();
+        cfg.auth.strip_identity(&mut parts.headers);
         let head_bytes: usize = parts
             .headers
             .iter()
@@ -305,6 +314,55 @@ impl Gateway {
                 );
             }
         };
+        let mut rate_headers = Vec::new();
+        if let Some(route_auth) = &cfg_route.auth {
+            let mut q = query.clone();
+            let principal = match cfg
+                .auth
+                .authenticate(route_auth, &mut parts.headers, &mut q)
+                .await
+            {
+                Ok(p) => p,
+                Err(problem) => return (problem.response(&rid), rid, name),
+            };
+            cfg.auth.inject(&principal, &mut parts.headers);
+            if q != query {
+                let pq = if q.is_empty() {
+                    path.clone()
+                } else {
+                    format!("{path}?{q}")
+                };
+                if let Ok(u) = pq.parse() {
+                    parts.uri = u;
+                }
+            }
+            if let Some(limit) = &cfg_route.rate_limit {
+                match cfg.auth.rate_limit(
+                    limit,
+                    &name,
+                    Some(&principal),
+                    ingress.client_ip,
+                    &parts.headers,
+                    now_ms(),
+                ) {
+                    Ok(h) => rate_headers = h,
+                    Err(problem) => return (problem.response(&rid), rid, name),
+                }
+            }
+        } else if let Some(limit) = &cfg_route.rate_limit {
+            match cfg.auth.rate_limit(
+                limit,
+                &name,
+                None,
+                ingress.client_ip,
+                &parts.headers,
+                now_ms(),
+            ) {
+                Ok(h) => rate_headers = h,
+                Err(problem) => return (problem.response(&rid), rid, name),
+            }
+        }
+        let query = parts.uri.query().unwrap_or_default().to_owned();
         let original_headers = parts.headers.clone();
         if let Some(t) = &policy.transforms {
             if let Some(h) = &t.request_headers {
@@ -426,6 +484,9 @@ impl Gateway {
         }
         if let Ok(v) = HeaderValue::from_str(&rid) {
             rparts.headers.insert("x-request-id", v);
+        }
+        for (k, v) in rate_headers {
+            rparts.headers.insert(k, v);
         }
         (Response::from_parts(rparts, body), rid, name)
     }

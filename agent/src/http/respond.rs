@@ -33,8 +33,23 @@ pub enum Problem {
         /// The limit in bytes.
         limit: usize,
     },
+    /// 401: no valid credentials. `challenge` is the `WWW-Authenticate` value; `reason` is a
+    /// short description that names no secret.
+    Unauthorized {
+        /// The `WWW-Authenticate` header value.
+        challenge: String,
+        /// Why, safe to show.
+        reason: String,
+    },
     /// 403: refused by policy.
     Forbidden(String),
+    /// 429: over a rate limit.
+    TooManyRequests {
+        /// Seconds until a retry can succeed (the `Retry-After` value).
+        retry_after_secs: u64,
+        /// Extra headers (`RateLimit`, `RateLimit-Policy`).
+        headers: Vec<(http::HeaderName, HeaderValue)>,
+    },
     /// 502: the upstream failed after the request was sent (reset, bad response).
     UpstreamFailed,
     /// 503: no endpoint of the service could be reached, or it answered 503.
@@ -68,7 +83,9 @@ impl Problem {
             Problem::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Problem::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Problem::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Problem::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             Problem::Forbidden(_) => StatusCode::FORBIDDEN,
+            Problem::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Problem::UpstreamFailed => StatusCode::BAD_GATEWAY,
             Problem::UpstreamUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Problem::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -84,7 +101,9 @@ impl Problem {
             Problem::BodyTooLarge { .. } => "body-too-large",
             Problem::UnsupportedMediaType { .. } => "unsupported-media-type",
             Problem::HeadersTooLarge { .. } => "headers-too-large",
+            Problem::Unauthorized { .. } => "unauthorized",
             Problem::Forbidden(_) => "forbidden",
+            Problem::TooManyRequests { .. } => "rate-limited",
             Problem::UpstreamFailed => "upstream-failed",
             Problem::UpstreamUnavailable { .. } => "upstream-unavailable",
             Problem::UpstreamTimeout { .. } => "upstream-timeout",
@@ -99,7 +118,9 @@ impl Problem {
             Problem::BodyTooLarge { .. } => "Request body too large",
             Problem::UnsupportedMediaType { .. } => "Unsupported media type",
             Problem::HeadersTooLarge { .. } => "Request headers too large",
+            Problem::Unauthorized { .. } => "Unauthorized",
             Problem::Forbidden(_) => "Forbidden",
+            Problem::TooManyRequests { .. } => "Too many requests",
             Problem::UpstreamFailed => "Upstream failed",
             Problem::UpstreamUnavailable { .. } => "Service unavailable",
             Problem::UpstreamTimeout { .. } => "Upstream timeout",
@@ -109,6 +130,12 @@ impl Problem {
     fn detail(&self) -> String {
         match self {
             Problem::BadRequest(d) | Problem::Forbidden(d) => d.clone(),
+            Problem::Unauthorized { reason, .. } => reason.clone(),
+            Problem::TooManyRequests {
+                retry_after_secs, ..
+            } => {
+                format!("rate limit exceeded; retry after {retry_after_secs} s")
+            }
             Problem::NoRoute => "no route matches this request".into(),
             Problem::RequestTimeout => "the request head did not arrive in time".into(),
             Problem::BodyTooLarge { limit } => format!("the request body exceeds {limit} bytes"),
@@ -146,6 +173,24 @@ impl Problem {
         );
         if let Ok(v) = HeaderValue::from_str(request_id) {
             r.headers_mut().insert("x-request-id", v);
+        }
+        match self {
+            Problem::Unauthorized { challenge, .. } => {
+                if let Ok(v) = HeaderValue::from_str(challenge) {
+                    r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+                }
+            }
+            Problem::TooManyRequests {
+                retry_after_secs,
+                headers,
+            } => {
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+                for (k, v) in headers {
+                    r.headers_mut().insert(k.clone(), v.clone());
+                }
+            }
+            _ => {}
         }
         r
     }

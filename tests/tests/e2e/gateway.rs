@@ -419,16 +419,20 @@ async fn reload_under_load_loses_nothing_and_invalid_configs_are_refused() {
         let mut ok = 0;
         for i in 0..20 {
             let weight = if i % 2 == 0 { 50 } else { 90 };
-            let r = gw.gw.reload_with(|c| {
-                c["routes"][3]["backend"]["split"][0]["weight"] = json!(weight);
-                c["routes"][3]["backend"]["split"][1]["weight"] = json!(100 - weight);
-            });
+            let r = gw
+                .gw
+                .reload_with(|c| {
+                    c["routes"][3]["backend"]["split"][0]["weight"] = json!(weight);
+                    c["routes"][3]["backend"]["split"][1]["weight"] = json!(100 - weight);
+                })
+                .await;
             if r.is_ok() {
                 ok += 1;
             }
-            let bad = gw.gw.reload_with(|c| {
-                c["routes"][3]["backend"] = json!({"service": "not-in-discovery"})
-            });
+            let bad = gw
+                .gw
+                .reload_with(|c| c["routes"][3]["backend"] = json!({"service": "not-in-discovery"}))
+                .await;
             assert!(bad.is_err(), "an invalid config must be refused");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

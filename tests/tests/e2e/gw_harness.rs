@@ -129,7 +129,7 @@ impl TestGateway {
     }
 
     /// Writes `config` (with `change` applied) as YAML-compatible JSON and reloads it.
-    pub(crate) fn reload_with(
+    pub(crate) async fn reload_with(
         &self,
         change: impl FnOnce(&mut serde_json::Value),
     ) -> Result<(), String> {
@@ -137,7 +137,7 @@ impl TestGateway {
         change(&mut c);
         let cfg: meshgate_gateway::config::GatewayConfig =
             serde_json::from_value(c).map_err(|e| e.to_string())?;
-        self.app.reload(cfg).map_err(|e| e.to_string())
+        self.app.reload(cfg).await.map_err(|e| e.to_string())
     }
 }
 

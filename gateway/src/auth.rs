@@ -1,0 +1,422 @@
+//! Edge authentication, authorization and rate limiting for a route, as one step of the
+//! request path: credentials are checked once here (JWT via JWKS, API keys), the route's
+//! requirements (scopes, claim values, consumer groups) are enforced, identity is injected into
+//! headers the services can trust (the same headers were stripped on ingress), and the route's
+//! rate limit is applied. Decisions are plain data; the only I/O is a JWKS refetch on an unknown
+//! `kid`.
+
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use meshgate_agent::http::respond::Problem;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    apikey::{self, ApiKeyConfig, KeyStore},
+    jwks::JwksCache,
+    jwt::{JwtProviderConfig, Validator, VerifiedToken},
+    ratelimit::{self, KeySource, MemoryStore, RateLimitPolicy},
+};
+
+fn h_user() -> String {
+    "X-User-Id".into()
+}
+fn h_scopes() -> String {
+    "X-Scopes".into()
+}
+fn h_consumer() -> String {
+    "X-Consumer".into()
+}
+
+/// Names of the identity headers injected after authentication.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityHeaders {
+    /// The user (JWT `sub`, or the API key's consumer). Default `X-User-Id`.
+    #[serde(default = "h_user")]
+    pub user: String,
+    /// Granted scopes, space-separated. Default `X-Scopes`.
+    #[serde(default = "h_scopes")]
+    pub scopes: String,
+    /// The consumer name. Default `X-Consumer`.
+    #[serde(default = "h_consumer")]
+    pub consumer: String,
+}
+
+impl Default for IdentityHeaders {
+    fn default() -> Self {
+        Self {
+            user: h_user(),
+            scopes: h_scopes(),
+            consumer: h_consumer(),
+        }
+    }
+}
+
+/// `auth` in gateway.yaml: the credential sources routes can require.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// JWT providers.
+    #[serde(default)]
+    pub jwt: Vec<JwtProviderConfig>,
+    /// API key consumers.
+    #[serde(default)]
+    pub api_keys: Option<ApiKeyConfig>,
+    /// PEM bundle trusted for `https` JWKS URIs; default: the system roots.
+    #[serde(default)]
+    pub jwks_ca_file: Option<PathBuf>,
+    /// Identity header names.
+    #[serde(default)]
+    pub identity_headers: IdentityHeaders,
+    /// Rate-limit policies routes refer to by name.
+    #[serde(default)]
+    pub rate_limits: Vec<RateLimitPolicy>,
+}
+
+/// A route's `auth`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RouteAuth {
+    /// JWT providers accepted (any one); empty with `api_key: false` means no authentication.
+    #[serde(default)]
+    pub jwt: Vec<String>,
+    /// Accept API keys.
+    #[serde(default)]
+    pub api_key: bool,
+    /// Scopes the credential must all carry (403 otherwise).
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// JWT claims that must have these exact values (403 otherwise).
+    #[serde(default)]
+    pub claims: BTreeMap<String, String>,
+    /// The API key consumer must be in one of these groups (403 otherwise).
+    #[serde(default)]
+    pub groups: Vec<String>,
+}
+
+/// Who the request is, once authenticated.
+#[derive(Debug, Clone, Default)]
+pub struct Principal {
+    /// JWT `sub` or the consumer name.
+    pub user: Option<String>,
+    /// Consumer name (API keys).
+    pub consumer: Option<String>,
+    /// Consumer tier (API keys), for per-tier limits.
+    pub tier: Option<String>,
+    /// Consumer groups.
+    pub groups: Vec<String>,
+    /// Scopes.
+    pub scopes: Vec<String>,
+    /// The verified token, when JWT.
+    pub token: Option<VerifiedToken>,
+    /// Hash of the API key used, when an API key (never the key itself).
+    pub key_hash: Option<String>,
+    /// Claim -> header mapping of the provider that verified the token.
+    pub claims_to_headers: BTreeMap<String, String>,
+}
+
+/// The compiled `auth` section.
+#[derive(Debug)]
+pub struct Auth {
+    providers: BTreeMap<String, (Validator, Arc<JwksCache>, JwtProviderConfig)>,
+    keys: Option<(KeyStore, ApiKeyConfig)>,
+    headers: IdentityHeaders,
+    limits: BTreeMap<String, RateLimitPolicy>,
+    store: Arc<MemoryStore>,
+}
+
+fn unauthorized(scheme: &str, reason: &str) -> Problem {
+    let challenge = if scheme == "Bearer" {
+        format!("Bearer error=\"invalid_token\", error_description=\"{reason}\"")
+    } else {
+        format!("{scheme} realm=\"meshgate\"")
+    };
+    Problem::Unauthorized {
+        challenge,
+        reason: reason.to_owned(),
+    }
+}
+
+impl Auth {
+    /// Compiles `cfg`; `caches` are the providers' JWKS caches (built and loaded by the caller).
+    pub fn new(
+        cfg: &AuthConfig,
+        caches: &BTreeMap<String, Arc<JwksCache>>,
+        store: Arc<MemoryStore>,
+    ) -> Result<Self, String> {
+        let mut providers = BTreeMap::new();
+        for p in &cfg.jwt {
+            let v = Validator::new(p).map_err(|e| format!("auth.jwt ({}): {e}", p.name))?;
+            let cache = caches
+                .get(&p.name)
+                .cloned()
+                .ok_or_else(|| format!("auth.jwt ({}): no key cache", p.name))?;
+            if providers
+                .insert(p.name.clone(), (v, cache, p.clone()))
+                .is_some()
+            {
+                return Err(format!("auth.jwt: provider {} is listed twice", p.name));
+            }
+        }
+        let keys = match &cfg.api_keys {
+            Some(k) => Some((
+                KeyStore::new(&k.consumers).map_err(|e| format!("auth.api_keys: {e}"))?,
+                k.clone(),
+            )),
+            None => None,
+        };
+        let mut limits = BTreeMap::new();
+        for l in &cfg.rate_limits {
+            l.validate()
+                .map_err(|e| format!("auth.rate_limits ({}): {e}", l.name))?;
+            limits.insert(l.name.clone(), l.clone());
+        }
+        for h in [
+            &cfg.identity_headers.user,
+            &cfg.identity_headers.scopes,
+            &cfg.identity_headers.consumer,
+        ] {
+            HeaderName::from_bytes(h.as_bytes())
+                .map_err(|_| format!("auth.identity_headers: {h:?} is not a header name"))?;
+        }
+        Ok(Self {
+            providers,
+            keys,
+            headers: cfg.identity_headers.clone(),
+            limits,
+            store,
+        })
+    }
+
+    /// Checks that a route's `auth` and `rate_limit` name things that exist.
+    pub fn check_route(
+        &self,
+        name: &str,
+        auth: Option<&RouteAuth>,
+        limit: Option<&str>,
+    ) -> Result<(), String> {
+        if let Some(a) = auth {
+            for p in &a.jwt {
+                if !self.providers.contains_key(p) {
+                    return Err(format!(
+                        "route {name}: auth.jwt names unknown provider {p:?}"
+                    ));
+                }
+            }
+            if a.api_key && self.keys.is_none() {
+                return Err(format!("route {name}: auth.api_key needs auth.api_keys"));
+            }
+        }
+        if let Some(l) = limit
+            && !self.limits.contains_key(l)
+        {
+            return Err(format!(
+                "route {name}: rate_limit names unknown policy {l:?}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Authenticates and authorizes; strips API keys when configured. `query` may be rewritten
+    /// (API key removed). Errors are 401 or 403 problems that leak nothing.
+    pub async fn authenticate(
+        &self,
+        route: &RouteAuth,
+        headers: &mut HeaderMap,
+        query: &mut String,
+    ) -> Result<Principal, Problem> {
+        let wants_jwt = !route.jwt.is_empty();
+        let mut principal = None;
+        let mut failure = None;
+        if route.api_key
+            && let Some((store, cfg)) = &self.keys
+            && let Some(key) = apikey::extract(&cfg.locations, headers, query)
+        {
+            match store.lookup(&key) {
+                Some(c) => {
+                    principal = Some(Principal {
+                        user: Some(c.name.clone()),
+                        consumer: Some(c.name.clone()),
+                        tier: c.tier.clone(),
+                        groups: c.groups.clone(),
+                        key_hash: Some(apikey::hash_key(&key)),
+                        ..Principal::default()
+                    });
+                    if cfg.hide_from_upstream {
+                        *query = apikey::hide(&cfg.locations, headers, query);
+                    }
+                }
+                None => failure = Some(unauthorized("ApiKey", "invalid API key")),
+            }
+        }
+        if principal.is_none() && wants_jwt {
+            let mut last = None;
+            for name in &route.jwt {
+                let Some((validator, cache, cfg)) = self.providers.get(name) else {
+                    continue;
+                };
+                let token = match validator.extract(headers, query) {
+                    Ok(t) => t.to_owned(),
+                    Err(e) => {
+                        last = Some(e);
+                        continue;
+                    }
+                };
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let mut result = validator.validate(&token, &cache.keys(), now);
+                if result.as_ref().is_err_and(|e| e.is_unknown_kid())
+                    && cache.refetch_for_unknown_kid().await
+                {
+                    result = validator.validate(&token, &cache.keys(), now);
+                }
+                match result {
+                    Ok(t) => {
+                        principal = Some(Principal {
+                            user: t.claim_as_header_value("sub"),
+                            scopes: t.scopes(),
+                            claims_to_headers: cfg.claims_to_headers.clone(),
+                            token: Some(t),
+                            ..Principal::default()
+                        });
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            if principal.is_none() {
+                let reason = last.map_or_else(|| "missing token".to_owned(), |e| e.to_string());
+                failure = Some(unauthorized("Bearer", &reason));
+            }
+        }
+        let Some(p) = principal else {
+            return Err(failure.unwrap_or_else(|| {
+                unauthorized(
+                    if wants_jwt { "Bearer" } else { "ApiKey" },
+                    "missing credentials",
+                )
+            }));
+        };
+        for s in &route.scopes {
+            if !p.scopes.contains(s) {
+                return Err(Problem::Forbidden(format!("missing scope {s}")));
+            }
+        }
+        for (claim, want) in &route.claims {
+            let got = p
+                .token
+                .as_ref()
+                .and_then(|t| t.claim_as_header_value(claim));
+            if got.as_deref() != Some(want.as_str()) {
+                return Err(Problem::Forbidden(format!(
+                    "claim {claim} does not allow this route"
+                )));
+            }
+        }
+        if !route.groups.is_empty() && !route.groups.iter().any(|g| p.groups.contains(g)) {
+            return Err(Problem::Forbidden(
+                "consumer group not allowed on this route".into(),
+            ));
+        }
+        Ok(p)
+    }
+
+    /// Removes every header this gateway injects (identity headers and claim headers of every
+    /// provider) from an incoming request, whatever `headers.strip` says: only the gateway may
+    /// set them.
+    pub fn strip_identity(&self, headers: &mut HeaderMap) {
+        for h in [
+            &self.headers.user,
+            &self.headers.scopes,
+            &self.headers.consumer,
+        ] {
+            headers.remove(h.as_str());
+        }
+        for (_, _, cfg) in self.providers.values() {
+            for h in cfg.claims_to_headers.values() {
+                headers.remove(h.as_str());
+            }
+        }
+    }
+
+    /// Sets the identity headers (only ever after successful authentication).
+    pub fn inject(&self, p: &Principal, headers: &mut HeaderMap) {
+        let mut set = |name: &str, value: &str| {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_bytes(value.as_bytes()),
+            ) {
+                headers.insert(n, v);
+            }
+        };
+        if let Some(u) = &p.user {
+            set(&self.headers.user, u);
+        }
+        if !p.scopes.is_empty() {
+            set(&self.headers.scopes, &p.scopes.join(" "));
+        }
+        if let Some(c) = &p.consumer {
+            set(&self.headers.consumer, c);
+        }
+        if let Some(t) = &p.token {
+            for (claim, header) in &p.claims_to_headers {
+                if let Some(v) = t.claim_as_header_value(claim) {
+                    set(header, &v);
+                }
+            }
+        }
+    }
+
+    /// Applies rate-limit policy `name`: Ok(headers to add to the response) or a 429 problem.
+    pub fn rate_limit(
+        &self,
+        name: &str,
+        route: &str,
+        p: Option<&Principal>,
+        client_ip: std::net::IpAddr,
+        headers: &HeaderMap,
+        now_ms: u64,
+    ) -> Result<Vec<(HeaderName, HeaderValue)>, Problem> {
+        let Some(policy) = self.limits.get(name) else {
+            return Ok(Vec::new());
+        };
+        let part = match &policy.key {
+            KeySource::Consumer => p
+                .and_then(|p| p.consumer.clone().or_else(|| p.user.clone()))
+                .unwrap_or_else(|| format!("ip:{client_ip}")),
+            KeySource::ApiKey => p
+                .and_then(|p| p.key_hash.clone())
+                .unwrap_or_else(|| format!("ip:{client_ip}")),
+            KeySource::ClientIp => client_ip.to_string(),
+            KeySource::Route => route.to_owned(),
+            KeySource::Claim { claim } => p
+                .and_then(|p| p.token.as_ref())
+                .and_then(|t| t.claim_as_header_value(claim))
+                .unwrap_or_else(|| "-".into()),
+            KeySource::Header { header } => headers
+                .get(header.as_str())
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_owned(),
+        };
+        let cfg = policy.limit_for(p.and_then(|p| p.tier.as_deref()));
+        let key = format!("{}|{}|{part}", policy.name, route);
+        let d = self.store.check(&key, cfg, now_ms);
+        let out = ratelimit::headers(&policy.name, cfg, &d);
+        if d.allowed {
+            Ok(out)
+        } else {
+            let retry = d.retry_after_ms.unwrap_or(1000).div_ceil(1000).max(1);
+            Err(Problem::TooManyRequests {
+                retry_after_secs: retry,
+                headers: out
+                    .into_iter()
+                    .filter(|(k, _)| k != http::header::RETRY_AFTER)
+                    .collect(),
+            })
+        }
+    }
+}
