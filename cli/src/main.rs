@@ -50,12 +50,30 @@ enum Command {
     Gateway(gateway::GatewayArgs),
     /// The gateway's routes, or which route a request would take (--match).
     Routes(routes::RoutesArgs),
+    /// API keys: print the hash to put in `auth.api_keys.consumers[].keys`.
+    Apikey(ApikeyArgs),
     /// Validate config files and print their JSON Schema.
     Config(config::ConfigArgs),
     /// The services a running agent calls: source, freshness, endpoint counts.
     Services(inspect::AdminArgs),
     /// The endpoints of one service as a running agent sees them.
     Endpoints(inspect::EndpointsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ApikeyArgs {
+    #[command(subcommand)]
+    command: ApikeyCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum ApikeyCommand {
+    /// Print `sha256:HEX` of a key. Reads the key from stdin when not given, so it stays out of
+    /// shell history: `meshgate apikey hash < key.txt`.
+    Hash {
+        /// The key (prefer stdin).
+        key: Option<String>,
+    },
 }
 
 fn init_logging(cli: &Cli) {
@@ -96,6 +114,24 @@ fn main() -> std::process::ExitCode {
             Command::Gateway(args) => gateway::run(args).await,
             Command::Routes(args) => routes::run(args).await,
             Command::Config(args) => config::run(args),
+            Command::Apikey(ApikeyArgs {
+                command: ApikeyCommand::Hash { key },
+            }) => {
+                let key = match key {
+                    Some(k) => k,
+                    None => {
+                        let mut line = String::new();
+                        std::io::stdin().read_line(&mut line)?;
+                        line.trim().to_owned()
+                    }
+                };
+                anyhow::ensure!(
+                    !key.is_empty(),
+                    "no key given (pass it as an argument or on stdin)"
+                );
+                println!("{}", meshgate_gateway::apikey::hash_key(&key));
+                Ok(())
+            }
             Command::Endpoints(args) => inspect::endpoints(args).await,
         }
     });

@@ -680,3 +680,31 @@ async fn gateway_binary_reloads_on_file_change_and_sighup_and_refuses_invalid_fi
     assert!(status.success(), "{status}");
     ca.shutdown(Duration::from_millis(100)).await;
 }
+
+#[test]
+fn apikey_hash_prints_the_stored_form() {
+    let out = meshgate(&["apikey", "hash", "abc"]);
+    assert!(out.status.success());
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .args(["apikey", "hash"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"abc\n")
+        .expect("write");
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+}

@@ -2,6 +2,7 @@
 //! everywhere. One binary for every suite to save link time.
 
 mod agent;
+mod auth;
 mod consul;
 mod consul_standin;
 mod dns;

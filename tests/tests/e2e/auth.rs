@@ -1,0 +1,513 @@
+//! Edge authentication at the gateway: JWTs signed in the test against a JWKS server on
+//! loopback, API keys, identity injection, and rate limits.
+
+use std::{
+    convert::Infallible,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use aws_lc_rs::{
+    encoding::AsDer,
+    rsa::{KeyPair as RsaKeyPair, KeySize, PublicKeyComponents},
+    signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _},
+};
+use bytes::Bytes;
+use http_body_util::Full;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+
+use crate::{
+    gw_harness::{Backend, TestGateway, plain},
+    harness::{TestAgent, TestCa, eventually},
+};
+
+const TD: &str = "mesh.example";
+const ISS: &str = "https://issuer.test";
+
+fn b64url(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(char::from(T[((n >> (18 - 6 * i)) & 63) as usize]));
+        }
+    }
+    out
+}
+
+struct SigningKey {
+    key: EncodingKey,
+    jwk: Value,
+    alg: Algorithm,
+    kid: String,
+}
+
+fn rsa(kid: &str) -> SigningKey {
+    let pair = RsaKeyPair::generate(KeySize::Rsa2048).expect("rsa");
+    let pem = meshgate_ca::pki::pem_block("PRIVATE KEY", pair.as_der().expect("pkcs8").as_ref());
+    let c = PublicKeyComponents::<Vec<u8>>::from(pair.public_key());
+    SigningKey {
+        key: EncodingKey::from_rsa_pem(pem.as_bytes()).expect("pem"),
+        jwk: json!({"kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256", "n": b64url(&c.n), "e": b64url(&c.e)}),
+        alg: Algorithm::RS256,
+        kid: kid.into(),
+    }
+}
+
+fn ec(kid: &str) -> SigningKey {
+    let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).expect("ec");
+    let point = pair.public_key().as_ref().to_vec();
+    let pem =
+        meshgate_ca::pki::pem_block("PRIVATE KEY", pair.to_pkcs8v1().expect("pkcs8").as_ref());
+    SigningKey {
+        key: EncodingKey::from_ec_pem(pem.as_bytes()).expect("pem"),
+        jwk: json!({"kty": "EC", "crv": "P-256", "kid": kid, "use": "sig", "x": b64url(&point[1..33]), "y": b64url(&point[33..])}),
+        alg: Algorithm::ES256,
+        kid: kid.into(),
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+fn token(k: &SigningKey, claims: Value) -> String {
+    let mut h = Header::new(k.alg);
+    h.kid = Some(k.kid.clone());
+    jsonwebtoken::encode(&h, &claims, &k.key).expect("sign")
+}
+
+fn claims(sub: &str, exp_in: i64) -> Value {
+    let t = now() as i64;
+    json!({"iss": ISS, "aud": "api", "sub": sub, "exp": t + exp_in, "iat": t, "scope": "read write", "email": format!("{sub}@example.com")})
+}
+
+/// A JWKS server on loopback; `down` makes it answer 500.
+struct Jwks {
+    url: String,
+    doc: Arc<Mutex<String>>,
+    down: Arc<AtomicBool>,
+    fetches: Arc<AtomicUsize>,
+}
+
+impl Jwks {
+    async fn start(keys: &[&SigningKey]) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/jwks.json", listener.local_addr().expect("addr"));
+        let doc = Arc::new(Mutex::new(
+            json!({"keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()}).to_string(),
+        ));
+        let (down, fetches) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let (d, dn, f) = (doc.clone(), down.clone(), fetches.clone());
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let (d, dn, f) = (d.clone(), dn.clone(), f.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |_req: http::Request<hyper::body::Incoming>| {
+                            f.fetch_add(1, Ordering::SeqCst);
+                            let (status, body) = if dn.load(Ordering::SeqCst) {
+                                (500, "down".to_owned())
+                            } else {
+                                (200, d.lock().expect("lock").clone())
+                            };
+                            async move {
+                                Ok::<_, Infallible>(
+                                    http::Response::builder()
+                                        .status(status)
+                                        .body(Full::new(Bytes::from(body)))
+                                        .expect("resp"),
+                                )
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        Self {
+            url,
+            doc,
+            down,
+            fetches,
+        }
+    }
+
+    fn set(&self, keys: &[&SigningKey]) {
+        *self.doc.lock().expect("lock") =
+            json!({"keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()}).to_string();
+    }
+}
+
+struct Stack {
+    _ca: TestCa,
+    _node: TestAgent,
+    gw: TestGateway,
+    backend: Backend,
+}
+
+const PARTNER_KEY: &str = "mgk_partner_0123456789abcdef";
+
+async fn stack(jwks_url: &str) -> Stack {
+    let ca = TestCa::start(TD).await;
+    let backend = Backend::start("users").await;
+    let node = ca
+        .agent("node-b", json!({
+            "services": [{"name": "users", "port": backend.port, "protocol": "http"}],
+            "authz": {"default": "deny", "rules": [{"from": "gateway", "to": "users", "action": "allow"}]},
+        }))
+        .await;
+    let gw = ca
+        .gateway(json!({
+            "auth": {
+                "jwt": [{
+                    "name": "main", "issuer": ISS, "audiences": ["api"], "jwks_uri": jwks_url,
+                    "algorithms": ["RS256", "ES256", "EdDSA"], "leeway": "5s",
+                    "claims_to_headers": {"email": "X-User-Email"},
+                    "jwks_refresh": "1h", "unknown_kid_refetch_min_interval": "100ms",
+                }],
+                "api_keys": {
+                    "consumers": [{"name": "acme", "groups": ["partners"], "tier": "gold", "keys": [meshgate_gateway::apikey::hash_key(PARTNER_KEY)]}],
+                },
+                "rate_limits": [{"name": "partners", "key": "consumer", "limit": {"requests": 3, "per": "1m"}}],
+            },
+            "routes": [
+                {"name": "secure", "match": {"path": {"prefix": "/secure"}}, "auth": {"jwt": ["main"], "scopes": ["read"]}, "backend": {"service": "users"}},
+                {"name": "admin", "match": {"path": {"prefix": "/admin"}}, "auth": {"jwt": ["main"], "scopes": ["admin"]}, "backend": {"service": "users"}},
+                {"name": "partner", "match": {"path": {"prefix": "/partner"}}, "auth": {"api_key": true, "groups": ["partners"]}, "rate_limit": "partners", "backend": {"service": "users"}},
+            ],
+            "discovery": {"static": {"users": [node.inbound().to_string()]}},
+        }))
+        .await;
+    Stack {
+        _ca: ca,
+        _node: node,
+        gw,
+        backend,
+    }
+}
+
+fn last_seen(b: &Backend) -> std::collections::BTreeMap<String, String> {
+    b.seen
+        .lock()
+        .expect("lock")
+        .last()
+        .cloned()
+        .expect("seen")
+        .headers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwts_are_verified_once_at_the_edge() {
+    let (rs, es) = (rsa("rs-1"), ec("ec-1"));
+    let jwks = Jwks::start(&[&rs, &es]).await;
+    let s = stack(&jwks.url).await;
+    let gw = s.gw.http();
+    for k in [&rs, &es] {
+        let bearer = format!("Bearer {}", token(k, claims("alice", 300)));
+        let got = plain(
+            gw,
+            "GET",
+            "api.example",
+            "/secure/x",
+            &[("authorization", &bearer), ("x-user-id", "mallory")],
+            b"",
+        )
+        .await;
+        assert_eq!(got.status, 200, "{:?}: {}", k.alg, got.body);
+        let seen = last_seen(&s.backend);
+        assert_eq!(
+            seen.get("x-user-id").map(String::as_str),
+            Some("alice"),
+            "the verified subject, never the spoofed one"
+        );
+        assert_eq!(seen.get("x-scopes").map(String::as_str), Some("read write"));
+        assert_eq!(
+            seen.get("x-user-email").map(String::as_str),
+            Some("alice@example.com")
+        );
+    }
+    let before = s.backend.count();
+    let cases: Vec<(Vec<(&str, String)>, &str)> = vec![
+        (vec![], "missing"),
+        (
+            vec![(
+                "authorization",
+                format!("Bearer {}", token(&rs, claims("alice", -60))),
+            )],
+            "expired",
+        ),
+        (
+            vec![(
+                "authorization",
+                format!(
+                    "Bearer {}",
+                    token(
+                        &rs,
+                        json!({"iss": ISS, "aud": "other", "sub": "a", "exp": now() + 60})
+                    )
+                ),
+            )],
+            "aud",
+        ),
+        (
+            vec![(
+                "authorization",
+                format!(
+                    "Bearer {}",
+                    token(
+                        &rs,
+                        json!({"iss": "https://evil", "aud": "api", "sub": "a", "exp": now() + 60})
+                    )
+                ),
+            )],
+            "iss",
+        ),
+        (
+            vec![("authorization", "Bearer not.a.token".to_owned())],
+            "malformed",
+        ),
+        (
+            vec![("x-user-id", "mallory".to_owned())],
+            "spoofed identity alone",
+        ),
+    ];
+    for (headers, why) in cases {
+        let hs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let got = plain(gw, "GET", "api.example", "/secure/x", &hs, b"").await;
+        assert_eq!(got.status, 401, "{why}: {}", got.body);
+        let challenge = got.headers["www-authenticate"].to_str().expect("ascii");
+        assert!(challenge.starts_with("Bearer"), "{why}: {challenge}");
+        assert_eq!(
+            got.json()["type"],
+            "https://meshgate.dev/problems/unauthorized"
+        );
+        for (_, v) in &headers {
+            assert!(
+                !got.body.contains(v.trim_start_matches("Bearer ")) || v.len() < 20,
+                "{why}: the token is echoed"
+            );
+        }
+    }
+    let bearer = format!("Bearer {}", token(&rs, claims("alice", 300)));
+    let got = plain(
+        gw,
+        "GET",
+        "api.example",
+        "/admin/x",
+        &[("authorization", &bearer)],
+        b"",
+    )
+    .await;
+    assert_eq!(got.status, 403, "a missing scope is 403");
+    assert_eq!(
+        s.backend.count(),
+        before,
+        "refused requests never reach the service"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_rotation_is_followed_and_an_outage_keeps_the_last_good_keys() {
+    let (old, new) = (rsa("old"), ec("new"));
+    let jwks = Jwks::start(&[&old]).await;
+    let s = stack(&jwks.url).await;
+    let gw = s.gw.http();
+    let call = |k: &SigningKey| format!("Bearer {}", token(k, claims("bob", 300)));
+    assert_eq!(
+        plain(
+            gw,
+            "GET",
+            "api.example",
+            "/secure/1",
+            &[("authorization", &call(&old))],
+            b""
+        )
+        .await
+        .status,
+        200
+    );
+    // a new kid appears in the JWKS: the unknown kid triggers a refetch
+    jwks.set(&[&old, &new]);
+    let fresh = call(&new);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            plain(
+                gw,
+                "GET",
+                "api.example",
+                "/secure/2",
+                &[("authorization", &fresh)],
+                b"",
+            )
+            .await
+            .status
+                == 200
+        })
+        .await,
+        "the new key is accepted after the refetch"
+    );
+    // the JWKS server fails: the keys already loaded keep working, and the failure is counted
+    jwks.down.store(true, Ordering::SeqCst);
+    let fetches = jwks.fetches.load(Ordering::SeqCst);
+    let unknown = call(&rsa("never-published"));
+    // refetches are rate limited (100ms here): keep asking until one happens, bounded
+    let refetched = eventually(Duration::from_secs(5), || async {
+        assert_eq!(
+            plain(
+                gw,
+                "GET",
+                "api.example",
+                "/secure/3",
+                &[("authorization", &unknown)],
+                b""
+            )
+            .await
+            .status,
+            401
+        );
+        jwks.fetches.load(Ordering::SeqCst) > fetches
+    })
+    .await;
+    assert!(refetched, "an unknown kid refetched");
+    for k in [&old, &new] {
+        assert_eq!(
+            plain(
+                gw,
+                "GET",
+                "api.example",
+                "/secure/4",
+                &[("authorization", &call(k))],
+                b""
+            )
+            .await
+            .status,
+            200
+        );
+    }
+    let (_, metrics) = crate::harness::http_get(s.gw.app.admin_addr(), "/metrics").await;
+    assert!(
+        metrics.contains(
+            r#"meshgate_gateway_jwks_fetch_failures_total{provider="main",reason="http_status"}"#
+        ),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn api_keys_and_rate_limits() {
+    use std::io::Write as _;
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Capture {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let logs = Capture::default();
+    let sink = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("trace")
+        .with_writer(move || sink.clone())
+        .finish();
+    // current-thread runtime: every task of this test logs through this subscriber
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let jwks = Jwks::start(&[&rsa("k")]).await;
+    let s = stack(&jwks.url).await;
+    let gw = s.gw.http();
+    let wrong = "mgk_wrong_key_that_must_never_be_logged";
+    let got = plain(
+        gw,
+        "GET",
+        "api.example",
+        "/partner/x",
+        &[("x-api-key", wrong)],
+        b"",
+    )
+    .await;
+    assert_eq!(got.status, 401);
+    assert!(!got.body.contains(wrong));
+    let got = plain(gw, "GET", "api.example", "/partner/x", &[], b"").await;
+    assert_eq!(got.status, 401);
+
+    // three per minute for the consumer; the RateLimit headers count down
+    for remaining in [2, 1, 0] {
+        let got = plain(
+            gw,
+            "GET",
+            "api.example",
+            "/partner/x",
+            &[("x-api-key", PARTNER_KEY)],
+            b"",
+        )
+        .await;
+        assert_eq!(got.status, 200, "{}", got.body);
+        let rl = got.headers["ratelimit"].to_str().expect("ascii");
+        assert!(rl.contains(&format!("r={remaining}")), "{rl}");
+        assert!(
+            got.headers["ratelimit-policy"]
+                .to_str()
+                .expect("ascii")
+                .contains("q=3"),
+            "{:?}",
+            got.headers
+        );
+        let seen = last_seen(&s.backend);
+        assert_eq!(seen.get("x-consumer").map(String::as_str), Some("acme"));
+        assert!(
+            !seen.contains_key("x-api-key"),
+            "the key is hidden from the upstream"
+        );
+    }
+    let got = plain(
+        gw,
+        "GET",
+        "api.example",
+        "/partner/x",
+        &[("x-api-key", PARTNER_KEY)],
+        b"",
+    )
+    .await;
+    assert_eq!(got.status, 429);
+    assert_eq!(
+        got.json()["type"],
+        "https://meshgate.dev/problems/rate-limited"
+    );
+    let retry: u64 = got.headers["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!((1..=60).contains(&retry), "{retry}");
+
+    let _ = std::io::stdout().flush();
+    let text = String::from_utf8_lossy(&logs.0.lock().expect("lock")).into_owned();
+    assert!(text.contains("partner"), "the access log was captured");
+    assert!(
+        !text.contains(wrong) && !text.contains(PARTNER_KEY),
+        "a key appeared in the logs"
+    );
+}
