@@ -83,6 +83,12 @@ pub struct CertInfo {
     pub is_ca: bool,
     /// Subject DN, RFC 4514-ish.
     pub subject: String,
+    /// The subject's common name, if any.
+    pub common_name: Option<String>,
+    /// DNS SANs.
+    pub dns_names: Vec<String>,
+    /// Email (rfc822Name) SANs.
+    pub emails: Vec<String>,
 }
 
 impl CertInfo {
@@ -91,13 +97,18 @@ impl CertInfo {
         let (_, cert) =
             X509Certificate::from_der(der).map_err(|e| PkiError::BadCertificate(e.to_string()))?;
         let mut uris = Vec::new();
+        let mut dns_names = Vec::new();
+        let mut emails = Vec::new();
         let mut is_ca = false;
         for ext in cert.extensions() {
             match ext.parsed_extension() {
                 ParsedExtension::SubjectAlternativeName(san) => {
                     for name in &san.general_names {
-                        if let GeneralName::URI(u) = name {
-                            uris.push((*u).to_owned());
+                        match name {
+                            GeneralName::URI(u) => uris.push((*u).to_owned()),
+                            GeneralName::DNSName(d) => dns_names.push((*d).to_owned()),
+                            GeneralName::RFC822Name(e) => emails.push((*e).to_owned()),
+                            _ => {}
                         }
                     }
                 }
@@ -119,6 +130,14 @@ impl CertInfo {
             not_after: to_system(cert.validity().not_after.timestamp()),
             is_ca,
             subject: cert.subject().to_string(),
+            common_name: cert
+                .subject()
+                .iter_common_name()
+                .next()
+                .and_then(|cn| cn.as_str().ok())
+                .map(str::to_owned),
+            dns_names,
+            emails,
         })
     }
 

@@ -303,6 +303,11 @@ impl KeyStore {
         })
     }
 
+    /// The consumer named `name` (not a secret lookup: for client-certificate consumers).
+    pub fn consumer(&self, name: &str) -> Option<&Consumer> {
+        self.consumers.iter().find(|c| c.name == name)
+    }
+
     /// The consumer owning `presented_key`, if any.
     ///
     /// The key is hashed, then compared with every stored hash in constant time; the match is

@@ -355,7 +355,7 @@ impl GatewayApp {
         // bind first: redirects need the real HTTPS port (port 0 works)
         let https = match cfg.listen.https {
             Some(addr) => {
-                let acceptor = front::tls_acceptor(&cfg.tls)
+                let acceptor = front::tls_acceptor(&cfg.tls, cfg.client_auth.as_ref())
                     .map_err(|e| GatewayError::Setup(e.to_string()))?;
                 Some((bind("https", addr).await?, acceptor))
             }
@@ -461,6 +461,7 @@ impl GatewayApp {
                 c.listen.http,
                 c.listen.admin,
                 serde_json::to_value(&c.tls).unwrap_or_default(),
+                serde_json::to_value(&c.client_auth).unwrap_or_default(),
                 serde_json::to_value(&c.discovery).unwrap_or_default(),
                 c.auth.jwks_ca_file,
             ])

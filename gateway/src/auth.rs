@@ -72,6 +72,24 @@ pub struct AuthConfig {
     /// Rate-limit policies routes refer to by name.
     #[serde(default)]
     pub rate_limits: Vec<RateLimitPolicy>,
+    /// Which part of a verified client certificate names the consumer for `auth.mtls` routes.
+    #[serde(default)]
+    pub mtls_consumer_from: CertField,
+}
+
+/// A part of a client certificate.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CertField {
+    /// The subject common name (default).
+    #[default]
+    SubjectCn,
+    /// The first DNS SAN.
+    SanDns,
+    /// The first URI SAN (e.g. a SPIFFE ID).
+    SanUri,
+    /// The first email SAN.
+    SanEmail,
 }
 
 /// A route's `auth`.
@@ -84,6 +102,10 @@ pub struct RouteAuth {
     /// Accept API keys.
     #[serde(default)]
     pub api_key: bool,
+    /// Accept a client certificate verified on the HTTPS listener (`client_auth`); the consumer
+    /// is named by `auth.mtls_consumer_from`.
+    #[serde(default)]
+    pub mtls: bool,
     /// Scopes the credential must all carry (403 otherwise).
     #[serde(default)]
     pub scopes: Vec<String>,
@@ -122,6 +144,7 @@ pub struct Auth {
     providers: BTreeMap<String, (Validator, Arc<JwksCache>, JwtProviderConfig)>,
     keys: Option<(KeyStore, ApiKeyConfig)>,
     headers: IdentityHeaders,
+    cert_field: CertField,
     limits: BTreeMap<String, RateLimitPolicy>,
     store: Arc<MemoryStore>,
 }
@@ -184,6 +207,7 @@ impl Auth {
             providers,
             keys,
             headers: cfg.identity_headers.clone(),
+            cert_field: cfg.mtls_consumer_from,
             limits,
             store,
         })
@@ -225,11 +249,37 @@ impl Auth {
         route: &RouteAuth,
         headers: &mut HeaderMap,
         query: &mut String,
+        client_cert: Option<&rustls_pki_types::CertificateDer<'static>>,
     ) -> Result<Principal, Problem> {
         let wants_jwt = !route.jwt.is_empty();
         let mut principal = None;
         let mut failure = None;
-        if route.api_key
+        if route.mtls
+            && let Some(cert) = client_cert
+            && let Ok(info) = meshgate_ca::pki::CertInfo::from_der(cert)
+        {
+            let name = match self.cert_field {
+                CertField::SubjectCn => info.common_name.clone(),
+                CertField::SanDns => info.dns_names.first().cloned(),
+                CertField::SanUri => info.uris.first().cloned(),
+                CertField::SanEmail => info.emails.first().cloned(),
+            };
+            if let Some(name) = name {
+                let known = self
+                    .keys
+                    .as_ref()
+                    .and_then(|(store, _)| store.consumer(&name));
+                principal = Some(Principal {
+                    user: Some(name.clone()),
+                    consumer: Some(name),
+                    tier: known.and_then(|c| c.tier.clone()),
+                    groups: known.map(|c| c.groups.clone()).unwrap_or_default(),
+                    ..Principal::default()
+                });
+            }
+        }
+        if principal.is_none()
+            && route.api_key
             && let Some((store, cfg)) = &self.keys
             && let Some(key) = apikey::extract(&cfg.locations, headers, query)
         {
@@ -293,12 +343,14 @@ impl Auth {
             }
         }
         let Some(p) = principal else {
-            return Err(failure.unwrap_or_else(|| {
-                unauthorized(
-                    if wants_jwt { "Bearer" } else { "ApiKey" },
-                    "missing credentials",
-                )
-            }));
+            let scheme = if wants_jwt {
+                "Bearer"
+            } else if route.api_key {
+                "ApiKey"
+            } else {
+                "Certificate"
+            };
+            return Err(failure.unwrap_or_else(|| unauthorized(scheme, "missing credentials")));
         };
         for s in &route.scopes {
             if !p.scopes.contains(s) {

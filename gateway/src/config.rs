@@ -60,6 +60,10 @@ pub struct GatewayConfig {
     /// Certificates for the HTTPS listener, chosen by SNI; the first is the default.
     #[serde(default)]
     pub tls: Vec<CertFiles>,
+    /// Verify client certificates on the HTTPS listener (edge mTLS); routes opt in with
+    /// `auth: {mtls: true}`.
+    #[serde(default)]
+    pub client_auth: Option<meshgate_agent::http::front::ClientAuth>,
     /// Answer plain-HTTP requests with a redirect to HTTPS (308). Default false.
     #[serde(default)]
     pub redirect_https: bool,

@@ -319,7 +319,12 @@ impl Gateway {
             let mut q = query.clone();
             let principal = match cfg
                 .auth
-                .authenticate(route_auth, &mut parts.headers, &mut q)
+                .authenticate(
+                    route_auth,
+                    &mut parts.headers,
+                    &mut q,
+                    conn.client_cert.as_deref(),
+                )
                 .await
             {
                 Ok(p) => p,

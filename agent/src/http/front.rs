@@ -66,6 +66,21 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// Whether the connection is TLS.
     pub tls: bool,
+    /// The client certificate (leaf), when the client presented one and it verified against
+    /// the configured client CA (edge mTLS).
+    pub client_cert: Option<Arc<rustls_pki_types::CertificateDer<'static>>>,
+}
+
+/// Client certificates on the public listener (edge mTLS).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuth {
+    /// PEM bundle of the CAs whose client certificates are accepted.
+    pub ca_file: PathBuf,
+    /// Refuse TLS handshakes without a client certificate. Default false: routes that need one
+    /// ask for it (`auth.mtls`), others serve anyone.
+    #[serde(default)]
+    pub required: bool,
 }
 
 /// What the front calls for every request.
@@ -121,7 +136,12 @@ fn cert_err(path: &std::path::Path, reason: impl ToString) -> FrontError {
 
 /// A TLS acceptor for the public listener: every certificate in `certs`, chosen by SNI (the
 /// first is the default), ALPN h2 and http/1.1.
-pub fn tls_acceptor(certs: &[CertFiles]) -> Result<tokio_rustls::TlsAcceptor, FrontError> {
+/// With `client_auth`, client certificates are verified against its CAs (chain, validity,
+/// EKU clientAuth); without a certificate the handshake still succeeds unless `required`.
+pub fn tls_acceptor(
+    certs: &[CertFiles],
+    client_auth: Option<&ClientAuth>,
+) -> Result<tokio_rustls::TlsAcceptor, FrontError> {
     let provider = meshgate_ca::verify::crypto_provider();
     let mut by_name = HashMap::new();
     let mut wildcard = HashMap::new();
@@ -156,7 +176,7 @@ pub fn tls_acceptor(certs: &[CertFiles]) -> Result<tokio_rustls::TlsAcceptor, Fr
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("invariant: aws-lc-rs supports TLS 1.3")
-        .with_no_client_auth()
+        .with_client_cert_verifier(client_verifier(client_auth, provider_for_clients())?)
         .with_cert_resolver(Arc::new(SniResolver {
             by_name,
             wildcard,
@@ -164,6 +184,31 @@ pub fn tls_acceptor(certs: &[CertFiles]) -> Result<tokio_rustls::TlsAcceptor, Fr
         }));
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+}
+
+fn provider_for_clients() -> Arc<rustls::crypto::CryptoProvider> {
+    meshgate_ca::verify::crypto_provider()
+}
+
+fn client_verifier(
+    client_auth: Option<&ClientAuth>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, FrontError> {
+    let Some(ca) = client_auth else {
+        return Ok(rustls::server::WebPkiClientVerifier::no_client_auth());
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in meshgate_ca::pki::read_pem_certs(&ca.ca_file).map_err(|e| cert_err(&ca.ca_file, e))? {
+        roots.add(c).map_err(|e| cert_err(&ca.ca_file, e))?;
+    }
+    let builder =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+    let builder = if ca.required {
+        builder
+    } else {
+        builder.allow_unauthenticated()
+    };
+    builder.build().map_err(|e| cert_err(&ca.ca_file, e))
 }
 
 /// The DNS names of a certificate (SAN dNSName entries), lowercase.
@@ -268,8 +313,18 @@ pub async fn serve(
                     match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
                     {
                         Ok(Ok(stream)) => {
-                            connection(stream, ConnInfo { peer, tls: true }, handler, limits, drain)
-                                .await
+                            let client_cert = stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .map(|c| Arc::new(c.clone().into_owned()));
+                            let info = ConnInfo {
+                                peer,
+                                tls: true,
+                                client_cert,
+                            };
+                            connection(stream, info, handler, limits, drain).await
                         }
                         Ok(Err(e)) => {
                             debug!(src.addr = %peer, error = %e, "public TLS handshake failed")
@@ -278,7 +333,12 @@ pub async fn serve(
                     }
                 }
                 None => {
-                    connection(tcp, ConnInfo { peer, tls: false }, handler, limits, drain).await
+                    let info = ConnInfo {
+                        peer,
+                        tls: false,
+                        client_cert: None,
+                    };
+                    connection(tcp, info, handler, limits, drain).await
                 }
             }
         });

@@ -414,27 +414,6 @@ async fn key_rotation_is_followed_and_an_outage_keeps_the_last_good_keys() {
 
 #[tokio::test]
 async fn api_keys_and_rate_limits() {
-    use std::io::Write as _;
-    #[derive(Clone, Default)]
-    struct Capture(Arc<Mutex<Vec<u8>>>);
-    impl std::io::Write for Capture {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().expect("lock").extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let logs = Capture::default();
-    let sink = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter("trace")
-        .with_writer(move || sink.clone())
-        .finish();
-    // current-thread runtime: every task of this test logs through this subscriber
-    let _guard = tracing::subscriber::set_default(subscriber);
-
     let jwks = Jwks::start(&[&rsa("k")]).await;
     let s = stack(&jwks.url).await;
     let gw = s.gw.http();
@@ -503,11 +482,120 @@ async fn api_keys_and_rate_limits() {
         .expect("seconds");
     assert!((1..=60).contains(&retry), "{retry}");
 
-    let _ = std::io::stdout().flush();
-    let text = String::from_utf8_lossy(&logs.0.lock().expect("lock")).into_owned();
-    assert!(text.contains("partner"), "the access log was captured");
+    let text = crate::harness::captured_logs();
+    assert!(text.contains("/partner/x"), "the access log was captured");
     assert!(
         !text.contains(wrong) && !text.contains(PARTNER_KEY),
         "a key appeared in the logs"
+    );
+}
+
+/// A client CA and a client certificate it signed (CN `cn`), as PEM files in `dir`.
+fn client_pki(
+    dir: &std::path::Path,
+    cn: &str,
+) -> (
+    std::path::PathBuf,
+    rustls_pki_types::CertificateDer<'static>,
+    rustls_pki_types::PrivateKeyDer<'static>,
+) {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "client CA");
+    let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params =
+        rcgen::CertificateParams::new(vec![format!("{cn}.clients.example")]).expect("params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &issuer).expect("client cert");
+    let ca_path = dir.join(format!("{cn}-ca.pem"));
+    std::fs::write(&ca_path, ca_cert.pem()).expect("write");
+    let der = rustls_pki_types::PrivatePkcs8KeyDer::from(key.serialize_der());
+    (ca_path, cert.der().clone(), der.into())
+}
+
+async fn mtls_get(
+    gw: &TestGateway,
+    client: Option<(
+        rustls_pki_types::CertificateDer<'static>,
+        rustls_pki_types::PrivateKeyDer<'static>,
+    )>,
+) -> Result<u16, String> {
+    use http_body_util::BodyExt;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(gw.cert.clone()).expect("root");
+    let b = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let mut cfg = match client {
+        Some((c, k)) => b.with_client_auth_cert(vec![c], k).expect("client auth"),
+        None => b.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(gw.https())
+        .await
+        .map_err(|e| e.to_string())?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(
+            rustls_pki_types::ServerName::try_from("api.example").expect("sni"),
+            tcp,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = http::Request::get("/cert/x")
+        .header("host", "api.example")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .expect("req");
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let _ = resp.into_body().collect().await;
+    Ok(status)
+}
+
+#[tokio::test]
+async fn edge_mtls_maps_the_certificate_to_a_consumer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca_path, cert, key) = client_pki(dir.path(), "partner-1");
+    let (_, foreign_cert, foreign_key) = client_pki(dir.path(), "intruder");
+    let ca = TestCa::start(TD).await;
+    let backend = Backend::start("users").await;
+    let node = ca
+        .agent("node-b", json!({
+            "services": [{"name": "users", "port": backend.port, "protocol": "http"}],
+            "authz": {"default": "deny", "rules": [{"from": "gateway", "to": "users", "action": "allow"}]},
+        }))
+        .await;
+    let gw = ca
+        .gateway(json!({
+            "client_auth": {"ca_file": ca_path},
+            "routes": [{"name": "cert", "match": {"path": {"prefix": "/cert"}}, "auth": {"mtls": true}, "backend": {"service": "users"}}],
+            "discovery": {"static": {"users": [node.inbound().to_string()]}},
+        }))
+        .await;
+    assert_eq!(mtls_get(&gw, Some((cert, key))).await, Ok(200));
+    assert_eq!(
+        last_seen(&backend).get("x-consumer").map(String::as_str),
+        Some("partner-1")
+    );
+    assert_eq!(
+        mtls_get(&gw, None).await,
+        Ok(401),
+        "no certificate: 401 on an mtls route"
+    );
+    assert!(
+        mtls_get(&gw, Some((foreign_cert, foreign_key)))
+            .await
+            .is_err(),
+        "a certificate from another CA fails the handshake"
     );
 }

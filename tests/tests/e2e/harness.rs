@@ -12,17 +12,57 @@ use tempfile::TempDir;
 
 static INIT: Once = Once::new();
 
-/// Installs the crypto provider and a test log subscriber once per process.
+/// Every log line of this test process (bounded), for tests that assert on logs.
+static LOGS: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+/// Appends to [`LOGS`], keeping the newest 16 MiB; echoes to stderr when RUST_LOG is set.
+struct CaptureWriter {
+    echo: bool,
+}
+
+impl std::io::Write for CaptureWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut logs) = LOGS.lock() {
+            logs.extend_from_slice(buf);
+            let len = logs.len();
+            if len > 16 << 20 {
+                logs.drain(..len - (8 << 20));
+            }
+        }
+        if self.echo {
+            let _ = std::io::stderr().write_all(buf);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Everything logged so far by this process.
+pub(crate) fn captured_logs() -> String {
+    LOGS.lock()
+        .map(|l| String::from_utf8_lossy(&l).into_owned())
+        .unwrap_or_default()
+}
+
+/// Installs the crypto provider and a process-wide log subscriber once: it records every line
+/// (see [`captured_logs`]); RUST_LOG=meshgate_agent=debug also prints them.
 pub(crate) fn init() {
     INIT.call_once(|| {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        // RUST_LOG=meshgate_agent=debug shows the agents' logs for a failing test
-        if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
-            let _ = tracing_subscriber::fmt()
-                .with_env_filter(filter)
-                .with_test_writer()
-                .try_init();
-        }
+        let echo = std::env::var_os("RUST_LOG").is_some();
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(
+                "info,meshgate_gateway=debug,meshgate_agent=debug,access=info",
+            )
+        });
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .with_writer(move || CaptureWriter { echo })
+            .try_init();
     });
 }
 
