@@ -157,6 +157,27 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         "drain_timeout": "2s",
     }))?;
     let nb = Agent::start(node_b).await.context("starting node-b")?;
+    // edge auth for the demo: an ES256 signing key whose JWKS the gateway holds inline, a
+    // demo token signed with it, and a demo API key (only its hash goes into the config)
+    let signing = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let point = signing.public_key_raw().to_vec();
+    let jwk = json!({"kty": "EC", "crv": "P-256", "kid": "dev-1", "use": "sig", "alg": "ES256",
+                     "x": b64url(&point[1..33]), "y": b64url(&point[33..])});
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)?
+        .as_secs();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some("dev-1".into());
+    let demo_token = jsonwebtoken::encode(
+        &header,
+        &json!({"iss": "https://dev.meshgate.local", "aud": "demo", "sub": "demo-user", "scope": "read",
+                "iat": now, "exp": now + 24 * 3600}),
+        &jsonwebtoken::EncodingKey::from_ec_pem(signing.serialize_pem().as_bytes())?,
+    )?;
+    let demo_key = format!(
+        "mgk_demo_{}",
+        meshgate_ca::pki::hex(&meshgate_ca::pki::random_bytes::<12>())
+    );
     let gateway_http = port(b, 80)?;
     let gw_cfg: GatewayConfig = serde_json::from_value(json!({
         "node": "gateway",
@@ -165,7 +186,21 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         "ca": ca_ref("gateway", &["gateway"])?,
         "listen": {"http": gateway_http, "admin": port(b, 200)?},
         "cors": {"allow_origins": ["http://localhost:3000"], "allow_headers": ["Content-Type"]},
-        "routes": [{
+        "auth": {
+            "jwt": [{"name": "demo", "issuer": "https://dev.meshgate.local", "audiences": ["demo"],
+                     "jwks": {"keys": [jwk]}, "algorithms": ["ES256"]}],
+            "api_keys": {"consumers": [{"name": "demo-partner", "groups": ["partners"],
+                                        "keys": [meshgate_gateway::apikey::hash_key(&demo_key)]}]},
+            "rate_limits": [{"name": "demo", "key": "client_ip", "limit": {"requests": 3, "per": "1m"}}],
+        },
+        "routes": [
+        {"name": "me", "match": {"path": {"prefix": "/api/me"}, "methods": ["GET"]}, "rewrite": {"prefix": "/users"},
+         "auth": {"jwt": ["demo"], "scopes": ["read"]}, "backend": {"service": "users"}},
+        {"name": "partner", "match": {"path": {"prefix": "/api/partner"}}, "rewrite": {"prefix": "/users"},
+         "auth": {"api_key": true, "groups": ["partners"]}, "backend": {"service": "users"}},
+        {"name": "limited", "match": {"path": {"prefix": "/api/limited"}}, "rewrite": {"prefix": "/users"},
+         "rate_limit": "demo", "backend": {"service": "users"}},
+        {
             "name": "users",
             "match": {"path": {"prefix": "/api/users"}, "methods": ["GET"]},
             "rewrite": {"prefix": "/users"},
@@ -227,6 +262,19 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     println!("  curl -s -w '\\n%{{http_code}}\\n' http://{web_upstream}/users/7   # expect 200");
     println!("  # no route: an RFC 9457 problem+json");
     println!("  curl -s -w '\\n%{{http_code}}\\n' http://{g}/nope   # expect 404");
+    println!("  # a JWT-protected route (the demo token below is ES256, valid 24h, scope read)");
+    println!(
+        "  curl -s -w '\\n%{{http_code}}\\n' -H 'Authorization: Bearer {demo_token}' http://{g}/api/me/7   # expect 200"
+    );
+    println!("  curl -s -w '\\n%{{http_code}}\\n' http://{g}/api/me/7   # expect 401");
+    println!("  # an API-key route (demo key {demo_key})");
+    println!(
+        "  curl -s -w '\\n%{{http_code}}\\n' -H 'X-Api-Key: {demo_key}' http://{g}/api/partner/7   # expect 200"
+    );
+    println!("  # a rate limit of 3 per minute per client IP: the 4th call is refused");
+    println!(
+        "  for i in 1 2 3 4; do curl -s -o /dev/null -w '%{{http_code}}\\n' http://{g}/api/limited/7; done   # expect 429"
+    );
     println!();
     println!(
         "Inspect: meshgate routes --admin {} | meshgate services --admin {} | meshgate endpoints users --admin {}",
@@ -251,4 +299,20 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     ca.shutdown(Duration::from_secs(1)).await;
     println!("stopped");
     Ok(())
+}
+
+/// Base64url without padding (JWK members).
+fn b64url(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(char::from(T[((n >> (18 - 6 * i)) & 63) as usize]));
+        }
+    }
+    out
 }

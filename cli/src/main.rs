@@ -2,6 +2,7 @@
 //! together; the work happens in `meshgate-ca` and `meshgate-agent`.
 
 mod agent;
+mod auth_explain;
 mod ca;
 mod certs;
 mod config;
@@ -50,6 +51,8 @@ enum Command {
     Gateway(gateway::GatewayArgs),
     /// The gateway's routes, or which route a request would take (--match).
     Routes(routes::RoutesArgs),
+    /// Edge authentication: explain why a token passes or fails on a route.
+    Auth(AuthArgs),
     /// API keys: print the hash to put in `auth.api_keys.consumers[].keys`.
     Apikey(ApikeyArgs),
     /// Validate config files and print their JSON Schema.
@@ -58,6 +61,19 @@ enum Command {
     Services(inspect::AdminArgs),
     /// The endpoints of one service as a running agent sees them.
     Endpoints(inspect::EndpointsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct AuthArgs {
+    #[command(subcommand)]
+    command: AuthCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum AuthCommand {
+    /// Which check a token passes or fails on a route (signature, kid, alg, iss, aud, exp,
+    /// nbf, JWKS reachability), without printing the token. Exit 1 when invalid.
+    Explain(auth_explain::ExplainArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -114,6 +130,9 @@ fn main() -> std::process::ExitCode {
             Command::Gateway(args) => gateway::run(args).await,
             Command::Routes(args) => routes::run(args).await,
             Command::Config(args) => config::run(args),
+            Command::Auth(AuthArgs {
+                command: AuthCommand::Explain(args),
+            }) => auth_explain::run(args).await,
             Command::Apikey(ApikeyArgs {
                 command: ApikeyCommand::Hash { key },
             }) => {

@@ -708,3 +708,88 @@ fn apikey_hash_prints_the_stored_form() {
         "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     );
 }
+
+#[test]
+fn auth_explain_names_the_failing_check_without_printing_the_token() {
+    fn b64url(bytes: &[u8]) -> String {
+        const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+            for i in 0..=chunk.len() {
+                out.push(char::from(T[((n >> (18 - 6 * i)) & 63) as usize]));
+            }
+        }
+        out
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let p = key.public_key_raw().to_vec();
+    let jwk = serde_json::json!({"kty": "EC", "crv": "P-256", "kid": "k1", "x": b64url(&p[1..33]), "y": b64url(&p[33..])});
+    let cfg = tmp.path().join("gw.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "node: gw\ntrust_domain: mesh.example\ndata_dir: ./gw\nca: {{ address: https://127.0.0.1:1, fingerprint: \"sha256:00\" }}\n\
+             listen: {{ http: 127.0.0.1:0 }}\n\
+             auth:\n  jwt:\n    - {{ name: main, issuer: https://iss, audiences: [api], algorithms: [ES256], jwks: {{ keys: [{jwk}] }} }}\n\
+             routes:\n  - {{ name: me, auth: {{ jwt: [main] }}, backend: {{ service: users }} }}\n"
+        ),
+    )
+    .expect("write");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let sign = |exp: u64, aud: &str| {
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        h.kid = Some("k1".into());
+        jsonwebtoken::encode(
+            &h,
+            &serde_json::json!({"iss": "https://iss", "aud": aud, "sub": "alice", "exp": exp}),
+            &jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).expect("key"),
+        )
+        .expect("sign")
+    };
+    let good = sign(now + 600, "api");
+    let out = meshgate(&[
+        "auth",
+        "explain",
+        "--config",
+        cfg.to_str().expect("utf8"),
+        "--route",
+        "me",
+        "--token",
+        &good,
+    ]);
+    let text_out = text(&out.stdout);
+    assert!(out.status.success(), "{text_out}{}", text(&out.stderr));
+    assert!(
+        text_out.contains("VALID") && text_out.contains("signature"),
+        "{text_out}"
+    );
+    assert!(!text_out.contains(&good), "the token is never printed");
+    let expired = sign(now - 600, "other");
+    let out = meshgate(&[
+        "auth",
+        "explain",
+        "--config",
+        cfg.to_str().expect("utf8"),
+        "--route",
+        "me",
+        "--token",
+        &expired,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let t = text(&out.stdout);
+    let failing: Vec<&str> = t.lines().filter(|l| l.contains("FAIL")).collect();
+    assert!(
+        failing.iter().any(|l| l.trim_start().starts_with("exp"))
+            && failing.iter().any(|l| l.trim_start().starts_with("aud")),
+        "{t}"
+    );
+    assert!(t.contains("INVALID") && !t.contains(&expired), "{t}");
+}

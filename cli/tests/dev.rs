@@ -51,11 +51,11 @@ fn dev_prints_working_curl_lines_and_stops_on_ctrl_c() {
         .filter_map(|l| {
             let l = l.trim();
             let (cmd, expect) = l.split_once("# expect ")?;
-            cmd.starts_with("curl ")
+            (cmd.starts_with("curl ") || cmd.starts_with("for "))
                 .then(|| (cmd.trim().to_owned(), expect.trim().to_owned()))
         })
         .collect();
-    assert!(curls.len() >= 3, "dev printed curl lines: {printed:#?}");
+    assert!(curls.len() >= 9, "dev printed curl lines: {printed:#?}");
     for (cmd, expect) in &curls {
         let out = Command::new("sh")
             .args(["-c", cmd])

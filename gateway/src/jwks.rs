@@ -35,6 +35,7 @@ pub struct JwksCache {
     refresh: Duration,
     min_refetch: Duration,
     last_fetch: Mutex<Option<Instant>>,
+    last_error: Mutex<Option<(&'static str, String)>>,
     failures: FetchFailures,
 }
 
@@ -119,6 +120,7 @@ impl JwksCache {
             refresh: cfg.jwks_refresh,
             min_refetch: cfg.unknown_kid_refetch_min_interval,
             last_fetch: Mutex::new(None),
+            last_error: Mutex::new(None),
             failures,
         })
     }
@@ -129,6 +131,10 @@ impl JwksCache {
     }
 
     fn fail(&self, reason: &'static str, detail: &str) {
+        *self
+            .last_error
+            .lock()
+            .expect("invariant: lock not poisoned") = Some((reason, detail.to_owned()));
         self.failures
             .get_or_create(&vec![
                 ("provider", self.provider.clone()),
@@ -136,6 +142,21 @@ impl JwksCache {
             ])
             .inc();
         warn!(provider = %self.provider, reason, detail, kept_keys = self.keys.load().len(), "JWKS fetch failed; keeping the last good keys");
+    }
+
+    /// Fetches and swaps in the key set; on failure the last good set stays (and the failure
+    /// is logged and counted). Returns the number of keys, or the failure's reason and detail.
+    pub async fn try_load(&self) -> Result<usize, (&'static str, String)> {
+        if self.load().await {
+            Ok(self.keys.load().len())
+        } else {
+            Err(self
+                .last_error
+                .lock()
+                .expect("invariant: lock not poisoned")
+                .clone()
+                .unwrap_or(("unknown", String::new())))
+        }
     }
 
     /// Fetches and swaps in the key set; on failure the last good set stays. Returns whether

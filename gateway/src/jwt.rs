@@ -632,6 +632,15 @@ fn sanitize(text: &str, max: usize) -> String {
 }
 
 /// Strict base64url without padding (RFC 7515 §2), rejecting non-canonical trailing bits.
+/// The header and claims of a token, decoded WITHOUT verifying anything: for explaining a
+/// failure (`meshgate auth explain`), never for deciding.
+pub fn decode_unverified(token: &str) -> Option<(serde_json::Value, serde_json::Value)> {
+    let mut parts = token.trim().split('.');
+    let header = serde_json::from_slice(&b64url_decode(parts.next()?)?).ok()?;
+    let claims = serde_json::from_slice(&b64url_decode(parts.next()?)?).ok()?;
+    Some((header, claims))
+}
+
 fn b64url_decode(input: &str) -> Option<Vec<u8>> {
     let bytes = input.as_bytes();
     if bytes.len() % 4 == 1 {
