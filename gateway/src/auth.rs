@@ -63,6 +63,9 @@ pub struct AuthConfig {
     /// API key consumers.
     #[serde(default)]
     pub api_keys: Option<ApiKeyConfig>,
+    /// OAuth2 token introspection (RFC 7662) endpoints, for opaque tokens.
+    #[serde(default)]
+    pub introspection: Vec<crate::introspect::IntrospectionConfig>,
     /// PEM bundle trusted for `https` JWKS URIs; default: the system roots.
     #[serde(default)]
     pub jwks_ca_file: Option<PathBuf>,
@@ -102,6 +105,9 @@ pub struct RouteAuth {
     /// Accept API keys.
     #[serde(default)]
     pub api_key: bool,
+    /// Introspection endpoints accepted for a bearer token (any one).
+    #[serde(default)]
+    pub introspection: Vec<String>,
     /// Accept a client certificate verified on the HTTPS listener (`client_auth`); the consumer
     /// is named by `auth.mtls_consumer_from`.
     #[serde(default)]
@@ -143,6 +149,7 @@ pub struct Principal {
 pub struct Auth {
     providers: BTreeMap<String, (Validator, Arc<JwksCache>, JwtProviderConfig)>,
     keys: Option<(KeyStore, ApiKeyConfig)>,
+    introspectors: BTreeMap<String, crate::introspect::Introspector>,
     headers: IdentityHeaders,
     cert_field: CertField,
     limits: BTreeMap<String, RateLimitPolicy>,
@@ -189,6 +196,12 @@ impl Auth {
             )),
             None => None,
         };
+        let mut introspectors = BTreeMap::new();
+        for i in &cfg.introspection {
+            let x = crate::introspect::Introspector::new(i)
+                .map_err(|e| format!("auth.introspection ({}): {e}", i.name))?;
+            introspectors.insert(i.name.clone(), x);
+        }
         let mut limits = BTreeMap::new();
         for l in &cfg.rate_limits {
             l.validate()
@@ -206,6 +219,7 @@ impl Auth {
         Ok(Self {
             providers,
             keys,
+            introspectors,
             headers: cfg.identity_headers.clone(),
             cert_field: cfg.mtls_consumer_from,
             limits,
@@ -225,6 +239,13 @@ impl Auth {
                 if !self.providers.contains_key(p) {
                     return Err(format!(
                         "route {name}: auth.jwt names unknown provider {p:?}"
+                    ));
+                }
+            }
+            for i in &a.introspection {
+                if !self.introspectors.contains_key(i) {
+                    return Err(format!(
+                        "route {name}: auth.introspection names unknown endpoint {i:?}"
                     ));
                 }
             }
@@ -338,12 +359,59 @@ impl Auth {
                 }
             }
             if principal.is_none() {
+                if matches!(last, Some(crate::jwt::JwtError::TooLarge)) {
+                    // an oversized credential is a header-size problem, not a bad token
+                    let limit = route
+                        .jwt
+                        .iter()
+                        .filter_map(|n| self.providers.get(n))
+                        .map(|(_, _, c)| c.max_token_bytes)
+                        .max()
+                        .unwrap_or(8192);
+                    return Err(Problem::HeadersTooLarge { limit });
+                }
                 let reason = last.map_or_else(|| "missing token".to_owned(), |e| e.to_string());
                 failure = Some(unauthorized("Bearer", &reason));
             }
         }
+        if principal.is_none() && !route.introspection.is_empty() {
+            let token = headers
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split_once(' '))
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, t)| t.trim().to_owned());
+            match token {
+                None => failure = Some(unauthorized("Bearer", "missing token")),
+                Some(t) => {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0);
+                    for name in &route.introspection {
+                        let Some(x) = self.introspectors.get(name) else {
+                            continue;
+                        };
+                        match x.introspect(&t, now).await {
+                            Ok(info) => {
+                                principal = Some(Principal {
+                                    user: info.sub.clone(),
+                                    scopes: info.scopes(),
+                                    ..Principal::default()
+                                });
+                                break;
+                            }
+                            Err(crate::introspect::IntrospectError::TooLarge) => {
+                                return Err(Problem::HeadersTooLarge { limit: 8192 });
+                            }
+                            Err(e) => failure = Some(unauthorized("Bearer", &e.to_string())),
+                        }
+                    }
+                }
+            }
+        }
         let Some(p) = principal else {
-            let scheme = if wants_jwt {
+            let scheme = if wants_jwt || !route.introspection.is_empty() {
                 "Bearer"
             } else if route.api_key {
                 "ApiKey"

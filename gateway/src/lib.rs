@@ -21,6 +21,7 @@ pub mod auth;
 pub mod config;
 pub mod cors;
 pub mod hygiene;
+pub mod introspect;
 pub mod jwks;
 pub mod jwt;
 pub mod ratelimit;

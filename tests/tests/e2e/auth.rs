@@ -44,6 +44,7 @@ fn b64url(bytes: &[u8]) -> String {
 }
 
 struct SigningKey {
+    raw: Option<Arc<RsaKeyPair>>,
     key: EncodingKey,
     jwk: Value,
     alg: Algorithm,
@@ -55,6 +56,7 @@ fn rsa(kid: &str) -> SigningKey {
     let pem = meshgate_ca::pki::pem_block("PRIVATE KEY", pair.as_der().expect("pkcs8").as_ref());
     let c = PublicKeyComponents::<Vec<u8>>::from(pair.public_key());
     SigningKey {
+        raw: Some(Arc::new(pair)),
         key: EncodingKey::from_rsa_pem(pem.as_bytes()).expect("pem"),
         jwk: json!({"kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256", "n": b64url(&c.n), "e": b64url(&c.e)}),
         alg: Algorithm::RS256,
@@ -68,11 +70,49 @@ fn ec(kid: &str) -> SigningKey {
     let pem =
         meshgate_ca::pki::pem_block("PRIVATE KEY", pair.to_pkcs8v1().expect("pkcs8").as_ref());
     SigningKey {
+        raw: None,
         key: EncodingKey::from_ec_pem(pem.as_bytes()).expect("pem"),
         jwk: json!({"kty": "EC", "crv": "P-256", "kid": kid, "use": "sig", "x": b64url(&point[1..33]), "y": b64url(&point[33..])}),
         alg: Algorithm::ES256,
         kid: kid.into(),
     }
+}
+
+/// A token with a hand-written header, RS256-signed by `k` (or unsigned when `k` is None).
+fn raw_token(k: Option<&SigningKey>, header: Value, claims: &Value) -> String {
+    let signing_input = format!(
+        "{}.{}",
+        b64url(header.to_string().as_bytes()),
+        b64url(claims.to_string().as_bytes())
+    );
+    let sig = match k.and_then(|k| k.raw.clone()) {
+        Some(pair) => {
+            let mut sig = vec![0u8; pair.public_modulus_len()];
+            pair.sign(
+                &aws_lc_rs::signature::RSA_PKCS1_SHA256,
+                &aws_lc_rs::rand::SystemRandom::new(),
+                signing_input.as_bytes(),
+                &mut sig,
+            )
+            .expect("sign");
+            b64url(&sig)
+        }
+        None => String::new(),
+    };
+    format!("{signing_input}.{sig}")
+}
+
+/// HS256 over the input with `secret` (the key-confusion attack: the RSA public key as secret).
+fn hs256_token(secret: &[u8], kid: &str, claims: &Value) -> String {
+    let header = json!({"alg": "HS256", "typ": "JWT", "kid": kid});
+    let signing_input = format!(
+        "{}.{}",
+        b64url(header.to_string().as_bytes()),
+        b64url(claims.to_string().as_bytes())
+    );
+    let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, secret);
+    let tag = aws_lc_rs::hmac::sign(&key, signing_input.as_bytes());
+    format!("{signing_input}.{}", b64url(tag.as_ref()))
 }
 
 fn now() -> u64 {
@@ -307,6 +347,94 @@ async fn jwts_are_verified_once_at_the_edge() {
             );
         }
     }
+    // hand-made attacks: each is a 401
+    let attacker = rsa("attacker");
+    let good = claims("alice", 300);
+    let rsa_public = rs
+        .raw
+        .as_ref()
+        .expect("rsa")
+        .public_key()
+        .as_der()
+        .expect("spki")
+        .as_ref()
+        .to_vec();
+    let attacks: Vec<(String, &str)> = vec![
+        (
+            raw_token(None, json!({"alg": "none", "typ": "JWT"}), &good),
+            "alg none",
+        ),
+        (
+            hs256_token(&rsa_public, "rs-1", &good),
+            "HS256 signed with the RSA public key",
+        ),
+        (
+            raw_token(
+                Some(&rs),
+                json!({"alg": "RS256", "kid": "rs-1", "crit": ["exp"]}),
+                &good,
+            ),
+            "crit",
+        ),
+        (
+            raw_token(
+                Some(&attacker),
+                json!({"alg": "RS256", "kid": "attacker", "jwk": attacker.jwk}),
+                &good,
+            ),
+            "embedded jwk",
+        ),
+        (
+            raw_token(
+                Some(&attacker),
+                json!({"alg": "RS256", "kid": "attacker", "jku": "http://127.0.0.1:1/evil.json"}),
+                &good,
+            ),
+            "jku",
+        ),
+        (
+            raw_token(
+                Some(&attacker),
+                json!({"alg": "RS256", "x5u": "http://127.0.0.1:1/evil.pem"}),
+                &good,
+            ),
+            "x5u",
+        ),
+        (token(&rsa("unknown-kid"), good.clone()), "unknown kid"),
+        (
+            token(&rs, json!({"iss": ISS, "aud": "api", "sub": "a"})),
+            "missing exp",
+        ),
+    ];
+    for (t, why) in attacks {
+        let bearer = format!("Bearer {t}");
+        let got = plain(
+            gw,
+            "GET",
+            "api.example",
+            "/secure/x",
+            &[("authorization", &bearer)],
+            b"",
+        )
+        .await;
+        assert_eq!(got.status, 401, "{why}: {}", got.body);
+    }
+    let huge = token(
+        &rs,
+        json!({"iss": ISS, "aud": "api", "sub": "a", "exp": now() + 60, "pad": "x".repeat(12_000)}),
+    );
+    let bearer = format!("Bearer {huge}");
+    let got = plain(
+        gw,
+        "GET",
+        "api.example",
+        "/secure/x",
+        &[("authorization", &bearer)],
+        b"",
+    )
+    .await;
+    assert_eq!(got.status, 431, "an oversized token");
+
     let bearer = format!("Bearer {}", token(&rs, claims("alice", 300)));
     let got = plain(
         gw,
@@ -597,5 +725,114 @@ async fn edge_mtls_maps_the_certificate_to_a_consumer() {
             .await
             .is_err(),
         "a certificate from another CA fails the handshake"
+    );
+}
+
+#[tokio::test]
+async fn opaque_tokens_are_introspected_and_cached() {
+    // an RFC 7662 endpoint on loopback: "good-opaque" is active, everything else is not
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let endpoint = format!("http://{}/introspect", listener.local_addr().expect("addr"));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: http::Request<hyper::body::Incoming>| {
+                        let c = c.clone();
+                        async move {
+                            use http_body_util::BodyExt;
+                            c.fetch_add(1, Ordering::SeqCst);
+                            let authorized = req
+                                .headers()
+                                .get("authorization")
+                                .is_some_and(|v| v.to_str().is_ok_and(|v| v.starts_with("Basic ")));
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let form = String::from_utf8_lossy(&body).into_owned();
+                            let answer = if !authorized {
+                                json!({"error": "invalid_client"})
+                            } else if form.contains("token=good-opaque") {
+                                json!({"active": true, "sub": "opaque-user", "scope": "read", "exp": now() + 600})
+                            } else {
+                                json!({"active": false})
+                            };
+                            Ok::<_, Infallible>(
+                                http::Response::builder()
+                                    .header("content-type", "application/json")
+                                    .body(Full::new(Bytes::from(answer.to_string())))
+                                    .expect("resp"),
+                            )
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    let ca = TestCa::start(TD).await;
+    let backend = Backend::start("users").await;
+    let node = ca
+        .agent("node-b", json!({
+            "services": [{"name": "users", "port": backend.port, "protocol": "http"}],
+            "authz": {"default": "deny", "rules": [{"from": "gateway", "to": "users", "action": "allow"}]},
+        }))
+        .await;
+    let gw = ca
+        .gateway(json!({
+            "auth": {"introspection": [{"name": "idp", "endpoint": endpoint, "client_id": "gateway", "client_secret": "s3cret"}]},
+            "routes": [{"name": "opaque", "match": {"path": {"prefix": "/opaque"}}, "auth": {"introspection": ["idp"], "scopes": ["read"]}, "backend": {"service": "users"}}],
+            "discovery": {"static": {"users": [node.inbound().to_string()]}},
+        }))
+        .await;
+    for _ in 0..3 {
+        let got = plain(
+            gw.http(),
+            "GET",
+            "api.example",
+            "/opaque/x",
+            &[("authorization", "Bearer good-opaque")],
+            b"",
+        )
+        .await;
+        assert_eq!(got.status, 200, "{}", got.body);
+    }
+    assert_eq!(
+        last_seen(&backend).get("x-user-id").map(String::as_str),
+        Some("opaque-user")
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "active answers are cached");
+    for _ in 0..2 {
+        let got = plain(
+            gw.http(),
+            "GET",
+            "api.example",
+            "/opaque/x",
+            &[("authorization", "Bearer revoked-opaque")],
+            b"",
+        )
+        .await;
+        assert_eq!(got.status, 401);
+        assert!(
+            got.headers["www-authenticate"]
+                .to_str()
+                .expect("ascii")
+                .contains("invalid_token")
+        );
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "inactive answers are cached too"
     );
 }
