@@ -22,10 +22,11 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::info;
 
 use crate::{
+    auth::RateStores,
     config::{Compiled, GatewayConfig, GatewayConfigError},
     jwks::{FetchFailures, JwksCache},
     jwt::JwtProviderConfig,
-    ratelimit::MemoryStore,
+    ratelimit_redis::RedisStore,
     routes::RequestView,
     server::{Gateway, GatewayHandler, GatewayMetrics},
 };
@@ -184,7 +185,7 @@ impl Caches {
     fn compile(
         &mut self,
         cfg: &GatewayConfig,
-        store: &Arc<MemoryStore>,
+        stores: &RateStores,
         failures: &FetchFailures,
     ) -> Result<(Compiled, Vec<FreshCache>), GatewayConfigError> {
         let mut fresh = Vec::new();
@@ -201,7 +202,7 @@ impl Caches {
                 fresh.push((p.clone(), cache.clone()));
                 Ok(cache)
             },
-            store.clone(),
+            stores.clone(),
         )?;
         let names: std::collections::BTreeSet<String> =
             cfg.auth.jwt.iter().map(|p| p.name.clone()).collect();
@@ -243,7 +244,7 @@ pub struct GatewayApp {
     gateway: Arc<Gateway>,
     metrics: Arc<GatewayMetrics>,
     config: tokio::sync::Mutex<(GatewayConfig, Caches)>,
-    store: Arc<MemoryStore>,
+    stores: RateStores,
     failures: FetchFailures,
     state: Arc<AdminState>,
     drain: Drain,
@@ -285,9 +286,16 @@ impl GatewayApp {
                 failures.clone(),
             );
         }));
-        let store = Arc::new(MemoryStore::new());
+        let mut stores = RateStores::memory();
+        if let Some(r) = &cfg.auth.rate_limit_store {
+            stores.redis = Some(
+                RedisStore::connect(r)
+                    .await
+                    .map_err(|e| GatewayError::Setup(format!("auth.rate_limit_store: {e}")))?,
+            );
+        }
         let mut caches = Caches::default();
-        let (compiled, fresh) = caches.compile(&cfg, &store, &failures)?;
+        let (compiled, fresh) = caches.compile(&cfg, &stores, &failures)?;
         caches.load(fresh).await;
         let drain = Drain::new();
         let (admin_listener, admin_addr) = bind("admin", cfg.listen.admin).await?;
@@ -410,7 +418,7 @@ impl GatewayApp {
             metrics: gw_metrics,
             drain_timeout: cfg.drain_timeout,
             config: tokio::sync::Mutex::new((cfg, caches)),
-            store,
+            stores,
             failures,
             state,
             drain,
@@ -464,6 +472,7 @@ impl GatewayApp {
                 serde_json::to_value(&c.client_auth).unwrap_or_default(),
                 serde_json::to_value(&c.discovery).unwrap_or_default(),
                 c.auth.jwks_ca_file,
+                serde_json::to_value(&c.auth.rate_limit_store).unwrap_or_default(),
             ])
         };
         if fixed(&guard.0) != fixed(&next) {
@@ -480,7 +489,7 @@ impl GatewayApp {
             }
         }
         let mut caches = guard.1.clone();
-        let (mut compiled, fresh) = caches.compile(&next, &self.store, &self.failures)?;
+        let (mut compiled, fresh) = caches.compile(&next, &self.stores, &self.failures)?;
         compiled.https_port = self.https_addr.map(|a| a.port());
         caches.load(fresh).await;
         self.gateway.swap(compiled);

@@ -16,6 +16,7 @@ use crate::{
     jwks::JwksCache,
     jwt::{JwtProviderConfig, Validator, VerifiedToken},
     ratelimit::{self, KeySource, MemoryStore, RateLimitPolicy},
+    ratelimit_redis::{RedisConfig, RedisStore},
 };
 
 fn h_user() -> String {
@@ -75,6 +76,10 @@ pub struct AuthConfig {
     /// Rate-limit policies routes refer to by name.
     #[serde(default)]
     pub rate_limits: Vec<RateLimitPolicy>,
+    /// Keep rate-limit state in Redis so every gateway replica shares one limit (default: in
+    /// memory, per replica). `fail: open|closed` decides what happens while Redis is away.
+    #[serde(default)]
+    pub rate_limit_store: Option<RedisConfig>,
     /// Which part of a verified client certificate names the consumer for `auth.mtls` routes.
     #[serde(default)]
     pub mtls_consumer_from: CertField,
@@ -153,7 +158,26 @@ pub struct Auth {
     headers: IdentityHeaders,
     cert_field: CertField,
     limits: BTreeMap<String, RateLimitPolicy>,
-    store: Arc<MemoryStore>,
+    stores: RateStores,
+}
+
+/// Where rate-limit state lives: always a memory store; a Redis store when configured.
+#[derive(Debug, Clone)]
+pub struct RateStores {
+    /// The in-memory store (used when there is no Redis).
+    pub memory: Arc<MemoryStore>,
+    /// The shared store.
+    pub redis: Option<RedisStore>,
+}
+
+impl RateStores {
+    /// Only a memory store.
+    pub fn memory() -> Self {
+        Self {
+            memory: Arc::new(MemoryStore::new()),
+            redis: None,
+        }
+    }
 }
 
 fn unauthorized(scheme: &str, reason: &str) -> Problem {
@@ -173,7 +197,7 @@ impl Auth {
     pub fn new(
         cfg: &AuthConfig,
         caches: &BTreeMap<String, Arc<JwksCache>>,
-        store: Arc<MemoryStore>,
+        stores: RateStores,
     ) -> Result<Self, String> {
         let mut providers = BTreeMap::new();
         for p in &cfg.jwt {
@@ -202,6 +226,10 @@ impl Auth {
                 .map_err(|e| format!("auth.introspection ({}): {e}", i.name))?;
             introspectors.insert(i.name.clone(), x);
         }
+        if let Some(r) = &cfg.rate_limit_store {
+            r.validate()
+                .map_err(|e| format!("auth.rate_limit_store: {e}"))?;
+        }
         let mut limits = BTreeMap::new();
         for l in &cfg.rate_limits {
             l.validate()
@@ -223,7 +251,7 @@ impl Auth {
             headers: cfg.identity_headers.clone(),
             cert_field: cfg.mtls_consumer_from,
             limits,
-            store,
+            stores,
         })
     }
 
@@ -491,7 +519,7 @@ impl Auth {
     }
 
     /// Applies rate-limit policy `name`: Ok(headers to add to the response) or a 429 problem.
-    pub fn rate_limit(
+    pub async fn rate_limit(
         &self,
         name: &str,
         route: &str,
@@ -524,7 +552,16 @@ impl Auth {
         };
         let cfg = policy.limit_for(p.and_then(|p| p.tier.as_deref()));
         let key = format!("{}|{}|{part}", policy.name, route);
-        let d = self.store.check(&key, cfg, now_ms);
+        let d = match &self.stores.redis {
+            Some(redis) => {
+                let (d, err) = redis.check_or_fail_mode(&key, cfg, now_ms).await;
+                if let Some(e) = err {
+                    tracing::warn!(policy = %policy.name, error = %e, fail_mode = ?redis.fail_mode(), "rate-limit store unavailable; applying the fail mode");
+                }
+                d
+            }
+            None => self.stores.memory.check(&key, cfg, now_ms),
+        };
         let out = ratelimit::headers(&policy.name, cfg, &d);
         if d.allowed {
             Ok(out)

@@ -16,12 +16,11 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 use crate::{
-    auth::{Auth, AuthConfig},
+    auth::{Auth, AuthConfig, RateStores},
     cors::{Cors, CorsConfig},
     hygiene::{Hygiene, HygieneConfig},
     jwks::{FetchFailures, JwksCache},
     jwt::JwtProviderConfig,
-    ratelimit::MemoryStore,
     routes::{RouteConfig, RouteTable},
     transform::{self, TransformConfig},
 };
@@ -214,16 +213,16 @@ impl GatewayConfig {
         let ca = self.auth.jwks_ca_file.clone();
         self.compile_with(
             &mut |p| JwksCache::new(p, ca.as_deref(), failures.clone()).map(Arc::new),
-            Arc::new(MemoryStore::new()),
+            RateStores::memory(),
         )
     }
 
     /// Like [`GatewayConfig::compile`], with JWKS caches from `cache_for` (so a reload keeps the
-    /// keys of unchanged providers) and the rate-limit `store` (so counts survive reloads).
+    /// keys of unchanged providers) and the rate-limit `stores` (so counts survive reloads).
     pub fn compile_with(
         &self,
         cache_for: &mut dyn FnMut(&JwtProviderConfig) -> Result<Arc<JwksCache>, String>,
-        store: Arc<MemoryStore>,
+        stores: RateStores,
     ) -> Result<Compiled, GatewayConfigError> {
         let e = |m: String| GatewayConfigError(m);
         meshgate_ca::spiffe::validate_trust_domain(&self.trust_domain)
@@ -282,7 +281,7 @@ impl GatewayConfig {
                 cache_for(p).map_err(|x| e(format!("auth.jwt ({}): {x}", p.name)))?,
             );
         }
-        let auth = Auth::new(&self.auth, &caches, store).map_err(e)?;
+        let auth = Auth::new(&self.auth, &caches, stores).map_err(e)?;
         for r in &self.routes {
             auth.check_route(&r.name, r.auth.as_ref(), r.rate_limit.as_deref())
                 .map_err(e)?;

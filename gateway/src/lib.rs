@@ -25,6 +25,7 @@ pub mod introspect;
 pub mod jwks;
 pub mod jwt;
 pub mod ratelimit;
+pub mod ratelimit_redis;
 pub mod routes;
 pub mod server;
 pub mod transform;

@@ -342,27 +342,35 @@ impl Gateway {
                 }
             }
             if let Some(limit) = &cfg_route.rate_limit {
-                match cfg.auth.rate_limit(
-                    limit,
-                    &name,
-                    Some(&principal),
-                    ingress.client_ip,
-                    &parts.headers,
-                    now_ms(),
-                ) {
+                match cfg
+                    .auth
+                    .rate_limit(
+                        limit,
+                        &name,
+                        Some(&principal),
+                        ingress.client_ip,
+                        &parts.headers,
+                        now_ms(),
+                    )
+                    .await
+                {
                     Ok(h) => rate_headers = h,
                     Err(problem) => return (problem.response(&rid), rid, name),
                 }
             }
         } else if let Some(limit) = &cfg_route.rate_limit {
-            match cfg.auth.rate_limit(
-                limit,
-                &name,
-                None,
-                ingress.client_ip,
-                &parts.headers,
-                now_ms(),
-            ) {
+            match cfg
+                .auth
+                .rate_limit(
+                    limit,
+                    &name,
+                    None,
+                    ingress.client_ip,
+                    &parts.headers,
+                    now_ms(),
+                )
+                .await
+            {
                 Ok(h) => rate_headers = h,
                 Err(problem) => return (problem.response(&rid), rid, name),
             }

@@ -836,3 +836,115 @@ async fn opaque_tokens_are_introspected_and_cached() {
         "inactive answers are cached too"
     );
 }
+
+/// A redis-server child on a free loopback port (killed on drop).
+struct RedisServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl RedisServer {
+    async fn start() -> Option<Self> {
+        if std::process::Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        let up = eventually(Duration::from_secs(10), || async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                return false;
+            };
+            let mut buf = [0u8; 7];
+            s.write_all(b"PING\r\n").await.is_ok()
+                && s.read_exact(&mut buf).await.is_ok()
+                && &buf == b"+PONG\r\n"
+        })
+        .await;
+        assert!(up, "redis-server answered PING");
+        Some(Self { child, port })
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_share_one_limit_through_redis_and_fail_closed_without_it() {
+    let Some(mut redis) = RedisServer::start().await else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run the Redis test, but redis-server is missing"
+        );
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED redis rate-limit test: redis-server is not installed"
+        );
+        return;
+    };
+    let ca = TestCa::start(TD).await;
+    let backend = Backend::start("users").await;
+    let node = ca
+        .agent("node-b", json!({
+            "services": [{"name": "users", "port": backend.port, "protocol": "http"}],
+            "authz": {"default": "deny", "rules": [{"from": "gateway", "to": "users", "action": "allow"}]},
+        }))
+        .await;
+    let spec = json!({
+        "auth": {
+            "rate_limits": [{"name": "global", "key": "route", "limit": {"requests": 100, "per": "1m"}}],
+            "rate_limit_store": {"url": format!("redis://127.0.0.1:{}/0", redis.port), "fail": "closed", "timeout": "500ms"},
+        },
+        "routes": [{"name": "limited", "match": {"path": {"prefix": "/"}}, "rate_limit": "global", "backend": {"service": "users"}}],
+        "discovery": {"static": {"users": [node.inbound().to_string()]}},
+    });
+    let gw1 = ca.gateway(spec.clone()).await;
+    let gw2 = ca.gateway(spec).await;
+    let mut allowed = 0;
+    for i in 0..300 {
+        let gw = if i % 2 == 0 { gw1.http() } else { gw2.http() };
+        match plain(gw, "GET", "api.example", "/x", &[], b"").await.status {
+            200 => allowed += 1,
+            429 => {}
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(
+        (95..=105).contains(&allowed),
+        "{allowed} allowed across two gateways for a shared limit of 100"
+    );
+
+    // Redis goes away: fail closed means 429, not an open door
+    let _ = redis.child.kill();
+    let _ = redis.child.wait();
+    let got = plain(gw1.http(), "GET", "api.example", "/y", &[], b"").await;
+    assert_eq!(got.status, 429, "{}", got.body);
+    assert!(got.headers.contains_key("retry-after"));
+}
