@@ -11,7 +11,7 @@
 //! match, so the time taken reveals neither whether nor which key matched (the cost is linear
 //! in the number of keys, a few nanoseconds each).
 //!
-//! It must not do I/O (`consumers_file` is read by the caller), log, `Display` or `Debug`
+//! It must not do I/O (`consumers_file`, a JSON list of consumers, is read by `crate::auth`), log, `Display` or `Debug`
 //! a key or a key hash: [`KeyStore`]'s and [`Consumer`]'s `Debug` print consumer names and key
 //! counts only, and no error message quotes a configured hash (a malformed one may be a
 //! plaintext key pasted by mistake). It decides authentication only, not authorisation.

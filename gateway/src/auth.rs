@@ -214,10 +214,23 @@ impl Auth {
             }
         }
         let keys = match &cfg.api_keys {
-            Some(k) => Some((
-                KeyStore::new(&k.consumers).map_err(|e| format!("auth.api_keys: {e}"))?,
-                k.clone(),
-            )),
+            Some(k) => {
+                let mut consumers = k.consumers.clone();
+                if let Some(path) = &k.consumers_file {
+                    // a JSON list of consumers, kept apart from the config (e.g. mounted secret)
+                    let data = std::fs::read(path).map_err(|e| {
+                        format!("auth.api_keys.consumers_file {}: {e}", path.display())
+                    })?;
+                    let more: Vec<crate::apikey::Consumer> = serde_json::from_slice(&data).map_err(|e| {
+                        format!("auth.api_keys.consumers_file {}: not a JSON list of consumers: {e}", path.display())
+                    })?;
+                    consumers.extend(more);
+                }
+                Some((
+                    KeyStore::new(&consumers).map_err(|e| format!("auth.api_keys: {e}"))?,
+                    k.clone(),
+                ))
+            }
             None => None,
         };
         let mut introspectors = BTreeMap::new();

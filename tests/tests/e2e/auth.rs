@@ -115,6 +115,31 @@ fn hs256_token(secret: &[u8], kid: &str, claims: &Value) -> String {
     format!("{signing_input}.{}", b64url(tag.as_ref()))
 }
 
+fn ed(kid: &str) -> SigningKey {
+    let pair = aws_lc_rs::signature::Ed25519KeyPair::generate().expect("ed25519");
+    let pem =
+        meshgate_ca::pki::pem_block("PRIVATE KEY", pair.to_pkcs8v1().expect("pkcs8").as_ref());
+    SigningKey {
+        raw: None,
+        key: EncodingKey::from_ed_pem(pem.as_bytes()).expect("pem"),
+        jwk: json!({"kty": "OKP", "crv": "Ed25519", "kid": kid, "use": "sig", "x": b64url(pair.public_key().as_ref())}),
+        alg: Algorithm::EdDSA,
+        kid: kid.into(),
+    }
+}
+
+const HS_SECRET: &[u8] = b"a-shared-secret-of-at-least-32-bytes!!";
+
+fn hs(kid: &str) -> SigningKey {
+    SigningKey {
+        raw: None,
+        key: EncodingKey::from_secret(HS_SECRET),
+        jwk: json!({"kty": "oct", "kid": kid, "alg": "HS256", "k": b64url(HS_SECRET)}),
+        alg: Algorithm::HS256,
+        kid: kid.into(),
+    }
+}
+
 fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -223,6 +248,9 @@ async fn stack(jwks_url: &str) -> Stack {
                     "algorithms": ["RS256", "ES256", "EdDSA"], "leeway": "5s",
                     "claims_to_headers": {"email": "X-User-Email"},
                     "jwks_refresh": "1h", "unknown_kid_refetch_min_interval": "100ms",
+                }, {
+                    "name": "hs", "issuer": ISS, "audiences": ["api"], "algorithms": ["HS256"],
+                    "jwks": {"keys": [hs("hs-1").jwk]},
                 }],
                 "api_keys": {
                     "consumers": [{"name": "acme", "groups": ["partners"], "tier": "gold", "keys": [meshgate_gateway::apikey::hash_key(PARTNER_KEY)]}],
@@ -231,6 +259,7 @@ async fn stack(jwks_url: &str) -> Stack {
             },
             "routes": [
                 {"name": "secure", "match": {"path": {"prefix": "/secure"}}, "auth": {"jwt": ["main"], "scopes": ["read"]}, "backend": {"service": "users"}},
+                {"name": "hs", "match": {"path": {"prefix": "/hs"}}, "auth": {"jwt": ["hs"]}, "backend": {"service": "users"}},
                 {"name": "admin", "match": {"path": {"prefix": "/admin"}}, "auth": {"jwt": ["main"], "scopes": ["admin"]}, "backend": {"service": "users"}},
                 {"name": "partner", "match": {"path": {"prefix": "/partner"}}, "auth": {"api_key": true, "groups": ["partners"]}, "rate_limit": "partners", "backend": {"service": "users"}},
             ],
@@ -257,11 +286,12 @@ fn last_seen(b: &Backend) -> std::collections::BTreeMap<String, String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwts_are_verified_once_at_the_edge() {
-    let (rs, es) = (rsa("rs-1"), ec("ec-1"));
-    let jwks = Jwks::start(&[&rs, &es]).await;
+    let (rs, es, ed) = (rsa("rs-1"), ec("ec-1"), ed("ed-1"));
+    let jwks = Jwks::start(&[&rs, &es, &ed]).await;
     let s = stack(&jwks.url).await;
     let gw = s.gw.http();
-    for k in [&rs, &es] {
+    // one allowlist mixing RS256, ES256 and EdDSA accepts a valid token of each type
+    for k in [&rs, &es, &ed] {
         let bearer = format!("Bearer {}", token(k, claims("alice", 300)));
         let got = plain(
             gw,
@@ -347,6 +377,74 @@ async fn jwts_are_verified_once_at_the_edge() {
             );
         }
     }
+    assert_eq!(
+        s.backend.count(),
+        before,
+        "refused tokens never reach the service"
+    );
+    // an HS256 provider (its own, symmetric) accepts its tokens
+    let bearer = format!("Bearer {}", token(&hs("hs-1"), claims("carol", 300)));
+    let got = plain(
+        gw,
+        "GET",
+        "api.example",
+        "/hs/x",
+        &[("authorization", &bearer)],
+        b"",
+    )
+    .await;
+    assert_eq!(got.status, 200, "{}", got.body);
+    // the leeway is the configured 5s: expired 2s ago passes, 30s ago does not
+    let bearer = format!("Bearer {}", token(&rs, claims("alice", -2)));
+    assert_eq!(
+        plain(
+            gw,
+            "GET",
+            "api.example",
+            "/secure/x",
+            &[("authorization", &bearer)],
+            b""
+        )
+        .await
+        .status,
+        200
+    );
+    let bearer = format!("Bearer {}", token(&rs, claims("alice", -30)));
+    assert_eq!(
+        plain(
+            gw,
+            "GET",
+            "api.example",
+            "/secure/x",
+            &[("authorization", &bearer)],
+            b""
+        )
+        .await
+        .status,
+        401
+    );
+    // a required claim missing: aud, iss
+    for missing in ["aud", "iss"] {
+        let mut c = claims("alice", 300);
+        c.as_object_mut().expect("object").remove(missing);
+        let bearer = format!("Bearer {}", token(&rs, c));
+        assert_eq!(
+            plain(
+                gw,
+                "GET",
+                "api.example",
+                "/secure/x",
+                &[("authorization", &bearer)],
+                b""
+            )
+            .await
+            .status,
+            401,
+            "missing {missing}"
+        );
+    }
+
+    let before = s.backend.count();
     // hand-made attacks: each is a 401
     let attacker = rsa("attacker");
     let good = claims("alice", 300);
