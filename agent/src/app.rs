@@ -105,25 +105,12 @@ pub struct Agent {
     registrations: Vec<ServiceRegistration>,
 }
 
-/// Listen backlog: bursts of new connections (a thousand clients at once) queue in the kernel
-/// instead of being dropped; Linux caps it at `net.core.somaxconn`.
-const BACKLOG: u32 = 4096;
-
 async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, AgentError> {
-    let err = |source| AgentError::Bind {
+    crate::transport::listen(addr).map_err(|source| AgentError::Bind {
         what: what.to_owned(),
         addr,
         source,
-    };
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()
-    } else {
-        tokio::net::TcpSocket::new_v6()
-    }
-    .map_err(err)?;
-    socket.set_reuseaddr(true).map_err(err)?;
-    socket.bind(addr).map_err(err)?;
-    socket.listen(BACKLOG).map_err(err)
+    })
 }
 
 fn local_addr(what: &str, l: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, AgentError> {

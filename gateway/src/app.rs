@@ -259,15 +259,7 @@ async fn bind(
     addr: SocketAddr,
 ) -> Result<(TcpListener, SocketAddr), GatewayError> {
     let err = |source| GatewayError::Bind { what, addr, source };
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()
-    } else {
-        tokio::net::TcpSocket::new_v6()
-    }
-    .map_err(err)?;
-    socket.set_reuseaddr(true).map_err(err)?;
-    socket.bind(addr).map_err(err)?;
-    let l = socket.listen(4096).map_err(err)?;
+    let l = meshgate_agent::transport::listen(addr).map_err(err)?;
     let a = l.local_addr().map_err(err)?;
     Ok((l, a))
 }

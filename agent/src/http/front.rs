@@ -261,28 +261,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for SharedIo<T> {
     }
 }
 
-/// A clone of the shared IO for writing after hyper is done.
-struct LastWord<T>(Arc<Mutex<T>>);
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for LastWord<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let mut io = self.0.lock().expect("invariant: io lock not poisoned");
-        Pin::new(&mut *io).poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut io = self.0.lock().expect("invariant: io lock not poisoned");
-        Pin::new(&mut *io).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut io = self.0.lock().expect("invariant: io lock not poisoned");
-        Pin::new(&mut *io).poll_shutdown(cx)
-    }
-}
-
 /// Accepts on `listener` (TLS when `tls` is set) until draining starts; open connections then
 /// finish their requests (HTTP/2 gets GOAWAY).
 pub async fn serve(
@@ -393,7 +371,7 @@ async fn connection<T>(
                 "{:016x}",
                 u64::from_le_bytes(meshgate_ca::pki::random_bytes::<8>())
             );
-            let mut w = LastWord(shared);
+            let mut w = SharedIo(shared);
             let _ = w.write_all(&Problem::RequestTimeout.raw_http1(&id)).await;
             let _ = w.shutdown().await;
             debug!(src.addr = %info.peer, "request head timed out: 408");
