@@ -19,33 +19,52 @@ fn dev_prints_working_curl_lines_and_stops_on_ctrl_c() {
         let _ = writeln!(std::io::stderr(), "SKIPPED dev test: curl is not installed");
         return;
     }
-    // a port block unlikely to collide with anything else running
-    let base = 20_000 + u16::try_from(std::process::id() % 40).unwrap_or(0) * 1_000;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_meshgate"))
-        .args(["dev", "--port-base", &base.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn meshgate dev");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
+    // a port block below the kernel's ephemeral range (32768+), where port-0 listeners and
+    // outgoing connections of other tests live; retried on another block if it is taken
+    let mut attempt = 0u16;
+    let (mut child, rx, printed) = loop {
+        let base = 20_000
+            + u16::try_from((std::process::id() + u32::from(attempt) * 7) % 12).unwrap_or(0)
+                * 1_000;
+        let log = std::env::temp_dir().join(format!(
+            "meshgate-dev-test-{}-{attempt}.log",
+            std::process::id()
+        ));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_meshgate"))
+            .args(["dev", "--port-base", &base.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn meshgate dev");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
             }
+        });
+        let mut printed = Vec::new();
+        let ready = loop {
+            match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) if line == "ready" => break true,
+                Ok(line) => printed.push(line),
+                Err(_) => break false,
+            }
+        };
+        if ready {
+            break (child, rx, printed);
         }
-    });
-    let mut printed = Vec::new();
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("meshgate dev printed 'ready' within 60s");
-        if line == "ready" {
-            break;
-        }
-        printed.push(line);
-    }
+        let _ = child.kill();
+        let _ = child.wait();
+        let err = std::fs::read_to_string(&log).unwrap_or_default();
+        attempt += 1;
+        assert!(
+            attempt < 3 && err.contains("in use"),
+            "meshgate dev did not print 'ready' (base {base}):\n{err}"
+        );
+    };
     let curls: Vec<(String, String)> = printed
         .iter()
         .filter_map(|l| {
