@@ -2,7 +2,7 @@
 //! then identity, workload SVIDs, discovery, the inbound tunnel port and the upstream listeners.
 //! Reports what it bound (port 0 works everywhere) and drains on shutdown.
 
-use std::{collections::HashMap, net::SocketAddr, path::Path, sync::Arc, sync::atomic::Ordering};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, sync::atomic::Ordering};
 
 use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::info;
@@ -15,7 +15,7 @@ use crate::{
     config::{AgentConfig, ConfigError},
     discovery::{self, consul},
     drain::Drain,
-    identity::{IdentityConfig, IdentityError, IdentityManager},
+    identity::{IdentityError, IdentityManager},
     proxy::{
         inbound::{self, Inbound, LocalService},
         outbound::{self, Upstream},
@@ -121,20 +121,6 @@ fn local_addr(what: &str, l: &TcpListener, addr: SocketAddr) -> Result<SocketAdd
     })
 }
 
-fn read_token(path: Option<&Path>) -> Result<Option<String>, AgentError> {
-    let Some(path) = path else {
-        return Ok(None);
-    };
-    match std::fs::read_to_string(path) {
-        Ok(t) => Ok(Some(t.trim().to_owned())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(AgentError::Token {
-            path: path.display().to_string(),
-            source,
-        }),
-    }
-}
-
 impl Agent {
     /// Starts the agent; returns once it is ready (certificates held, listeners bound).
     pub async fn start(cfg: AgentConfig) -> Result<Self, AgentError> {
@@ -144,26 +130,21 @@ impl Agent {
 
         let admin_listener = bind("admin", cfg.listen.admin).await?;
         let admin_addr = local_addr("admin", &admin_listener, cfg.listen.admin)?;
-        let state = Arc::new(AdminState {
-            metrics: metrics.clone(),
-            config: serde_json::to_value(&cfg).unwrap_or_default(),
-            ready: false.into(),
-            identity: Default::default(),
-            endpoints: Default::default(),
-            drain: drain.clone(),
-            extension: Default::default(),
-        });
+        let state = Arc::new(AdminState::new(
+            metrics.clone(),
+            serde_json::to_value(&cfg).unwrap_or_default(),
+            drain.clone(),
+        ));
         let admin_task = tokio::spawn(admin::serve(admin_listener, state.clone()));
 
-        let identity = IdentityManager::start(IdentityConfig {
-            trust_domain: cfg.trust_domain.clone(),
-            node: cfg.node.clone(),
-            data_dir: cfg.data_dir.clone(),
-            ca_address: cfg.ca.address.clone(),
-            ca_fingerprint: cfg.ca.fingerprint.clone(),
-            join_token: read_token(cfg.ca.join_token_file.as_deref())?,
-        })
-        .await?;
+        let identity_cfg = cfg
+            .ca
+            .identity_config(&cfg.trust_domain, &cfg.node, &cfg.data_dir)
+            .map_err(|(path, source)| AgentError::Token {
+                path: path.display().to_string(),
+                source,
+            })?;
+        let identity = IdentityManager::start(identity_cfg).await?;
         let _ = state.identity.set(identity.clone());
 
         // Bind the inbound port before registering, so the registration carries the real port

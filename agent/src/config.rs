@@ -76,6 +76,35 @@ pub struct CaRef {
     pub join_token_file: Option<PathBuf>,
 }
 
+impl CaRef {
+    /// The identity manager's settings for `node` of `trust_domain`, keeping keys in
+    /// `data_dir`; reads the join token file when it exists (a missing file means "no token":
+    /// the node already holds a certificate).
+    pub fn identity_config(
+        &self,
+        trust_domain: &str,
+        node: &str,
+        data_dir: &std::path::Path,
+    ) -> Result<crate::identity::IdentityConfig, (PathBuf, std::io::Error)> {
+        let join_token = match &self.join_token_file {
+            None => None,
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(t) => Some(t.trim().to_owned()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err((path.clone(), e)),
+            },
+        };
+        Ok(crate::identity::IdentityConfig {
+            trust_domain: trust_domain.to_owned(),
+            node: node.to_owned(),
+            data_dir: data_dir.to_owned(),
+            ca_address: self.address.clone(),
+            ca_fingerprint: self.fingerprint.clone(),
+            join_token,
+        })
+    }
+}
+
 /// Listen addresses.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]

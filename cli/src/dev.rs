@@ -162,7 +162,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     let signing = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let point = signing.public_key_raw().to_vec();
     let jwk = json!({"kty": "EC", "crv": "P-256", "kid": "dev-1", "use": "sig", "alg": "ES256",
-                     "x": b64url(&point[1..33]), "y": b64url(&point[33..])});
+                     "x": meshgate_ca::pki::base64url(&point[1..33]), "y": meshgate_ca::pki::base64url(&point[33..])});
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)?
         .as_secs();
@@ -299,20 +299,4 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     ca.shutdown(Duration::from_secs(1)).await;
     println!("stopped");
     Ok(())
-}
-
-/// Base64url without padding (JWK members).
-fn b64url(bytes: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
-        for i in 0..=chunk.len() {
-            out.push(char::from(T[((n >> (18 - 6 * i)) & 63) as usize]));
-        }
-    }
-    out
 }

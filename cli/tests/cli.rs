@@ -711,24 +711,10 @@ fn apikey_hash_prints_the_stored_form() {
 
 #[test]
 fn auth_explain_names_the_failing_check_without_printing_the_token() {
-    fn b64url(bytes: &[u8]) -> String {
-        const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-        let mut out = String::new();
-        for chunk in bytes.chunks(3) {
-            let n = chunk
-                .iter()
-                .enumerate()
-                .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
-            for i in 0..=chunk.len() {
-                out.push(char::from(T[((n >> (18 - 6 * i)) & 63) as usize]));
-            }
-        }
-        out
-    }
     let tmp = tempfile::tempdir().expect("tempdir");
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
     let p = key.public_key_raw().to_vec();
-    let jwk = serde_json::json!({"kty": "EC", "crv": "P-256", "kid": "k1", "x": b64url(&p[1..33]), "y": b64url(&p[33..])});
+    let jwk = serde_json::json!({"kty": "EC", "crv": "P-256", "kid": "k1", "x": meshgate_ca::pki::base64url(&p[1..33]), "y": meshgate_ca::pki::base64url(&p[33..])});
     let cfg = tmp.path().join("gw.yaml");
     std::fs::write(
         &cfg,

@@ -13,7 +13,7 @@ use meshgate_agent::{
         front::{self, FrontLimits},
         upstream::MeshHttpClient,
     },
-    identity::{IdentityConfig, IdentityError, IdentityManager},
+    identity::{IdentityError, IdentityManager},
     telemetry::Metrics,
     transport::hbone::Pool,
 };
@@ -267,7 +267,6 @@ async fn bind(
 impl GatewayApp {
     /// Starts the gateway; returns once it is ready.
     pub async fn start(cfg: GatewayConfig) -> Result<Self, GatewayError> {
-        cfg.compile()?;
         let gw_metrics = Arc::new(GatewayMetrics::default());
         let failures = FetchFailures::default();
         let metrics = Arc::new(Metrics::with_extra(|r| {
@@ -291,39 +290,20 @@ impl GatewayApp {
         caches.load(fresh).await;
         let drain = Drain::new();
         let (admin_listener, admin_addr) = bind("admin", cfg.listen.admin).await?;
-        let state = Arc::new(AdminState {
-            metrics: metrics.clone(),
-            config: serde_json::to_value(&cfg).unwrap_or_default(),
-            ready: false.into(),
-            identity: Default::default(),
-            endpoints: Default::default(),
-            drain: drain.clone(),
-            extension: Default::default(),
-        });
+        let state = Arc::new(AdminState::new(
+            metrics.clone(),
+            serde_json::to_value(&cfg).unwrap_or_default(),
+            drain.clone(),
+        ));
         let admin_task = tokio::spawn(admin::serve(admin_listener, state.clone()));
 
-        let token = match &cfg.ca.join_token_file {
-            Some(p) => match std::fs::read_to_string(p) {
-                Ok(t) => Some(t.trim().to_owned()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                Err(e) => {
-                    return Err(GatewayError::Setup(format!(
-                        "join token file {}: {e}",
-                        p.display()
-                    )));
-                }
-            },
-            None => None,
-        };
-        let identity = IdentityManager::start(IdentityConfig {
-            trust_domain: cfg.trust_domain.clone(),
-            node: cfg.node.clone(),
-            data_dir: cfg.data_dir.clone(),
-            ca_address: cfg.ca.address.clone(),
-            ca_fingerprint: cfg.ca.fingerprint.clone(),
-            join_token: token,
-        })
-        .await?;
+        let identity_cfg = cfg
+            .ca
+            .identity_config(&cfg.trust_domain, &cfg.node, &cfg.data_dir)
+            .map_err(|(path, e)| {
+                GatewayError::Setup(format!("join token file {}: {e}", path.display()))
+            })?;
+        let identity = IdentityManager::start(identity_cfg).await?;
         let _ = state.identity.set(identity.clone());
         let me = identity.workload(&cfg.namespace, &cfg.identity).await?;
 

@@ -376,7 +376,8 @@ impl Gateway {
             }
         }
         let query = parts.uri.query().unwrap_or_default().to_owned();
-        let original_headers = parts.headers.clone();
+        // CORS decides on the request's Origin after the upstream answered; keep the headers only then
+        let original_headers = policy.cors.is_some().then(|| parts.headers.clone());
         if let Some(t) = &policy.transforms {
             if let Some(h) = &t.request_headers {
                 transform::apply_headers(h, &mut parts.headers);
@@ -492,8 +493,8 @@ impl Gateway {
                 }
             }
         }
-        if let Some(cors) = &policy.cors {
-            cors.apply_response(&original_headers, &mut rparts.headers);
+        if let (Some(cors), Some(h)) = (&policy.cors, &original_headers) {
+            cors.apply_response(h, &mut rparts.headers);
         }
         if let Ok(v) = HeaderValue::from_str(&rid) {
             rparts.headers.insert("x-request-id", v);

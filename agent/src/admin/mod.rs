@@ -41,6 +41,21 @@ pub struct AdminState {
     pub extension: OnceLock<Arc<dyn AdminExtension>>,
 }
 
+impl AdminState {
+    /// Not ready yet, no identity or endpoints; `config` is the effective config as JSON.
+    pub fn new(metrics: Arc<Metrics>, config: serde_json::Value, drain: Drain) -> Self {
+        Self {
+            metrics,
+            config,
+            ready: AtomicBool::new(false),
+            identity: OnceLock::new(),
+            endpoints: OnceLock::new(),
+            drain,
+            extension: OnceLock::new(),
+        }
+    }
+}
+
 /// Extra admin endpoints, answered with JSON.
 pub trait AdminExtension: Send + Sync + std::fmt::Debug {
     /// The JSON for `path` (with its raw `query`), or None if the path is not this extension's.
