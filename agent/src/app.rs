@@ -1,27 +1,31 @@
 //! Builds a node agent from its config: admin API first (so health answers during the join),
-//! then identity, workload SVIDs, discovery, the inbound tunnel port and the upstream listeners.
-//! Reports what it bound (port 0 works everywhere) and drains on shutdown.
+//! every listener bound, then the shared bootstrap (identity, discovery, tunnel pool), workload
+//! SVIDs, the inbound port on the HTTP front and the upstream listeners. Reports what it bound
+//! (port 0 works everywhere) and drains on shutdown.
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, sync::atomic::Ordering};
 
 use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::info;
 
-use meshgate_ca::consul::{ConsulClient, ConsulError, ServiceRegistration};
+use meshgate_ca::consul::{ConsulClient, ServiceRegistration};
 
 use crate::{
     admin::{self, AdminState},
-    balance::BalanceConfig,
+    bootstrap::{BootstrapError, Mesh, MeshSpec},
     config::{AgentConfig, ConfigError},
-    discovery::{self, consul},
+    discovery::consul,
     drain::Drain,
+    http::{
+        front::{self, Security},
+        pipeline::RequestMetrics,
+    },
     identity::{IdentityError, IdentityManager},
     proxy::{
-        inbound::{self, Inbound, LocalService},
+        inbound::{Inbound, InboundHandler, LocalService},
         outbound::{self, Upstream},
     },
     telemetry::Metrics,
-    transport::hbone::Pool,
 };
 
 /// Why the agent could not start.
@@ -41,24 +45,12 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
-    /// The join token file could not be read.
-    #[error("cannot read the join token file {path}: {source}")]
-    Token {
-        /// The file.
-        path: String,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Joining or obtaining certificates failed.
+    /// Joining the mesh failed (token file, CA, Consul or DNS settings).
+    #[error(transparent)]
+    Bootstrap(#[from] BootstrapError),
+    /// Obtaining a workload certificate failed.
     #[error(transparent)]
     Identity(#[from] IdentityError),
-    /// The Consul settings are unusable.
-    #[error(transparent)]
-    Consul(ConsulError),
-    /// The DNS settings are unusable.
-    #[error("DNS discovery: {0}")]
-    Dns(String),
 }
 
 /// Retries Consul registration with backoff until it succeeds.
@@ -122,10 +114,18 @@ fn local_addr(what: &str, l: &TcpListener, addr: SocketAddr) -> Result<SocketAdd
 }
 
 impl Agent {
-    /// Starts the agent; returns once it is ready (certificates held, listeners bound).
+    /// Starts the agent; returns once it is ready (certificates held, listeners bound). Every
+    /// listener is bound before the join token is spent, so a bad address fails first.
     pub async fn start(cfg: AgentConfig) -> Result<Self, AgentError> {
-        let policy = cfg.validate()?;
-        let metrics = Arc::new(Metrics::new());
+        let policy = Arc::new(cfg.validate()?);
+        let request_metrics = Arc::new(RequestMetrics::default());
+        let metrics = Arc::new(Metrics::with_extra(|r| {
+            request_metrics.register(
+                r,
+                "meshgate_inbound_requests",
+                "L7 requests on the inbound port, by local service and status code",
+            );
+        }));
         let drain = Drain::new();
 
         let admin_listener = bind("admin", cfg.listen.admin).await?;
@@ -137,25 +137,48 @@ impl Agent {
         ));
         let admin_task = tokio::spawn(admin::serve(admin_listener, state.clone()));
 
-        let identity_cfg = cfg
-            .ca
-            .identity_config(&cfg.trust_domain, &cfg.node, &cfg.data_dir)
-            .map_err(|(path, source)| AgentError::Token {
-                path: path.display().to_string(),
-                source,
-            })?;
-        let identity = IdentityManager::start(identity_cfg).await?;
-        let _ = state.identity.set(identity.clone());
-
-        // Bind the inbound port before registering, so the registration carries the real port
-        // (port 0 works) and the CA can find the services in Consul before signing their SVIDs.
-        let mut tasks = Vec::new();
         let inbound_listener = bind("inbound", cfg.listen.inbound).await?;
         let inbound_addr = local_addr("inbound", &inbound_listener, cfg.listen.inbound)?;
-        let consul = match &cfg.discovery.consul {
-            Some(c) => Some(ConsulClient::new(c).map_err(AgentError::Consul)?),
-            None => None,
+        let mut upstream_listeners = Vec::new();
+        for s in &cfg.services {
+            for u in &s.upstreams {
+                let what = format!("upstream {} -> {}", s.name, u.service);
+                let listener = bind(&what, u.listen).await?;
+                let addr = local_addr(&what, &listener, u.listen)?;
+                upstream_listeners.push((s.name.clone(), u.service.clone(), listener, addr));
+            }
+        }
+
+        // endpoints of other nodes are on the same inbound port as ours unless they say otherwise
+        let mesh_port = match cfg.listen.inbound.port() {
+            0 => 15008,
+            p => p,
         };
+        let upstream_names = cfg
+            .services
+            .iter()
+            .flat_map(|s| s.upstreams.iter().map(|u| u.service.clone()));
+        let mesh = Mesh::start(
+            MeshSpec {
+                trust_domain: &cfg.trust_domain,
+                node: &cfg.node,
+                data_dir: &cfg.data_dir,
+                ca: &cfg.ca,
+                discovery: &cfg.discovery,
+                tunnel: &cfg.tunnel,
+                mesh_port,
+            },
+            upstream_names,
+            &metrics,
+            &state,
+        )
+        .await?;
+        let identity = mesh.identity.clone();
+        let mut tasks = mesh.tasks;
+
+        // Register before asking for workload SVIDs: the registration carries the real inbound
+        // port (port 0 works), and the CA finds the services in Consul before signing.
+        let consul = mesh.consul;
         let mut registrations = Vec::new();
         if let (Some(client), true) = (&consul, cfg.consul_registration()) {
             let advertise = cfg.advertise()?;
@@ -199,74 +222,43 @@ impl Agent {
             );
             owners.insert(s.name.clone(), id);
         }
-        let upstream_names = cfg
-            .services
-            .iter()
-            .flat_map(|s| s.upstreams.iter().map(|u| u.service.clone()));
-        let balance = BalanceConfig {
-            failures_to_eject: cfg.tunnel.failures_to_eject,
-            ..BalanceConfig::default()
-        };
-        // endpoints of other nodes are on the same inbound port as ours unless they say otherwise
-        let mesh_port = match cfg.listen.inbound.port() {
-            0 => 15008,
-            p => p,
-        };
-        let running = discovery::spawn(
-            &cfg.discovery,
-            consul.as_ref(),
-            upstream_names,
-            mesh_port,
-            balance,
-            &metrics,
-        )
-        .map_err(AgentError::Dns)?;
-        let endpoints = running.endpoints;
-        tasks.extend(running.tasks);
-        let _ = state.endpoints.set(endpoints.clone());
-        let pool = Arc::new(Pool::new(
-            identity.clone(),
-            cfg.tunnel.clone(),
-            metrics.clone(),
-        ));
 
         let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config(&identity.node()));
-        let inbound_ctx = Arc::new(Inbound {
-            services: local,
-            policy,
-            tunnel: cfg.tunnel.clone(),
-            metrics: metrics.clone(),
-            drain: drain.clone(),
-        });
-        tasks.push(tokio::spawn(inbound::serve(
+        let inbound = InboundHandler::new(
+            Arc::new(Inbound {
+                services: local,
+                policy,
+                tunnel: cfg.tunnel.clone(),
+                metrics: metrics.clone(),
+                drain: drain.clone(),
+            }),
+            request_metrics,
+        );
+        tasks.push(tokio::spawn(front::serve(
             inbound_listener,
-            acceptor,
-            inbound_ctx,
+            Security::Mesh(acceptor),
+            inbound.front(),
         )));
 
         let mut upstreams = Vec::new();
-        for s in &cfg.services {
-            for u in &s.upstreams {
-                let what = format!("upstream {} -> {}", s.name, u.service);
-                let listener = bind(&what, u.listen).await?;
-                let addr = local_addr(&what, &listener, u.listen)?;
-                let up = Arc::new(Upstream {
-                    service: u.service.clone(),
-                    source: owners[&s.name].clone(),
-                    balancer: endpoints
-                        .balancer(&u.service)
-                        .expect("invariant: every upstream has a balancer"),
-                    pool: pool.clone(),
-                    metrics: metrics.clone(),
-                    drain: drain.clone(),
-                });
-                tasks.push(tokio::spawn(outbound::serve(listener, up)));
-                upstreams.push(UpstreamListener {
-                    from: s.name.clone(),
-                    service: u.service.clone(),
-                    addr,
-                });
-            }
+        for (from, service, listener, addr) in upstream_listeners {
+            let up = Arc::new(Upstream {
+                service: service.clone(),
+                source: owners[&from].clone(),
+                balancer: mesh
+                    .endpoints
+                    .balancer(&service)
+                    .expect("invariant: every upstream has a balancer"),
+                pool: mesh.pool.clone(),
+                metrics: metrics.clone(),
+                drain: drain.clone(),
+            });
+            tasks.push(tokio::spawn(outbound::serve(listener, up)));
+            upstreams.push(UpstreamListener {
+                from,
+                service,
+                addr,
+            });
         }
         state.ready.store(true, Ordering::SeqCst);
         metrics.set_ready(true);

@@ -143,9 +143,11 @@ pub enum Protocol {
     /// Bytes: L4 intentions only.
     #[default]
     Tcp,
-    /// HTTP/1.1: L4 intentions plus per-request method/path rules.
+    /// HTTP/1.1 to the service: every request is checked against the intentions (methods,
+    /// paths) and forwarded over pooled keep-alive connections; upgrades (WebSocket) work.
     Http,
-    /// gRPC (HTTP/2): carried as bytes, L4 intentions.
+    /// HTTP/2 with prior knowledge to the service (gRPC, h2c): every request (stream) is
+    /// checked against the intentions; trailers are kept.
     Grpc,
 }
 
@@ -254,7 +256,7 @@ impl Default for RegistrationConfig {
 }
 
 /// Tunnel tuning; the defaults suit most meshes.
-#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TunnelConfig {
     /// TCP + TLS connect timeout to another agent. Default 5s.
@@ -269,18 +271,37 @@ pub struct TunnelConfig {
     #[serde(default = "default_keepalive_timeout", with = "humantime_serde")]
     #[schemars(with = "String")]
     pub keepalive_timeout: Duration,
-    /// HTTP/2 stream window (bytes). Default 4 MiB.
+    /// HTTP/2 stream window (bytes): how much one stream may have in flight unread. Default
+    /// 256 KiB.
     #[serde(default = "default_stream_window")]
     pub stream_window: u32,
-    /// HTTP/2 connection window (bytes). Default 16 MiB.
+    /// HTTP/2 connection window (bytes). Default 32 MiB: larger than `stream_window` times
+    /// `max_streams_per_connection`, so streams nobody reads never stall the others.
     #[serde(default = "default_connection_window")]
     pub connection_window: u32,
-    /// Streams one tunnel carries at once. Default 4096.
+    /// Streams one inbound tunnel connection may carry at once. Default 4096.
     #[serde(default = "default_max_streams")]
     pub max_streams: u32,
+    /// Streams the caller puts on one tunnel connection before it opens another to the same
+    /// agent. Default 100.
+    #[serde(default = "default_streams_per_connection")]
+    pub max_streams_per_connection: u32,
     /// Consecutive connect failures that eject an endpoint. Default 3.
     #[serde(default = "default_failures_to_eject")]
     pub failures_to_eject: u32,
+    /// An inbound tunnel connection with no stream open is closed after this. Default 10m.
+    #[serde(default = "default_tunnel_idle", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub idle_timeout: Duration,
+    /// Time a local L7 service has to start answering a request (502 after). Default 5m.
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub request_timeout: Duration,
+    /// Idle keep-alive connections to local HTTP/1.1 services are closed after this; keep it
+    /// below the service's own keep-alive timeout (Node.js: 5s). Default 3s.
+    #[serde(default = "default_local_idle", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub local_idle_timeout: Duration,
 }
 
 fn default_connect_timeout() -> Duration {
@@ -293,16 +314,28 @@ fn default_keepalive_timeout() -> Duration {
     Duration::from_secs(20)
 }
 fn default_stream_window() -> u32 {
-    4 << 20
+    256 << 10
 }
 fn default_connection_window() -> u32 {
-    16 << 20
+    32 << 20
 }
 fn default_max_streams() -> u32 {
     4096
 }
+fn default_streams_per_connection() -> u32 {
+    100
+}
 fn default_failures_to_eject() -> u32 {
     3
+}
+fn default_tunnel_idle() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_local_idle() -> Duration {
+    Duration::from_secs(3)
 }
 
 impl Default for TunnelConfig {
@@ -314,8 +347,42 @@ impl Default for TunnelConfig {
             stream_window: default_stream_window(),
             connection_window: default_connection_window(),
             max_streams: default_max_streams(),
+            max_streams_per_connection: default_streams_per_connection(),
             failures_to_eject: default_failures_to_eject(),
+            idle_timeout: default_tunnel_idle(),
+            request_timeout: default_request_timeout(),
+            local_idle_timeout: default_local_idle(),
         }
+    }
+}
+
+impl TunnelConfig {
+    /// Checks the values; errors name the field under `prefix` (`tunnel`).
+    pub fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
+        let t = self;
+        for (name, d) in [
+            ("connect_timeout", t.connect_timeout),
+            ("idle_timeout", t.idle_timeout),
+            ("request_timeout", t.request_timeout),
+            ("local_idle_timeout", t.local_idle_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(err(format!("{prefix}.{name}"), "must be more than zero"));
+            }
+        }
+        if t.max_streams == 0 || t.failures_to_eject == 0 || t.max_streams_per_connection == 0 {
+            return Err(err(
+                prefix,
+                "max_streams, max_streams_per_connection and failures_to_eject must be at least 1",
+            ));
+        }
+        if t.stream_window < 65_535 || t.connection_window < t.stream_window {
+            return Err(err(
+                prefix,
+                "stream_window must be >= 65535 and connection_window >= stream_window",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -432,22 +499,7 @@ impl AgentConfig {
                 ));
             }
         }
-        let t = &self.tunnel;
-        if t.connect_timeout.is_zero() {
-            return Err(err("tunnel.connect_timeout", "must be more than zero"));
-        }
-        if t.max_streams == 0 || t.failures_to_eject == 0 {
-            return Err(err(
-                "tunnel",
-                "max_streams and failures_to_eject must be at least 1",
-            ));
-        }
-        if t.stream_window < 65_535 || t.connection_window < t.stream_window {
-            return Err(err(
-                "tunnel",
-                "stream_window must be >= 65535 and connection_window >= stream_window",
-            ));
-        }
+        self.tunnel.validate("tunnel")?;
         Policy::compile(&self.authz).map_err(|e| err("authz", e.to_string()))
     }
 

@@ -5,6 +5,8 @@
 //! - [`proxy`]: inbound (tunnels to local services, with intentions) and outbound (upstream listeners).
 //! - [`policy`]: intentions as pure functions; [`balance`]: P2C over peak-EWMA with ejection.
 //! - [`discovery`]: endpoints per service; [`admin`]: the loopback admin API; [`telemetry`]: metrics.
+//! - [`http`]: the HTTP pipeline both modes run (front, filters, routes, actions, upstreams).
+//! - [`bootstrap`]: joining the mesh, shared by the agent and the gateway.
 //! - [`app`]: builds a running [`app::Agent`] from an [`config::AgentConfig`].
 //!
 //! ```no_run
@@ -18,6 +20,7 @@
 pub mod admin;
 pub mod app;
 pub mod balance;
+pub mod bootstrap;
 pub mod config;
 pub mod discovery;
 pub mod drain;

@@ -71,6 +71,10 @@ pub struct Metrics {
     discovery_endpoints: Family<Labels, Gauge>,
     discovery_stale: Family<Labels, Gauge>,
     discovery_errors: Family<Labels, Counter>,
+    http_connections: Family<Labels, Counter>,
+    http_connections_active: Family<Labels, Gauge>,
+    http_connections_refused: Family<Labels, Counter>,
+    http_reset_floods: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -106,6 +110,10 @@ impl Metrics {
             discovery_endpoints: Family::default(),
             discovery_stale: Family::default(),
             discovery_errors: Family::default(),
+            http_connections: Family::default(),
+            http_connections_active: Family::default(),
+            http_connections_refused: Family::default(),
+            http_reset_floods: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -172,6 +180,26 @@ impl Metrics {
             "meshgate_discovery_stale",
             "1 while a service's source fails and its last good endpoints are in use",
             m.discovery_stale.clone(),
+        );
+        registry.register(
+            "meshgate_http_connections",
+            "HTTP connections accepted, by listener",
+            m.http_connections.clone(),
+        );
+        registry.register(
+            "meshgate_http_connections_active",
+            "HTTP connections open now, by listener",
+            m.http_connections_active.clone(),
+        );
+        registry.register(
+            "meshgate_http_connections_refused",
+            "connections closed at accept, by listener and reason (limit)",
+            m.http_connections_refused.clone(),
+        );
+        registry.register(
+            "meshgate_http_reset_floods",
+            "connections cut off for cancelling streams faster than they complete, by listener",
+            m.http_reset_floods.clone(),
         );
         registry.register("meshgate_discovery_errors", "discovery and registration errors, by source and kind (unreachable, token, permission, status, decode, lookup)", m.discovery_errors.clone());
         Self { registry, ..m }
@@ -270,6 +298,37 @@ impl Metrics {
                 ("source", source.to_owned()),
                 ("kind", kind.to_owned()),
             ])
+            .inc();
+    }
+
+    /// A connection was accepted on `listener`; call [`Metrics::connection_closed`] when it ends.
+    pub fn connection_opened(&self, listener: &'static str) {
+        let l = vec![("listener", listener.to_owned())];
+        self.http_connections.get_or_create(&l).inc();
+        self.http_connections_active.get_or_create(&l).inc();
+    }
+
+    /// A connection on `listener` ended.
+    pub fn connection_closed(&self, listener: &'static str) {
+        self.http_connections_active
+            .get_or_create(&vec![("listener", listener.to_owned())])
+            .dec();
+    }
+
+    /// A connection on `listener` was closed at accept.
+    pub fn connection_refused(&self, listener: &'static str, reason: &'static str) {
+        self.http_connections_refused
+            .get_or_create(&vec![
+                ("listener", listener.to_owned()),
+                ("reason", reason.to_owned()),
+            ])
+            .inc();
+    }
+
+    /// A connection on `listener` was cut off for a reset flood.
+    pub fn reset_flood(&self, listener: &'static str) {
+        self.http_reset_floods
+            .get_or_create(&vec![("listener", listener.to_owned())])
             .inc();
     }
 

@@ -1,10 +1,17 @@
-//! The filter contract: each edge policy looks at a request and either lets it continue or
-//! answers it locally, and may adjust the response on the way back. A route's chain is built
-//! once when the config loads; per request there is no lookup by name.
+//! The filter contract: each policy looks at a request head and lets it continue or answers it
+//! locally; on the way back it may adjust every response (upstream answers and local refusals
+//! alike). A filter that needs the body says so ([`Filter::request_body_cap`]); every other
+//! filter runs on the head alone, before a body byte is read.
+//!
+//! Most filters decide synchronously and return [`Step::Now`]; one that must wait (a JWKS
+//! refetch, an introspection call, a Redis round trip) returns [`Step::Later`] with a future.
 
-use http::{Response, request::Parts};
+use std::{future::Future, pin::Pin};
 
-use super::{Body, respond::Problem};
+use bytes::Bytes;
+use http::{Response, request, response};
+
+use super::{Body, ctx::Ctx, respond::Problem};
 
 /// What a filter decided about a request.
 #[derive(Debug)]
@@ -17,12 +24,91 @@ pub enum Verdict {
     Reject(Problem),
 }
 
-/// One edge policy.
+/// A verdict that took I/O to reach.
+pub type FilterFuture<'a> = Pin<Box<dyn Future<Output = Verdict> + Send + 'a>>;
+
+/// A verdict now, or later.
+pub enum Step<'a> {
+    /// Decided without waiting.
+    Now(Verdict),
+    /// Decided once the future resolves.
+    Later(FilterFuture<'a>),
+}
+
+impl std::fmt::Debug for Step<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Step::Now(v) => f.debug_tuple("Now").field(v).finish(),
+            Step::Later(_) => f.write_str("Later(..)"),
+        }
+    }
+}
+
+impl From<Verdict> for Step<'_> {
+    fn from(v: Verdict) -> Self {
+        Step::Now(v)
+    }
+}
+
+impl Step<'_> {
+    /// Go on.
+    pub const CONTINUE: Step<'static> = Step::Now(Verdict::Continue);
+
+    /// Refuse with `p`.
+    pub fn reject(p: Problem) -> Self {
+        Step::Now(Verdict::Reject(p))
+    }
+
+    /// The verdict, waiting for it if needed.
+    pub async fn resolve(self) -> Verdict {
+        match self {
+            Step::Now(v) => v,
+            Step::Later(f) => f.await,
+        }
+    }
+}
+
+/// One policy in a chain.
 pub trait Filter: Send + Sync + std::fmt::Debug {
-    /// A short name for logs and `meshgate routes`.
+    /// A short name for logs, spans and `meshgate routes`.
     fn name(&self) -> &'static str;
-    /// Inspect or change the request head.
-    fn on_request(&self, req: &mut Parts) -> Verdict;
-    /// Change the response on the way back; `req` is the request head as the filter left it.
-    fn on_response(&self, _req: &Parts, _resp: &mut Response<Body>) {}
+
+    /// Inspect or change the request head. Runs before any body byte is read.
+    fn on_request<'a>(&'a self, req: &'a mut request::Parts, ctx: &'a mut Ctx) -> Step<'a>;
+
+    /// Change the response head on the way back. Runs for every response of a request that
+    /// reached this filter's chain, local answers included; filters run in reverse order.
+    fn on_response(&self, _ctx: &Ctx, _resp: &mut response::Parts) {}
+
+    /// The largest request body this filter needs to see whole; `None` (the default) means the
+    /// body streams past it. Declared once, when the chain is built.
+    fn request_body_cap(&self) -> Option<usize> {
+        None
+    }
+
+    /// The buffered request body (only called when [`Filter::request_body_cap`] is `Some`).
+    fn on_request_body(
+        &self,
+        _req: &mut request::Parts,
+        _ctx: &mut Ctx,
+        body: Bytes,
+    ) -> Result<Bytes, Problem> {
+        Ok(body)
+    }
+
+    /// Whether this response's body must be buffered for [`Filter::on_response_body`], and up
+    /// to how many bytes. Also the place to ask for changes that make a body transformable.
+    fn response_body_cap(&self, _ctx: &Ctx, _resp: &response::Parts) -> Option<usize> {
+        None
+    }
+
+    /// The buffered response body (only called when [`Filter::response_body_cap`] said so).
+    fn on_response_body(
+        &self,
+        _ctx: &Ctx,
+        _resp: &mut response::Parts,
+        body: Bytes,
+    ) -> Result<Bytes, Problem> {
+        Ok(body)
+    }
 }

@@ -1,7 +1,20 @@
-//! The public HTTP front: HTTP/1.1 and HTTP/2 (ALPN) over TLS with a certificate chosen by SNI,
-//! and an optional plain-HTTP listener. It owns sockets, TLS and connection lifetimes (header
-//! read timeout answered with 408, graceful drain); what to do with a request is the
-//! [`Handler`]'s business.
+//! Fronts: where HTTP connections come in and are handed to a [`Handler`] request by request.
+//! It owns sockets, TLS and connection lifetimes, never what a request means:
+//!
+//! - accept with a connection cap (over it, new connections are closed at once and counted);
+//! - TLS (certificates by SNI, ALPN h2/http1.1, optional client certificates) or plain, where
+//!   HTTP/2 with prior knowledge (h2c) is recognised by its preface;
+//! - timeouts: a connection with no request in progress is closed after `idle_timeout`
+//!   (quietly: no unrequested 408; this covers connections that never send a byte and half an
+//!   HTTP/2 preface); an HTTP/1.1 request head that started arriving must complete within
+//!   `header_read_timeout` (408);
+//! - HTTP/2 limits: concurrent streams per connection, header list size, and a reset-flood
+//!   guard: a connection whose peer cancels more streams per second than it lets complete
+//!   (and more than `reset_flood_limit`) is cut off — the rapid-reset and "made you reset"
+//!   attacks — while ordinary cancellations never trip it;
+//! - graceful drain (HTTP/2 GOAWAY, HTTP/1.1 `Connection: close` after the request in flight).
+//!
+//! The mesh inbound port uses the same machinery with mutual TLS ([`Security::Mesh`]).
 
 use std::{
     collections::HashMap,
@@ -10,17 +23,17 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
+    },
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::conn::auto,
-};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::{
     server::{ClientHello, ResolvesServerCert},
     sign::CertifiedKey,
@@ -29,12 +42,14 @@ use rustls_pki_types::{PrivateKeyDer, pem::PemObject};
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
-    net::TcpListener,
+    net::{TcpListener, TcpStream},
+    sync::{Notify, Semaphore},
 };
 use tracing::{debug, warn};
 
-use super::{Body, respond::Problem};
-use crate::drain::Drain;
+pub use super::{ctx::ConnInfo, pipeline::Handler};
+use super::{Body, body::ResponseBody, respond::Problem};
+use crate::{drain::Drain, telemetry::Metrics};
 
 /// A certificate and its key, PEM files.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
@@ -59,18 +74,6 @@ pub enum FrontError {
     },
 }
 
-/// Who is on the other end of a connection.
-#[derive(Debug, Clone)]
-pub struct ConnInfo {
-    /// The TCP peer.
-    pub peer: SocketAddr,
-    /// Whether the connection is TLS.
-    pub tls: bool,
-    /// The client certificate (leaf), when the client presented one and it verified against
-    /// the configured client CA (edge mTLS).
-    pub client_cert: Option<Arc<rustls_pki_types::CertificateDer<'static>>>,
-}
-
 /// Client certificates on the public listener (edge mTLS).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -83,23 +86,79 @@ pub struct ClientAuth {
     pub required: bool,
 }
 
-/// What the front calls for every request.
-pub trait Handler: Send + Sync + 'static {
-    /// Answers one request.
-    fn handle(
-        &self,
-        req: Request<Incoming>,
-        conn: Arc<ConnInfo>,
-    ) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+/// The lowest TLS version the public listener accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+pub enum MinTls {
+    /// TLS 1.2 and 1.3 with Mozilla's "intermediate" profile: ECDHE key exchange and AEAD
+    /// ciphers only (no TLS 1.0/1.1, no CBC, no static RSA). The default.
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    /// TLS 1.3 only.
+    #[serde(rename = "1.3")]
+    Tls13,
 }
 
-/// Connection-level limits.
+/// Connection-level limits of a front.
 #[derive(Debug, Clone, Copy)]
 pub struct FrontLimits {
-    /// Bytes hyper buffers for a request head; larger heads get 431 from hyper itself.
+    /// Bytes hyper buffers for a request head; the pipeline answers 431 below this.
     pub max_head_bytes: usize,
-    /// Time allowed for a request head to arrive (408 after it).
+    /// Time allowed for a request head to arrive once it started (408 after it).
     pub header_read_timeout: Duration,
+    /// A connection with no request in progress is closed after this.
+    pub idle_timeout: Duration,
+    /// TLS handshakes must finish within this.
+    pub handshake_timeout: Duration,
+    /// Open connections at most; more are closed at once.
+    pub max_connections: usize,
+    /// HTTP/2 streams one connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// Streams per second a peer may cancel before its connection is cut off (when it also
+    /// cancels more than it lets complete).
+    pub reset_flood_limit: u32,
+    /// HTTP/2 stream window.
+    pub stream_window: u32,
+    /// HTTP/2 connection window.
+    pub connection_window: u32,
+}
+
+impl Default for FrontLimits {
+    fn default() -> Self {
+        Self {
+            max_head_bytes: 64 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            max_concurrent_streams: 128,
+            reset_flood_limit: 200,
+            stream_window: 1 << 20,
+            connection_window: 4 << 20,
+        }
+    }
+}
+
+/// How connections on a listener are secured.
+#[derive(Clone)]
+pub enum Security {
+    /// Plain TCP: HTTP/1.1, or HTTP/2 with prior knowledge.
+    Plain,
+    /// TLS with ALPN h2 / http/1.1; client certificates when the acceptor asks for them.
+    Tls(tokio_rustls::TlsAcceptor),
+    /// The mesh inbound port: mutual TLS with SVIDs, HTTP/2 only; the peer's SPIFFE ID goes
+    /// into [`ConnInfo::peer_id`].
+    Mesh(tokio_rustls::TlsAcceptor),
+}
+
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Security::Plain => "Plain",
+            Security::Tls(_) => "Tls",
+            Security::Mesh(_) => "Mesh",
+        })
+    }
 }
 
 /// Picks a certificate by SNI: exact DNS names, then `*.` wildcards, else the first.
@@ -134,21 +193,44 @@ fn cert_err(path: &std::path::Path, reason: impl ToString) -> FrontError {
     }
 }
 
+/// The cipher suites of Mozilla's "intermediate" profile that rustls implements: every TLS 1.3
+/// suite, and for TLS 1.2 only ECDHE with AEAD ciphers.
+fn intermediate_provider() -> rustls::crypto::CryptoProvider {
+    use rustls::crypto::aws_lc_rs::cipher_suite as cs;
+    let mut p = (*meshgate_ca::verify::crypto_provider()).clone();
+    p.cipher_suites = vec![
+        cs::TLS13_AES_128_GCM_SHA256,
+        cs::TLS13_AES_256_GCM_SHA384,
+        cs::TLS13_CHACHA20_POLY1305_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+    ];
+    p
+}
+
 /// A TLS acceptor for the public listener: every certificate in `certs`, chosen by SNI (the
-/// first is the default), ALPN h2 and http/1.1.
+/// first is the default), ALPN h2 and http/1.1, TLS 1.2+1.3 (intermediate profile) or 1.3 only.
 /// With `client_auth`, client certificates are verified against its CAs (chain, validity,
 /// EKU clientAuth); without a certificate the handshake still succeeds unless `required`.
 pub fn tls_acceptor(
     certs: &[CertFiles],
     client_auth: Option<&ClientAuth>,
+    min: MinTls,
 ) -> Result<tokio_rustls::TlsAcceptor, FrontError> {
-    let provider = meshgate_ca::verify::crypto_provider();
+    let provider = Arc::new(intermediate_provider());
     let mut by_name = HashMap::new();
     let mut wildcard = HashMap::new();
     let mut default = None;
     for c in certs {
         let chain = meshgate_ca::pki::read_pem_certs(&c.cert_file)
             .map_err(|e| cert_err(&c.cert_file, e))?;
+        if chain.is_empty() {
+            return Err(cert_err(&c.cert_file, "no certificate in the file"));
+        }
         let key =
             PrivateKeyDer::from_pem_file(&c.key_file).map_err(|e| cert_err(&c.key_file, e))?;
         let signing = provider
@@ -160,7 +242,7 @@ pub fn tls_acceptor(
         certified
             .keys_match()
             .map_err(|e| cert_err(&c.key_file, format!("does not match the certificate: {e}")))?;
-        let (_, parsed) = x509_names(&leaf).map_err(|e| cert_err(&c.cert_file, e))?;
+        let parsed = x509_names(&leaf).map_err(|e| cert_err(&c.cert_file, e))?;
         for name in parsed {
             match name.strip_prefix("*.") {
                 Some(parent) => wildcard.insert(parent.to_owned(), certified.clone()),
@@ -170,13 +252,17 @@ pub fn tls_acceptor(
         default.get_or_insert(certified);
     }
     let default = default.ok_or_else(|| FrontError::Cert {
-        path: "tls.certs".into(),
+        path: "tls".into(),
         reason: "at least one certificate is needed for the HTTPS listener".into(),
     })?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("invariant: aws-lc-rs supports TLS 1.3")
-        .with_client_cert_verifier(client_verifier(client_auth, provider_for_clients())?)
+    let versions: &[&rustls::SupportedProtocolVersion] = match min {
+        MinTls::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        MinTls::Tls13 => &[&rustls::version::TLS13],
+    };
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions)
+        .map_err(|e| cert_err(std::path::Path::new("tls"), e))?
+        .with_client_cert_verifier(client_verifier(client_auth, provider)?)
         .with_cert_resolver(Arc::new(SniResolver {
             by_name,
             wildcard,
@@ -184,10 +270,6 @@ pub fn tls_acceptor(
         }));
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
-}
-
-fn provider_for_clients() -> Arc<rustls::crypto::CryptoProvider> {
-    meshgate_ca::verify::crypto_provider()
 }
 
 fn client_verifier(
@@ -212,7 +294,7 @@ fn client_verifier(
 }
 
 /// The DNS names of a certificate (SAN dNSName entries), lowercase.
-fn x509_names(der: &[u8]) -> Result<((), Vec<String>), String> {
+fn x509_names(der: &[u8]) -> Result<Vec<String>, String> {
     use x509_parser::{extensions::GeneralName, prelude::FromDer};
     let (_, cert) =
         x509_parser::certificate::X509Certificate::from_der(der).map_err(|e| e.to_string())?;
@@ -224,7 +306,184 @@ fn x509_names(der: &[u8]) -> Result<((), Vec<String>), String> {
             }
         }
     }
-    Ok(((), names))
+    Ok(names)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connection state: timeouts and the reset-flood guard
+// ---------------------------------------------------------------------------------------------
+
+/// What a connection's watchdog and its requests share.
+#[derive(Debug)]
+struct ConnState {
+    start: tokio::time::Instant,
+    /// Requests whose response has not finished.
+    in_flight: AtomicUsize,
+    /// Milliseconds since `start` when the connection last became idle.
+    idle_since: AtomicU64,
+    /// Milliseconds since `start` + 1 when the first byte of an HTTP/1.1 head arrived while
+    /// idle; 0 when none.
+    head_since: AtomicU64,
+    h1: bool,
+    window: AtomicU64,
+    cancelled: AtomicU32,
+    completed: AtomicU32,
+    flood_limit: u32,
+    flooded: AtomicBool,
+    kill: Notify,
+}
+
+impl ConnState {
+    fn new(h1: bool, flood_limit: u32) -> Arc<Self> {
+        Arc::new(Self {
+            start: tokio::time::Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            head_since: AtomicU64::new(0),
+            h1,
+            window: AtomicU64::new(0),
+            cancelled: AtomicU32::new(0),
+            completed: AtomicU32::new(0),
+            flood_limit,
+            flooded: AtomicBool::new(false),
+            kill: Notify::new(),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn on_read(&self) {
+        if self.h1
+            && self.in_flight.load(Ordering::Relaxed) == 0
+            && self.head_since.load(Ordering::Relaxed) == 0
+        {
+            self.head_since.store(self.now_ms() + 1, Ordering::Relaxed);
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> StreamWatch {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.head_since.store(0, Ordering::Relaxed);
+        StreamWatch {
+            conn: self.clone(),
+            answered: false,
+        }
+    }
+
+    fn end(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.idle_since.store(self.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a stream outcome in the current one-second window; trips the guard on a flood.
+    fn outcome(&self, cancelled: bool) {
+        let sec = self.now_ms() / 1000;
+        if self.window.swap(sec, Ordering::Relaxed) != sec {
+            self.cancelled.store(0, Ordering::Relaxed);
+            self.completed.store(0, Ordering::Relaxed);
+        }
+        if !cancelled {
+            self.completed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let c = self.cancelled.fetch_add(1, Ordering::Relaxed) + 1;
+        if c > self.flood_limit
+            && c > self.completed.load(Ordering::Relaxed)
+            && !self.flooded.swap(true, Ordering::Relaxed)
+        {
+            self.kill.notify_one();
+        }
+    }
+}
+
+/// Keeps a connection busy (not idle) while work that outlives a request runs on it, such as
+/// the stream of a tunnel CONNECT after its `200`.
+#[derive(Debug, Clone)]
+pub struct ConnHold(Arc<ConnState>);
+
+impl ConnHold {
+    /// The connection counts as busy until the guard drops.
+    pub fn hold(&self) -> HoldGuard {
+        self.0.in_flight.fetch_add(1, Ordering::Relaxed);
+        HoldGuard(self.0.clone())
+    }
+}
+
+/// See [`ConnHold::hold`].
+#[derive(Debug)]
+pub struct HoldGuard(Arc<ConnState>);
+
+impl Drop for HoldGuard {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
+/// One request on a connection: counts it in flight, and as cancelled if it is dropped before
+/// its response head was produced (the peer reset the stream).
+#[derive(Debug)]
+struct StreamWatch {
+    conn: Arc<ConnState>,
+    answered: bool,
+}
+
+impl Drop for StreamWatch {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.conn.outcome(true);
+        }
+        self.conn.end();
+    }
+}
+
+/// Reads through to `io`, telling the connection state when bytes arrive.
+struct Watched<T> {
+    io: T,
+    state: Arc<ConnState>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.state.on_read();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// An IO that hyper drives while we keep a handle to write a last answer (the 408) after hyper
@@ -251,6 +510,17 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for SharedIo<T> {
         let mut io = self.0.lock().expect("invariant: io lock not poisoned");
         Pin::new(&mut *io).poll_write(cx, buf)
     }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let mut io = self.0.lock().expect("invariant: io lock not poisoned");
+        Pin::new(&mut *io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut io = self.0.lock().expect("invariant: io lock not poisoned");
         Pin::new(&mut *io).poll_flush(cx)
@@ -261,122 +531,411 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for SharedIo<T> {
     }
 }
 
-/// Accepts on `listener` (TLS when `tls` is set) until draining starts; open connections then
-/// finish their requests (HTTP/2 gets GOAWAY).
-pub async fn serve(
-    listener: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    handler: Arc<dyn Handler>,
-    limits: FrontLimits,
-    drain: Drain,
-) {
+/// Why the watchdog ended a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expiry {
+    /// Nothing in progress for `idle_timeout`.
+    Idle,
+    /// An HTTP/1.1 head did not complete in time.
+    Head,
+    /// The peer flooded the connection with resets.
+    Flood,
+}
+
+/// Resolves when the connection should end, rechecking only at deadlines (no timer work per
+/// request).
+async fn watchdog(state: &ConnState, limits: &FrontLimits) -> Expiry {
+    loop {
+        let wake = if state.in_flight.load(Ordering::Relaxed) > 0 {
+            // requests in progress are bounded by their own timeouts; look again later
+            Some(limits.idle_timeout.min(limits.header_read_timeout))
+        } else {
+            let now = state.now_ms();
+            let head = state.head_since.load(Ordering::Relaxed);
+            if head > 0 {
+                let deadline = head - 1 + ms(limits.header_read_timeout);
+                if now >= deadline {
+                    return Expiry::Head;
+                }
+                Some(Duration::from_millis(deadline - now))
+            } else {
+                let deadline = state.idle_since.load(Ordering::Relaxed) + ms(limits.idle_timeout);
+                if now >= deadline {
+                    return Expiry::Idle;
+                }
+                Some(Duration::from_millis(deadline - now))
+            }
+        };
+        let wait = wake.unwrap_or(limits.idle_timeout);
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = state.kill.notified() => return Expiry::Flood,
+        }
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Serving
+// ---------------------------------------------------------------------------------------------
+
+/// Which HTTP version a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    /// HTTP/1.1 (upgrades supported).
+    Http1,
+    /// HTTP/2.
+    Http2,
+}
+
+/// Everything a front needs.
+#[derive(Clone)]
+pub struct Front {
+    /// What answers requests.
+    pub handler: Arc<dyn Handler>,
+    /// Limits.
+    pub limits: FrontLimits,
+    /// Drain state.
+    pub drain: Drain,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// The listener's name in logs and metrics (`https`, `http`, `inbound`).
+    pub name: &'static str,
+}
+
+impl std::fmt::Debug for Front {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Front")
+            .field("name", &self.name)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Accepts on `listener` until draining starts; open connections then finish what they carry.
+pub async fn serve(listener: TcpListener, security: Security, front: Front) {
+    let permits = Arc::new(Semaphore::new(front.limits.max_connections));
+    let mut last_full_warning: Option<Instant> = None;
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
-                    warn!(error = %e, "public accept failed");
+                    warn!(listener = front.name, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
-            () = drain.started() => return,
+            () = front.drain.started() => return,
         };
-        let (tls, handler, drain) = (tls.clone(), handler.clone(), drain.clone());
-        tokio::spawn(async move {
-            let _tracked = drain.track();
-            let _ = tcp.set_nodelay(true);
-            match tls {
-                Some(acceptor) => {
-                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
-                    {
-                        Ok(Ok(stream)) => {
-                            let client_cert = stream
-                                .get_ref()
-                                .1
-                                .peer_certificates()
-                                .and_then(|c| c.first())
-                                .map(|c| Arc::new(c.clone().into_owned()));
-                            let info = ConnInfo {
-                                peer,
-                                tls: true,
-                                client_cert,
-                            };
-                            connection(stream, info, handler, limits, drain).await
-                        }
-                        Ok(Err(e)) => {
-                            debug!(src.addr = %peer, error = %e, "public TLS handshake failed")
-                        }
-                        Err(_) => debug!(src.addr = %peer, "public TLS handshake timed out"),
-                    }
-                }
-                None => {
-                    let info = ConnInfo {
-                        peer,
-                        tls: false,
-                        client_cert: None,
-                    };
-                    connection(tcp, info, handler, limits, drain).await
-                }
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            front.metrics.connection_refused(front.name, "limit");
+            if last_full_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                warn!(listener = front.name, limit = front.limits.max_connections, "connection limit reached; closing new connections");
+                last_full_warning = Some(Instant::now());
             }
+            drop(tcp);
+            continue;
+        };
+        let (security, front) = (security.clone(), front.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _tracked = front.drain.track();
+            front.metrics.connection_opened(front.name);
+            accept(tcp, peer, security, &front).await;
+            front.metrics.connection_closed(front.name);
         });
     }
 }
 
-async fn connection<T>(
-    io: T,
-    info: ConnInfo,
-    handler: Arc<dyn Handler>,
-    limits: FrontLimits,
-    drain: Drain,
-) where
+async fn accept(tcp: TcpStream, peer: SocketAddr, security: Security, front: &Front) {
+    let _ = tcp.set_nodelay(true);
+    let limits = &front.limits;
+    match security {
+        Security::Plain => {
+            let proto = match sniff(&tcp, limits).await {
+                Some(p) => p,
+                None => {
+                    debug!(src.addr = %peer, "connection sent no request in time; closed");
+                    return;
+                }
+            };
+            serve_io(tcp, ConnInfo::plain(peer), proto, front).await;
+        }
+        Security::Tls(ref acceptor) | Security::Mesh(ref acceptor) => {
+            let mesh = matches!(security, Security::Mesh(_));
+            let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    if mesh {
+                        front.metrics.handshake_failed(crate::telemetry::Direction::Inbound);
+                        warn!(src.addr = %peer, error = %e, "inbound handshake refused");
+                    } else {
+                        debug!(src.addr = %peer, error = %e, "TLS handshake failed");
+                    }
+                    return;
+                }
+                Err(_) => {
+                    if mesh {
+                        front.metrics.handshake_failed(crate::telemetry::Direction::Inbound);
+                    }
+                    debug!(src.addr = %peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let session = tls.get_ref().1;
+            let leaf = session
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.clone().into_owned());
+            let h2 = session.alpn_protocol() == Some(b"h2");
+            let mut info = ConnInfo::plain(peer);
+            info.tls = true;
+            if mesh {
+                info.peer_id = leaf
+                    .as_ref()
+                    .and_then(|l| meshgate_ca::pki::CertInfo::from_der(l).ok())
+                    .and_then(|i| {
+                        i.spiffe_uri()
+                            .and_then(|u| meshgate_ca::spiffe::SpiffeId::parse(u).ok())
+                    });
+                if !h2 {
+                    debug!(src.addr = %peer, "mesh peer did not negotiate h2; closed");
+                    return;
+                }
+            } else {
+                info.client_cert = leaf.map(Arc::new);
+            }
+            let proto = if h2 { Proto::Http2 } else { Proto::Http1 };
+            serve_io(tls, info, proto, front).await;
+        }
+    }
+}
+
+/// Waits (up to the idle timeout) for the first bytes of a plain connection and tells
+/// HTTP/2 prior knowledge (the connection preface) from HTTP/1.1.
+async fn sniff(tcp: &TcpStream, limits: &FrontLimits) -> Option<Proto> {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut buf = [0u8; 24];
+    let started = Instant::now();
+    let mut budget = limits.idle_timeout;
+    loop {
+        let ready = tokio::time::timeout(budget, tcp.readable()).await;
+        if ready.is_err() {
+            return None;
+        }
+        match tcp.peek(&mut buf).await {
+            Ok(0) => return None,
+            Ok(n) => {
+                if buf[..n] != PREFACE[..n] {
+                    return Some(Proto::Http1);
+                }
+                if n == PREFACE.len() {
+                    return Some(Proto::Http2);
+                }
+                // part of the preface: the rest must come within the head timeout
+                budget = limits
+                    .header_read_timeout
+                    .saturating_sub(started.elapsed());
+                if budget.is_zero() {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Serves one established connection speaking `proto` until it ends, draining on signal.
+pub async fn serve_io<T>(io: T, info: ConnInfo, proto: Proto, front: &Front)
+where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let shared = Arc::new(Mutex::new(io));
+    let limits = front.limits;
+    let state = ConnState::new(proto == Proto::Http1, limits.reset_flood_limit);
+    let mut info = info;
+    info.hold = Some(ConnHold(state.clone()));
     let info = Arc::new(info);
     let svc = {
-        let info = info.clone();
-        hyper::service::service_fn(move |req| {
+        let (state, info, handler) = (state.clone(), info.clone(), front.handler.clone());
+        hyper::service::service_fn(move |req: Request<Incoming>| {
+            let mut watch = state.begin();
             let fut = handler.handle(req, info.clone());
-            async move { Ok::<_, std::convert::Infallible>(fut.await) }
+            async move {
+                let resp = fut.await;
+                watch.answered = true;
+                watch.conn.outcome(false);
+                let (parts, body) = resp.into_parts();
+                let body = ResponseBody::new(body).guard(Box::new(watch));
+                Ok::<_, std::convert::Infallible>(Response::from_parts(
+                    parts,
+                    http_body_util::BodyExt::boxed(body),
+                ))
+            }
         })
     };
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_head_bytes.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_head_bytes).unwrap_or(u32::MAX))
-        .keep_alive_interval(Duration::from_secs(30));
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(SharedIo(shared.clone())), svc);
-    let mut conn = std::pin::pin!(conn);
-    let res = tokio::select! {
-        r = conn.as_mut() => r,
-        () = drain.started() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    match proto {
+        Proto::Http2 => {
+            let watched = Watched {
+                io,
+                state: state.clone(),
+            };
+            let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            b.timer(TokioTimer::new())
+                .max_concurrent_streams(limits.max_concurrent_streams)
+                .max_header_list_size(u32::try_from(limits.max_head_bytes).unwrap_or(u32::MAX))
+                .initial_stream_window_size(limits.stream_window)
+                .initial_connection_window_size(limits.connection_window)
+                .max_frame_size(64 * 1024)
+                .max_local_error_reset_streams(Some(65_536))
+                .keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_timeout(Duration::from_secs(20));
+            let conn = b.serve_connection(TokioIo::new(watched), svc);
+            let mut conn = std::pin::pin!(conn);
+            let end = tokio::select! {
+                r = conn.as_mut() => { log_end(&info, front.name, r.err()); return; }
+                () = front.drain.started() => None,
+                e = watchdog(&state, &limits) => Some(e),
+            };
+            match end {
+                None | Some(Expiry::Idle) | Some(Expiry::Head) => {
+                    conn.as_mut().graceful_shutdown();
+                    let grace = if end.is_none() {
+                        Duration::from_secs(3600)
+                    } else {
+                        Duration::from_secs(5)
+                    };
+                    let _ = tokio::time::timeout(grace, conn).await;
+                }
+                Some(Expiry::Flood) => flooded(&info, front),
+            }
         }
-    };
-    if let Err(e) = res {
-        let timed_out = e
-            .downcast_ref::<hyper::Error>()
-            .is_some_and(hyper::Error::is_timeout);
-        if timed_out {
-            // hyper closes silently when the head does not arrive; say why first
-            let id = format!(
-                "{:016x}",
-                u64::from_le_bytes(meshgate_ca::pki::random_bytes::<8>())
-            );
-            let mut w = SharedIo(shared);
-            let _ = w.write_all(&Problem::RequestTimeout.raw_http1(&id)).await;
-            let _ = w.shutdown().await;
-            debug!(src.addr = %info.peer, "request head timed out: 408");
-        } else {
-            debug!(src.addr = %info.peer, error = %e, "public connection ended with an error");
+        Proto::Http1 => {
+            let shared = Arc::new(Mutex::new(Watched {
+                io,
+                state: state.clone(),
+            }));
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(TokioTimer::new())
+                .header_read_timeout(None)
+                .max_buf_size(limits.max_head_bytes.max(8192) + 8192);
+            let conn = b
+                .serve_connection(TokioIo::new(SharedIo(shared.clone())), svc)
+                .with_upgrades();
+            let mut conn = std::pin::pin!(conn);
+            let end = tokio::select! {
+                r = conn.as_mut() => { log_end(&info, front.name, r.err()); return; }
+                () = front.drain.started() => None,
+                e = watchdog(&state, &limits) => Some(e),
+            };
+            match end {
+                None => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+                Some(Expiry::Idle) => {
+                    debug!(src.addr = %info.peer, listener = front.name, "idle connection closed");
+                }
+                Some(Expiry::Head) => {
+                    drop(conn);
+                    let mut w = SharedIo(shared);
+                    let _ = w
+                        .write_all(&Problem::RequestTimeout.raw_http1(&super::ctx::Ctx::new_request_id()))
+                        .await;
+                    let _ = w.shutdown().await;
+                    debug!(src.addr = %info.peer, "request head timed out: 408");
+                }
+                Some(Expiry::Flood) => flooded(&info, front),
+            }
         }
+    }
+}
+
+fn flooded(info: &ConnInfo, front: &Front) {
+    front.metrics.reset_flood(front.name);
+    warn!(src.addr = %info.peer, peer.identity = info.peer_id.as_ref().map(ToString::to_string).unwrap_or_default(), listener = front.name, "peer cancelled streams faster than it let them complete; connection cut off");
+}
+
+fn log_end(info: &ConnInfo, name: &str, e: Option<hyper::Error>) {
+    if let Some(e) = e {
+        debug!(src.addr = %info.peer, listener = name, error = %e, "connection ended with an error");
+    }
+}
+
+/// A handler from a closure, for tests and small compositions.
+pub struct FnHandler<F>(pub F);
+
+impl<F, Fut> Handler for FnHandler<F>
+where
+    F: Fn(Request<Incoming>, Arc<ConnInfo>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: Arc<ConnInfo>,
+    ) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>> {
+        Box::pin((self.0)(req, conn))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flood_guard_trips_only_on_more_cancels_than_completions() {
+        let s = ConnState::new(false, 10);
+        for _ in 0..50 {
+            s.outcome(false);
+        }
+        for _ in 0..40 {
+            s.outcome(true);
+        }
+        assert!(!s.flooded.load(Ordering::Relaxed), "40 cancels beside 50 completions");
+        let s = ConnState::new(false, 10);
+        for _ in 0..10 {
+            s.outcome(true);
+        }
+        assert!(!s.flooded.load(Ordering::Relaxed), "at the limit");
+        s.outcome(true);
+        assert!(s.flooded.load(Ordering::Relaxed), "over the limit, nothing completed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_watchdog_tells_idle_from_a_slow_head() {
+        let limits = FrontLimits {
+            idle_timeout: Duration::from_secs(60),
+            header_read_timeout: Duration::from_secs(10),
+            ..FrontLimits::default()
+        };
+        let s = ConnState::new(true, 10);
+        assert_eq!(watchdog(&s, &limits).await, Expiry::Idle);
+        let s = ConnState::new(true, 10);
+        s.on_read();
+        assert_eq!(watchdog(&s, &limits).await, Expiry::Head);
+        let s = ConnState::new(true, 10);
+        let w = s.begin();
+        let t = tokio::spawn({
+            let s = s.clone();
+            async move {
+                let l = FrontLimits {
+                    idle_timeout: Duration::from_secs(60),
+                    header_read_timeout: Duration::from_secs(10),
+                    ..FrontLimits::default()
+                };
+                watchdog(&s, &l).await
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        assert!(!t.is_finished(), "a request in flight keeps the connection");
+        drop(w);
+        assert_eq!(t.await.expect("join"), Expiry::Idle);
     }
 }

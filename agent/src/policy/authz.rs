@@ -234,7 +234,19 @@ impl Rule {
                 .methods
                 .iter()
                 .any(|m| m.eq_ignore_ascii_case(req.method)))
-            && (self.paths.is_empty() || self.paths.iter().any(|p| p.matches(path)))
+            && (self.paths.is_empty() || self.paths.iter().any(|p| path_matches(p, path)))
+    }
+}
+
+/// Whether a rule's path pattern covers `path` (already normalized by the pipeline): an exact
+/// path, or a prefix ending in `/` (`/admin/*`), which also covers the directory itself
+/// (`/admin`), so a deny on `/admin/*` cannot be dodged by dropping the trailing slash.
+fn path_matches(p: &Pattern, path: &str) -> bool {
+    match p {
+        Pattern::Prefix(prefix) if prefix.ends_with('/') && prefix.len() > 1 => {
+            path.starts_with(prefix.as_str()) || path == &prefix[..prefix.len() - 1]
+        }
+        p => p.matches(path),
     }
 }
 
@@ -459,7 +471,9 @@ mod tests {
                 Some(1),
             ),
             (EXAMPLE, "web", "users", "DELETE", "/admin/", Deny, Some(1)),
-            (EXAMPLE, "web", "users", "DELETE", "/admin", Allow, Some(0)),
+            // `/admin/*` covers the directory itself too
+            (EXAMPLE, "web", "users", "DELETE", "/admin", Deny, Some(1)),
+            (EXAMPLE, "web", "users", "DELETE", "/administrator", Allow, Some(0)),
             (EXAMPLE, "web", "users", "GET", "/admin/x", Allow, Some(0)),
             (
                 EXAMPLE,

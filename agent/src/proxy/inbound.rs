@@ -1,30 +1,46 @@
-//! Inbound: accept mTLS tunnels from other agents, verify the peer, evaluate intentions, connect
-//! to the named local service on 127.0.0.1 and splice (L4), or check every HTTP request against
-//! the L7 rules before forwarding it (`protocol: http`).
+//! Inbound: the mesh port. Tunnels from other agents (and gateways) arrive over mutual TLS on
+//! the same front the gateway uses ([`Security::Mesh`]); each HTTP/2 stream is either
 //!
-//! Every refusal is answered with a status on the CONNECT (403 denied, 404 not on this node,
-//! 502 local service unreachable, 503 draining), logged once and counted.
+//! - a **CONNECT** to a local service: L4 services (`protocol: tcp`) are checked against the
+//!   L4 intentions and spliced to 127.0.0.1; for L7 services (`http`, `grpc`) the stream carries
+//!   a nested HTTP/1.1 or HTTP/2 connection whose requests run the node pipeline one by one;
+//! - a **request** to an L7 service named by the `meshgate-service` header, run through the
+//!   node pipeline directly (HTTP/2 end to end).
+//!
+//! The node pipeline normalizes the path, applies the intentions filter (every request is
+//! checked against the L7 rules with the caller's verified SPIFFE ID) and proxies to the local
+//! service. Every refusal is a problem (or gRPC status) marked with the `meshgate-local` header
+//! so the caller can tell the mesh's refusal from the service's own answer; denials name the
+//! deciding rule in `meshgate-deny-rule` for the caller's log. Everything is counted and logged
+//! once.
 
-use std::{collections::HashMap, convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::HashMap, future::Future, pin::Pin, sync::Arc, time::Duration};
 
-use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
+use http::{HeaderValue, Method, Request, Response, StatusCode, request, response};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use meshgate_ca::{
-    pki::CertInfo,
-    spiffe::{SpiffeId, Subject},
-};
-use tokio::net::{TcpListener, TcpStream};
+use meshgate_ca::spiffe::{SpiffeId, Subject};
+use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::{
     config::{Protocol, TunnelConfig},
     drain::Drain,
+    http::{
+        Body, DENY_RULE_HEADER, LOCAL_HEADER,
+        action::{Proxy, ProxySettings, ProxyTo},
+        chain::Chain,
+        ctx::{ConnInfo, Ctx},
+        filter::{Filter, Step},
+        front::{Front, FrontLimits, Handler, Proto, serve_io},
+        path::PathOptions,
+        pipeline::{Pipeline, PipelineConfig, RequestMetrics, Route, Router},
+        respond::Problem,
+        upstream::{LocalProtocol, LocalService as LocalUpstream},
+    },
     policy::authz::{Action, HttpRequest, Peer, Policy, Target},
     telemetry::{DenyReason, Direction, Metrics},
-    transport::{forward::splice, hbone::server_builder},
+    transport::{forward::splice, hbone::SERVICE_HEADER},
 };
 
 /// A service that runs on this node, as the inbound side needs it.
@@ -44,7 +60,7 @@ pub struct Inbound {
     /// Local services by name.
     pub services: HashMap<String, LocalService>,
     /// Compiled intentions.
-    pub policy: Policy,
+    pub policy: Arc<Policy>,
     /// Tunnel settings.
     pub tunnel: TunnelConfig,
     /// Metrics.
@@ -53,323 +69,461 @@ pub struct Inbound {
     pub drain: Drain,
 }
 
-/// The verified peer of one tunnel connection.
+/// The inbound port's limits: tunnels are long-lived and carry many streams.
+pub fn front_limits(t: &TunnelConfig) -> FrontLimits {
+    FrontLimits {
+        max_head_bytes: 256 * 1024,
+        header_read_timeout: Duration::from_secs(10),
+        idle_timeout: t.idle_timeout,
+        handshake_timeout: Duration::from_secs(10),
+        max_connections: 65_536,
+        max_concurrent_streams: t.max_streams,
+        reset_flood_limit: 2_000,
+        stream_window: t.stream_window,
+        connection_window: t.connection_window,
+    }
+}
+
+/// The verified caller of a stream, when it is a workload.
+fn workload_peer(conn: &ConnInfo) -> Option<(String, String)> {
+    let id = conn.peer_id.as_ref()?;
+    match id.subject() {
+        Subject::Workload { service, .. } => Some((service.clone(), id.to_string())),
+        _ => None,
+    }
+}
+
+/// Marks every local answer of the node pipeline with [`LOCAL_HEADER`].
 #[derive(Debug)]
-struct PeerInfo {
-    addr: SocketAddr,
-    id: Option<SpiffeId>,
-}
+struct MarkLocal;
 
-impl PeerInfo {
-    fn label(&self) -> String {
-        self.id
-            .as_ref()
-            .map_or_else(|| "unknown".to_owned(), ToString::to_string)
+impl Filter for MarkLocal {
+    fn name(&self) -> &'static str {
+        "mark-local"
+    }
+    fn on_request<'a>(&'a self, _req: &'a mut request::Parts, _ctx: &'a mut Ctx) -> Step<'a> {
+        Step::CONTINUE
+    }
+    fn on_response(&self, ctx: &Ctx, resp: &mut response::Parts) {
+        if let Some(slug) = ctx.local_reason {
+            resp.headers
+                .insert(LOCAL_HEADER, HeaderValue::from_static(slug));
+        }
     }
 }
 
-/// Accepts tunnels until draining starts; each connection then finishes its streams.
-pub async fn serve(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor, ctx: Arc<Inbound>) {
-    loop {
-        let (tcp, addr) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(error = %e, "inbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = ctx.drain.started() => return,
-        };
-        let (acceptor, ctx) = (acceptor.clone(), ctx.clone());
-        tokio::spawn(async move { connection(tcp, addr, acceptor, ctx).await });
-    }
-}
-
-async fn connection(
-    tcp: TcpStream,
-    addr: SocketAddr,
-    acceptor: tokio_rustls::TlsAcceptor,
-    ctx: Arc<Inbound>,
-) {
-    let _tracked = ctx.drain.track();
-    let _ = tcp.set_nodelay(true);
-    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            ctx.metrics.handshake_failed(Direction::Inbound);
-            warn!(src.addr = %addr, error = %e, "inbound handshake refused");
-            return;
-        }
-        Err(_) => {
-            ctx.metrics.handshake_failed(Direction::Inbound);
-            warn!(src.addr = %addr, "inbound handshake timed out");
-            return;
-        }
-    };
-    let id = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(|leaf| CertInfo::from_der(leaf).ok())
-        .and_then(|info| info.spiffe_uri().and_then(|u| SpiffeId::parse(u).ok()));
-    let peer = Arc::new(PeerInfo { addr, id });
-    ctx.metrics.tunnel_opened(Direction::Inbound);
-    debug!(src.addr = %addr, peer.identity = %peer.label(), "tunnel accepted");
-    let svc = {
-        let (ctx, peer) = (ctx.clone(), peer.clone());
-        hyper::service::service_fn(move |req| {
-            let (ctx, peer) = (ctx.clone(), peer.clone());
-            async move { Ok::<_, Infallible>(stream(req, peer, ctx).await) }
-        })
-    };
-    let conn = server_builder(&ctx.tunnel).serve_connection(TokioIo::new(tls), svc);
-    let mut conn = std::pin::pin!(conn);
-    let res = tokio::select! {
-        r = conn.as_mut() => r,
-        () = ctx.drain.started() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(e) = res {
-        debug!(src.addr = %addr, error = %e, "tunnel connection ended with an error");
-    }
-    ctx.metrics.tunnel_closed(Direction::Inbound);
-}
-
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
-    let mut r = Response::new(Empty::new());
-    *r.status_mut() = code;
-    r
-}
-
-/// One CONNECT stream.
-async fn stream(
-    req: Request<Incoming>,
-    peer: Arc<PeerInfo>,
-    ctx: Arc<Inbound>,
-) -> Response<Empty<Bytes>> {
-    if req.method() != Method::CONNECT {
-        return status(StatusCode::METHOD_NOT_ALLOWED);
-    }
-    let service = req.uri().host().unwrap_or_default().to_owned();
-    let Some(local) = ctx.services.get(&service).cloned() else {
-        ctx.metrics.denied(DenyReason::UnknownService);
-        warn!(src.addr = %peer.addr, peer.identity = %peer.label(), dst.service = %service, "refused: service does not run on this node");
-        return status(StatusCode::NOT_FOUND);
-    };
-    let from = match peer.id.as_ref().map(|id| (id, id.subject())) {
-        Some((id, Subject::Workload { service, .. })) => (service.clone(), id.to_string()),
-        _ => {
-            ctx.metrics.denied(DenyReason::NotWorkload);
-            warn!(src.addr = %peer.addr, peer.identity = %peer.label(), dst.service = %service, "refused: peer is not a workload identity");
-            return status(StatusCode::FORBIDDEN);
-        }
-    };
-    let target_id = local.id.to_string();
-    let (p, t) = (
-        Peer {
-            service: &from.0,
-            spiffe_id: &from.1,
-        },
-        Target {
-            service: &service,
-            spiffe_id: &target_id,
-        },
-    );
-    let admitted = match local.protocol {
-        Protocol::Http => ctx.policy.admits_http(&p, &t),
-        Protocol::Tcp | Protocol::Grpc => {
-            let d = ctx.policy.check_connection(&p, &t);
-            if d.action == Action::Deny {
-                info!(peer.identity = %from.1, dst.service = %service, reason = %d.reason, "denied by intention");
-            }
-            d.action == Action::Allow
-        }
-    };
-    if !admitted {
-        ctx.metrics.denied(DenyReason::Policy);
-        if local.protocol == Protocol::Http {
-            info!(peer.identity = %from.1, dst.service = %service, "denied by intention: no rule allows this source");
-        }
-        return status(StatusCode::FORBIDDEN);
-    }
-    if ctx.drain.is_draining() {
-        return status(StatusCode::SERVICE_UNAVAILABLE);
-    }
-    let upstream = match tokio::time::timeout(
-        ctx.tunnel.connect_timeout,
-        TcpStream::connect(("127.0.0.1", local.port)),
-    )
-    .await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            warn!(dst.service = %service, port = local.port, error = %e, "local service unreachable");
-            return status(StatusCode::BAD_GATEWAY);
-        }
-        Err(_) => {
-            warn!(dst.service = %service, port = local.port, "local service connect timed out");
-            return status(StatusCode::BAD_GATEWAY);
-        }
-    };
-    let _ = upstream.set_nodelay(true);
-    let tracked = ctx.drain.track();
-    let metered = ctx.metrics.stream(Direction::Inbound);
-    tokio::spawn(async move {
-        let _guards = (tracked, metered);
-        let tunnel = match hyper::upgrade::on(req).await {
-            Ok(u) => u,
-            Err(e) => {
-                debug!(error = %e, "stream upgrade failed");
-                return;
-            }
-        };
-        match local.protocol {
-            Protocol::Http => l7(tunnel, upstream, from, service, target_id, ctx).await,
-            Protocol::Tcp | Protocol::Grpc => {
-                let (mut tunnel, mut upstream) = (TokioIo::new(tunnel), upstream);
-                match splice(&mut tunnel, &mut upstream).await {
-                    Ok((sent, received)) => ctx.metrics.bytes(Direction::Inbound, sent, received),
-                    Err(e) => {
-                        debug!(dst.service = %service, error = %e, "inbound stream ended with an error")
-                    }
-                }
-            }
-        }
-    });
-    status(StatusCode::OK)
-}
-
-type Body = BoxBody<Bytes, hyper::Error>;
-
-fn text(code: StatusCode, msg: &'static str) -> Response<Body> {
-    let mut r = Response::new(
-        Full::new(Bytes::from_static(msg.as_bytes()))
-            .map_err(|n| match n {})
-            .boxed(),
-    );
-    *r.status_mut() = code;
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain"),
-    );
-    r
-}
-
-/// HTTP/1.1 inside the tunnel: each request is checked against the L7 rules; allowed ones go
-/// to the local service over one connection, denied ones get 403 and never reach it.
-async fn l7(
-    tunnel: hyper::upgrade::Upgraded,
-    upstream: TcpStream,
-    from: (String, String),
+/// Intentions on every request to one local service.
+#[derive(Debug)]
+struct Intentions {
+    policy: Arc<Policy>,
     service: String,
     target_id: String,
-    ctx: Arc<Inbound>,
-) {
-    let (sender, conn) =
-        match hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(upstream)).await {
-            Ok(x) => x,
-            Err(e) => {
-                warn!(dst.service = %service, error = %e, "local service HTTP handshake failed");
-                return;
-            }
+    metrics: Arc<Metrics>,
+}
+
+impl Filter for Intentions {
+    fn name(&self) -> &'static str {
+        "intentions"
+    }
+
+    fn on_request<'a>(&'a self, req: &'a mut request::Parts, ctx: &'a mut Ctx) -> Step<'a> {
+        let Some((from, from_id)) = workload_peer(&ctx.conn) else {
+            self.metrics.denied(DenyReason::NotWorkload);
+            warn!(src.addr = %ctx.conn.peer, dst.service = %self.service, "refused: peer is not a workload identity");
+            return Step::reject(Problem::DeniedByIntention);
         };
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let sender = Arc::new(tokio::sync::Mutex::new(sender));
-    let from = Arc::new(from);
-    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (sender, ctx, from, service, target_id) = (
-            sender.clone(),
-            ctx.clone(),
-            from.clone(),
-            service.clone(),
-            target_id.clone(),
+        let decision = self.policy.check_request(
+            &Peer {
+                service: &from,
+                spiffe_id: &from_id,
+            },
+            &Target {
+                service: &self.service,
+                spiffe_id: &self.target_id,
+            },
+            &HttpRequest {
+                method: req.method.as_str(),
+                path: req.uri.path(),
+            },
         );
-        async move {
-            if !is_normalized(req.uri().path()) {
-                ctx.metrics.denied(DenyReason::L7Policy);
-                info!(peer.identity = %from.1, dst.service = %service, path = %req.uri().path(), "request refused: path is not normalized");
-                return Ok::<_, Infallible>(text(
-                    StatusCode::BAD_REQUEST,
-                    "path must be normalized (no '.', '..', '//' or encoded '/' and '.')\n",
-                ));
+        if decision.action == Action::Deny {
+            self.metrics.denied(DenyReason::L7Policy);
+            info!(peer.identity = %from_id, dst.service = %self.service, method = %req.method, path = %req.uri.path(), reason = %decision.reason, "request denied by intention");
+            if let Ok(v) = HeaderValue::from_str(&decision.reason) {
+                ctx.add_response_header(DENY_RULE_HEADER, v);
             }
-            let decision = ctx.policy.check_request(
-                &Peer {
-                    service: &from.0,
-                    spiffe_id: &from.1,
-                },
-                &Target {
-                    service: &service,
-                    spiffe_id: &target_id,
-                },
-                &HttpRequest {
-                    method: req.method().as_str(),
-                    path: req.uri().path(),
-                },
-            );
-            if decision.action == Action::Deny {
-                ctx.metrics.denied(DenyReason::L7Policy);
-                info!(peer.identity = %from.1, dst.service = %service, method = %req.method(), path = %req.uri().path(), reason = %decision.reason, "request denied by intention");
-                return Ok::<_, Infallible>(text(StatusCode::FORBIDDEN, "denied by intention\n"));
-            }
-            let mut sender = sender.lock().await;
-            match sender.send_request(req).await {
-                Ok(resp) => Ok(resp.map(BodyExt::boxed)),
-                Err(e) => {
-                    warn!(dst.service = %service, error = %e, "local service request failed");
-                    Ok(text(StatusCode::BAD_GATEWAY, "local service failed\n"))
-                }
-            }
+            return Step::reject(Problem::DeniedByIntention);
         }
-    });
-    if let Err(e) = hyper::server::conn::http1::Builder::new()
-        .serve_connection(tunnel, svc)
-        .await
-    {
-        debug!(error = %e, "L7 stream ended with an error");
+        Step::CONTINUE
     }
 }
 
-/// Whether a path is in the form path rules are written for: no `.`/`..` segments, no empty
-/// segments, no percent-encoded `/`, `.` or `\\`. Such paths could dodge a deny rule, so they are
-/// refused rather than interpreted.
-fn is_normalized(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
-    path.starts_with('/')
-        && !path.contains("//")
-        && !lower.contains("%2f")
-        && !lower.contains("%2e")
-        && !lower.contains("%5c")
-        && !path.contains('\\')
-        && path.split('/').skip(1).all(|seg| seg != "." && seg != "..")
+/// Routes node-pipeline requests to the local service they name.
+#[derive(Debug)]
+struct NodeRouter {
+    routes: HashMap<String, Arc<Route>>,
+    drain: Drain,
+}
+
+impl Router for NodeRouter {
+    fn route(&self, req: &request::Parts, ctx: &mut Ctx) -> Result<Arc<Route>, Problem> {
+        if self.drain.is_draining() {
+            return Err(Problem::UpstreamUnavailable {
+                service: "this node".into(),
+            });
+        }
+        let named = match &ctx.conn.bound_service {
+            Some(s) => Some(s.to_string()),
+            None => req
+                .headers
+                .get(SERVICE_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        };
+        let Some(name) = named else {
+            return Err(Problem::BadRequest(
+                "a tunnel request must name its service (meshgate-service)".into(),
+            ));
+        };
+        match self.routes.get(&name) {
+            Some(r) => Ok(r.clone()),
+            None => {
+                warn!(src.addr = %ctx.conn.peer, dst.service = %name, "refused: service does not run on this node");
+                Err(Problem::NoRoute)
+            }
+        }
+    }
+}
+
+/// Removes the tunnel's own request header before the service sees the request.
+#[derive(Debug)]
+struct StripTunnelHeaders;
+
+impl Filter for StripTunnelHeaders {
+    fn name(&self) -> &'static str {
+        "strip-tunnel-headers"
+    }
+    fn on_request<'a>(&'a self, req: &'a mut request::Parts, _ctx: &'a mut Ctx) -> Step<'a> {
+        req.headers.remove(SERVICE_HEADER);
+        Step::CONTINUE
+    }
+}
+
+/// The inbound side, built once at start.
+#[derive(Debug)]
+pub struct InboundHandler {
+    ctx: Arc<Inbound>,
+    pipeline: Arc<Pipeline>,
+    nested: std::sync::OnceLock<Front>,
+}
+
+impl InboundHandler {
+    /// Builds the node pipeline for the L7 services of `ctx`.
+    pub fn new(ctx: Arc<Inbound>, request_metrics: Arc<RequestMetrics>) -> Arc<Self> {
+        let mut routes = HashMap::new();
+        for (name, svc) in &ctx.services {
+            let protocol = match svc.protocol {
+                Protocol::Http => LocalProtocol::Http1,
+                Protocol::Grpc => LocalProtocol::Http2,
+                Protocol::Tcp => continue,
+            };
+            let upstream = LocalUpstream::new(
+                name,
+                svc.port,
+                protocol,
+                ctx.tunnel.connect_timeout,
+                ctx.tunnel.local_idle_timeout,
+            );
+            let proxy = Proxy::new(ProxySettings {
+                timeout: ctx.tunnel.request_timeout,
+                max_failover: 1,
+                ..ProxySettings::default()
+            });
+            let chain = Chain::new(vec![
+                Arc::new(StripTunnelHeaders),
+                Arc::new(Intentions {
+                    policy: ctx.policy.clone(),
+                    service: name.clone(),
+                    target_id: svc.id.to_string(),
+                    metrics: ctx.metrics.clone(),
+                }),
+            ]);
+            routes.insert(
+                name.clone(),
+                Arc::new(Route {
+                    name: Arc::from(name.as_str()),
+                    chain,
+                    action: Arc::new(ProxyTo { proxy, upstream }),
+                    max_body: u64::MAX,
+                    body_idle_timeout: ctx.tunnel.idle_timeout,
+                    allow_trace: false,
+                }),
+            );
+        }
+        let pipeline = Pipeline::new(
+            PipelineConfig {
+                pre: Chain::new(vec![Arc::new(MarkLocal)]),
+                router: Arc::new(NodeRouter {
+                    routes,
+                    drain: ctx.drain.clone(),
+                }),
+                paths: PathOptions::default(),
+                max_head_bytes: 256 * 1024,
+            },
+            request_metrics,
+        );
+        Arc::new(Self {
+            ctx,
+            pipeline,
+            nested: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The front for connections nested in CONNECT streams (their requests run the pipeline).
+    fn nested_front(self: &Arc<Self>) -> Front {
+        self.nested
+            .get_or_init(|| Front {
+                handler: Arc::new(PipelineOnly(self.pipeline.clone())),
+                limits: front_limits(&self.ctx.tunnel),
+                drain: self.ctx.drain.clone(),
+                metrics: self.ctx.metrics.clone(),
+                name: "inbound-l7",
+            })
+            .clone()
+    }
+
+    /// The front for the inbound port.
+    pub fn front(self: &Arc<Self>) -> Front {
+        Front {
+            handler: Arc::new(InboundEntry(self.clone())),
+            limits: front_limits(&self.ctx.tunnel),
+            drain: self.ctx.drain.clone(),
+            metrics: self.ctx.metrics.clone(),
+            name: "inbound",
+        }
+    }
+
+    async fn connect(self: Arc<Self>, mut req: Request<Incoming>, conn: Arc<ConnInfo>) -> Response<Body> {
+        let ctx = &self.ctx;
+        let service = req.uri().host().unwrap_or_default().to_owned();
+        let Some(local) = ctx.services.get(&service).cloned() else {
+            ctx.metrics.denied(DenyReason::UnknownService);
+            warn!(src.addr = %conn.peer, dst.service = %service, "refused: service does not run on this node");
+            return status(StatusCode::NOT_FOUND, "unknown-service", None);
+        };
+        let Some((from, from_id)) = workload_peer(&conn) else {
+            ctx.metrics.denied(DenyReason::NotWorkload);
+            warn!(src.addr = %conn.peer, dst.service = %service, "refused: peer is not a workload identity");
+            return status(StatusCode::FORBIDDEN, "denied-by-intention", None);
+        };
+        let target_id = local.id.to_string();
+        let (p, t) = (
+            Peer {
+                service: &from,
+                spiffe_id: &from_id,
+            },
+            Target {
+                service: &service,
+                spiffe_id: &target_id,
+            },
+        );
+        let (admitted, reason) = match local.protocol {
+            Protocol::Http | Protocol::Grpc => (
+                ctx.policy.admits_http(&p, &t),
+                "no rule allows this source".to_owned(),
+            ),
+            Protocol::Tcp => {
+                let d = ctx.policy.check_connection(&p, &t);
+                (d.action == Action::Allow, d.reason)
+            }
+        };
+        if !admitted {
+            ctx.metrics.denied(DenyReason::Policy);
+            info!(peer.identity = %from_id, dst.service = %service, reason = %reason, "denied by intention");
+            return status(StatusCode::FORBIDDEN, "denied-by-intention", Some(&reason));
+        }
+        if ctx.drain.is_draining() {
+            return status(StatusCode::SERVICE_UNAVAILABLE, "draining", None);
+        }
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let hold = conn.hold.as_ref().map(|h| h.hold());
+        let tracked = ctx.drain.track();
+        let metered = ctx.metrics.stream(Direction::Inbound);
+        match local.protocol {
+            Protocol::Tcp => {
+                let upstream = match tokio::time::timeout(
+                    ctx.tunnel.connect_timeout,
+                    TcpStream::connect(("127.0.0.1", local.port)),
+                )
+                .await
+                {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        warn!(dst.service = %service, port = local.port, error = %e, "local service unreachable");
+                        return status(StatusCode::BAD_GATEWAY, "upstream-refused", None);
+                    }
+                    Err(_) => {
+                        warn!(dst.service = %service, port = local.port, "local service connect timed out");
+                        return status(StatusCode::BAD_GATEWAY, "upstream-refused", None);
+                    }
+                };
+                let _ = upstream.set_nodelay(true);
+                let this = self.clone();
+                tokio::spawn(async move {
+                    let _guards = (tracked, metered, hold);
+                    let tunnel = match on_upgrade.await {
+                        Ok(u) => u,
+                        Err(e) => {
+                            debug!(error = %e, "stream upgrade failed");
+                            return;
+                        }
+                    };
+                    let (mut tunnel, mut upstream) = (TokioIo::new(tunnel), upstream);
+                    match splice(&mut tunnel, &mut upstream).await {
+                        Ok((sent, received)) => this.ctx.metrics.bytes(Direction::Inbound, sent, received),
+                        Err(e) => {
+                            debug!(dst.service = %service, error = %e, "inbound stream ended with an error")
+                        }
+                    }
+                });
+            }
+            Protocol::Http | Protocol::Grpc => {
+                let proto = if local.protocol == Protocol::Http {
+                    Proto::Http1
+                } else {
+                    Proto::Http2
+                };
+                let front = self.nested_front();
+                let mut info = (*conn).clone();
+                info.bound_service = Some(Arc::from(service.as_str()));
+                info.hold = None;
+                tokio::spawn(async move {
+                    let _guards = (tracked, metered, hold);
+                    let tunnel = match on_upgrade.await {
+                        Ok(u) => u,
+                        Err(e) => {
+                            debug!(error = %e, "stream upgrade failed");
+                            return;
+                        }
+                    };
+                    serve_io(TokioIo::new(tunnel), info, proto, &front).await;
+                });
+            }
+        }
+        status(StatusCode::OK, "", None)
+    }
+}
+
+fn status(code: StatusCode, local: &'static str, rule: Option<&str>) -> Response<Body> {
+    let mut r = Response::new(crate::http::empty());
+    *r.status_mut() = code;
+    if !local.is_empty() {
+        r.headers_mut()
+            .insert(LOCAL_HEADER, HeaderValue::from_static(local));
+    }
+    if let Some(rule) = rule
+        && let Ok(v) = HeaderValue::from_str(rule)
+    {
+        r.headers_mut().insert(DENY_RULE_HEADER, v);
+    }
+    r
+}
+
+/// Tunnel streams: CONNECT or a direct request.
+struct InboundEntry(Arc<InboundHandler>);
+
+impl Handler for InboundEntry {
+    fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: Arc<ConnInfo>,
+    ) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>> {
+        let this = self.0.clone();
+        if req.method() == Method::CONNECT {
+            Box::pin(this.connect(req, conn))
+        } else {
+            let metered = this.ctx.metrics.stream(Direction::Inbound);
+            let p = this.pipeline.clone();
+            Box::pin(async move {
+                let r = p.serve(req, conn).await;
+                drop(metered);
+                r
+            })
+        }
+    }
+}
+
+/// Requests nested in a CONNECT stream: the pipeline only.
+struct PipelineOnly(Arc<Pipeline>);
+
+impl Handler for PipelineOnly {
+    fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: Arc<ConnInfo>,
+    ) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>> {
+        let p = self.0.clone();
+        Box::pin(async move { p.serve(req, conn).await })
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::is_normalized;
+    use super::*;
+    use crate::{http::filter::Verdict, policy::authz::AuthzConfig};
 
-    #[test]
-    fn path_normalization() {
-        for ok in ["/", "/users/1", "/admin/", "/a.b/c..d"] {
-            assert!(is_normalized(ok), "{ok}");
-        }
-        for bad in [
-            "/users/../admin/x",
-            "/./admin",
-            "//admin",
-            "/admin/%2e%2e/x",
-            "/a%2Fb",
-            "/a\\b",
-            "/..",
-        ] {
-            assert!(!is_normalized(bad), "{bad}");
+    fn conn(peer: Option<&str>) -> Arc<ConnInfo> {
+        let mut c = ConnInfo::plain("127.0.0.1:1".parse().expect("addr"));
+        c.peer_id = peer.map(|p| SpiffeId::parse(p).expect("id"));
+        Arc::new(c)
+    }
+
+    #[tokio::test]
+    async fn intentions_filter_decides_per_request_and_names_the_rule() {
+        let cfg: AuthzConfig = serde_json::from_value(serde_json::json!({
+            "default": "deny",
+            "rules": [
+                {"from": "web", "to": "users", "action": "allow"},
+                {"from": "web", "to": "users", "action": "deny", "methods": ["DELETE"], "paths": ["/admin/*"]}
+            ]
+        }))
+        .expect("cfg");
+        let f = Intentions {
+            policy: Arc::new(Policy::compile(&cfg).expect("policy")),
+            service: "users".into(),
+            target_id: "spiffe://td/ns/default/svc/users".into(),
+            metrics: Arc::new(Metrics::new()),
+        };
+        let cases = [
+            (Some("spiffe://td/ns/default/svc/web"), "GET", "/users/1", true),
+            (Some("spiffe://td/ns/default/svc/web"), "DELETE", "/admin/x", false),
+            (Some("spiffe://td/ns/default/svc/web"), "DELETE", "/admin", false),
+            (Some("spiffe://td/ns/default/svc/batch"), "GET", "/users/1", false),
+            (Some("spiffe://td/node/node-a"), "GET", "/", false),
+            (None, "GET", "/", false),
+        ];
+        for (peer, method, path, allowed) in cases {
+            let mut ctx = Ctx::new(conn(peer));
+            let (mut parts, ()) = Request::builder()
+                .method(method)
+                .uri(path)
+                .body(())
+                .expect("req")
+                .into_parts();
+            let v = f.on_request(&mut parts, &mut ctx).resolve().await;
+            assert_eq!(
+                matches!(v, Verdict::Continue),
+                allowed,
+                "{peer:?} {method} {path}"
+            );
+            if !allowed && peer.is_some_and(|p| p.contains("/svc/web")) {
+                assert!(
+                    ctx.response_headers
+                        .iter()
+                        .any(|(k, v)| *k == DENY_RULE_HEADER && v.to_str().is_ok_and(|s| s.contains("rule #1"))),
+                    "{method} {path}: the deciding rule is named"
+                );
+            }
         }
     }
 }

@@ -21,7 +21,7 @@ use crate::{
     telemetry::{Direction, Metrics},
     transport::{
         forward::splice,
-        hbone::{Pool, TunnelError},
+        hbone::{Lease, Pool, TunnelError},
     },
 };
 
@@ -87,14 +87,15 @@ pub enum OpenError {
 
 /// Opens a tunnel stream to `service`: picks an endpoint (P2C over peak-EWMA, ejected ones
 /// skipped), and on a failure records it and tries another, up to [`MAX_ATTEMPTS`] distinct
-/// endpoints. The returned guard keeps the endpoint's in-flight count until dropped.
+/// endpoints. The returned guards keep the endpoint's in-flight count and the tunnel stream's
+/// slot until dropped.
 pub async fn open_stream(
     service: &str,
     source: &Identity,
     balancer: &Balancer,
     pool: &Pool,
     metrics: &Metrics,
-) -> Result<(Upgraded, InFlight), OpenError> {
+) -> Result<(Upgraded, InFlight, Lease), OpenError> {
     let mut rand = super::rng();
     let mut exclude = Vec::new();
     let mut last = None;
@@ -105,9 +106,9 @@ pub async fn open_stream(
         let in_flight = ep.start();
         let started = Instant::now();
         match pool.connect(source, ep.addr(), service).await {
-            Ok(tunnel) => {
+            Ok((tunnel, lease)) => {
                 ep.record_success(Instant::now(), started.elapsed());
-                return Ok((tunnel, in_flight));
+                return Ok((tunnel, in_flight, lease));
             }
             Err(e) if !e.is_retryable() => return Err(OpenError::Denied(e)),
             Err(e) => {
@@ -133,7 +134,7 @@ async fn connection(mut client: TcpStream, addr: std::net::SocketAddr, up: Arc<U
     let _tracked = up.drain.track();
     let _ = client.set_nodelay(true);
     match open_stream(&up.service, &up.source, &up.balancer, &up.pool, &up.metrics).await {
-        Ok((tunnel, _in_flight)) => {
+        Ok((tunnel, _in_flight, _lease)) => {
             let _metered = up.metrics.stream(Direction::Outbound);
             let mut tunnel = TokioIo::new(tunnel);
             match splice(&mut client, &mut tunnel).await {

@@ -1,0 +1,133 @@
+//! The per-request context every stage reads and writes: who is calling (the connection), the
+//! request id, the client address as hygiene established it, the authority, the matched route,
+//! typed extensions filters leave for each other (the principal, the CORS origin…), headers to
+//! add to whatever response goes back, and what the access log reports.
+//!
+//! It holds no policy: filters decide, the context only carries.
+
+use std::{
+    cell::Cell,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Instant,
+};
+
+use http::{HeaderName, HeaderValue};
+use meshgate_ca::spiffe::SpiffeId;
+use rustls_pki_types::CertificateDer;
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The TCP peer.
+    pub peer: SocketAddr,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+    /// The client certificate (leaf), when the client presented one and it verified against
+    /// the configured client CA (edge mTLS).
+    pub client_cert: Option<Arc<CertificateDer<'static>>>,
+    /// The verified SPIFFE ID of a mesh peer (tunnel connections only).
+    pub peer_id: Option<SpiffeId>,
+    /// For requests nested in a tunnel CONNECT stream: the service that stream was opened to
+    /// (the requests may not name another one).
+    pub bound_service: Option<Arc<str>>,
+    /// Keeps the connection from counting as idle (set by the front).
+    pub hold: Option<super::front::ConnHold>,
+}
+
+impl ConnInfo {
+    /// A connection from `peer`, plain, without certificates.
+    pub fn plain(peer: SocketAddr) -> Self {
+        Self {
+            peer,
+            tls: false,
+            client_cert: None,
+            peer_id: None,
+            bound_service: None,
+            hold: None,
+        }
+    }
+}
+
+thread_local! {
+    static RNG: Cell<u64> = Cell::new(seed());
+}
+
+fn seed() -> u64 {
+    u64::from_le_bytes(meshgate_ca::pki::random_bytes::<8>()) | 1
+}
+
+/// A fast per-thread xorshift draw, for request ids, trace ids and balancing rolls (not for
+/// secrets: nothing that guards access is derived from it).
+pub fn fast_rand() -> u64 {
+    RNG.with(|c| {
+        let mut x = c.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.set(x);
+        x
+    })
+}
+
+/// Per-request state, created by the pipeline for every request.
+#[derive(Debug)]
+pub struct Ctx {
+    /// The request id (from a trusted client, else generated).
+    pub request_id: String,
+    /// The connection the request came on.
+    pub conn: Arc<ConnInfo>,
+    /// When the request head was handed to the pipeline.
+    pub started: Instant,
+    /// The client address: the TCP peer, or what hygiene derived from a trusted
+    /// `X-Forwarded-For` chain.
+    pub client_ip: IpAddr,
+    /// The request's authority (`Host`, or HTTP/2 `:authority`), as sent.
+    pub authority: String,
+    /// Whether the caller speaks gRPC (local answers are then gRPC statuses).
+    pub grpc: bool,
+    /// The matched route's name, once resolved.
+    pub route: Option<Arc<str>>,
+    /// Values filters leave for later filters and the action (principal, CORS origin, template
+    /// captures…), by type.
+    pub extensions: http::Extensions,
+    /// Headers added to the response, whatever answers (upstream or a local refusal).
+    pub response_headers: Vec<(HeaderName, HeaderValue)>,
+    /// Where the request went, for the access log (`service` or a URL host).
+    pub upstream: Option<Arc<str>>,
+    /// The endpoint that answered.
+    pub endpoint: Option<SocketAddr>,
+    /// Why meshgate answered itself (a problem slug), for the access log.
+    pub local_reason: Option<&'static str>,
+}
+
+impl Ctx {
+    /// A fresh context for a request on `conn`.
+    pub fn new(conn: Arc<ConnInfo>) -> Self {
+        let client_ip = conn.peer.ip();
+        Self {
+            request_id: String::new(),
+            conn,
+            started: Instant::now(),
+            client_ip,
+            authority: String::new(),
+            grpc: false,
+            route: None,
+            extensions: http::Extensions::new(),
+            response_headers: Vec::new(),
+            upstream: None,
+            endpoint: None,
+            local_reason: None,
+        }
+    }
+
+    /// Adds a header to whatever response this request gets.
+    pub fn add_response_header(&mut self, name: HeaderName, value: HeaderValue) {
+        self.response_headers.push((name, value));
+    }
+
+    /// A request id: 32 lowercase hex characters.
+    pub fn new_request_id() -> String {
+        format!("{:016x}{:016x}", fast_rand(), fast_rand())
+    }
+}

@@ -1,0 +1,467 @@
+//! The one request path both modes run (DESIGN §3):
+//!
+//! ```text
+//! head checks (authority, path normalization, head size)
+//!   -> pre-route filters -> route resolution -> { the route's chain, its action }
+//!   -> response filters (every filter's on_response, for upstream AND local answers)
+//!   -> access log + metrics, in one place
+//! ```
+//!
+//! Filters run on the head: authentication, authorization and rate limits decide before a body
+//! byte is read. The body then streams to the action through [`Guarded`] (413 as soon as the
+//! limit is crossed, 408 when it stalls); only a chain whose filters declared a need buffers it,
+//! up to their cap. Every local answer is a [`Problem`] mapped in `respond.rs` (gRPC callers
+//! get a gRPC status).
+//!
+//! The pipeline's configuration is a [`PipelineConfig`] swapped whole on reload: requests in
+//! flight finish on the one they started with.
+
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, Version, header, request};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
+use tracing::{debug, info};
+
+use super::{
+    Body,
+    action::RouteAction,
+    body::{BodyFault, BodyState, CollectError, Guarded, collect_capped},
+    chain::{Chain, Stop},
+    ctx::{ConnInfo, Ctx},
+    path::{PathOptions, normalize},
+    respond::{Problem, is_grpc},
+};
+
+/// A resolved route: its filters, its action, and the body limits it applies.
+#[derive(Debug)]
+pub struct Route {
+    /// The route's name (logs, metrics).
+    pub name: Arc<str>,
+    /// Its filters, in order.
+    pub chain: Chain,
+    /// What it does with requests its filters let through.
+    pub action: Arc<dyn RouteAction>,
+    /// Largest request body (413 beyond, enforced while streaming).
+    pub max_body: u64,
+    /// A request body that sends nothing for this long gets 408.
+    pub body_idle_timeout: Duration,
+    /// Whether TRACE requests may use this route (405 otherwise).
+    pub allow_trace: bool,
+}
+
+/// Picks the route for a request: a pure function of the config (and discovery snapshot).
+pub trait Router: Send + Sync + std::fmt::Debug {
+    /// The route for `req`, or the problem to answer (404, 405…). May leave values for later
+    /// stages in `ctx.extensions` (template captures).
+    fn route(&self, req: &request::Parts, ctx: &mut Ctx) -> Result<Arc<Route>, Problem>;
+}
+
+/// Everything a pipeline runs with; swapped whole on reload.
+#[derive(Debug)]
+pub struct PipelineConfig {
+    /// Filters every request crosses before routing (hygiene, request id…).
+    pub pre: Chain,
+    /// Route resolution.
+    pub router: Arc<dyn Router>,
+    /// Path normalization.
+    pub paths: PathOptions,
+    /// Largest request head, header names and values summed (431 beyond).
+    pub max_head_bytes: usize,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteCode {
+    route: Arc<str>,
+    code: u16,
+}
+
+/// Request metrics of one pipeline, registered by the composition under its own name.
+#[derive(Debug, Default)]
+pub struct RequestMetrics {
+    requests: Family<RouteCode, Counter>,
+}
+
+impl RequestMetrics {
+    /// Registers the request counter as `name` (e.g. `meshgate_gateway_requests`).
+    pub fn register(&self, registry: &mut Registry, name: &str, help: &str) {
+        registry.register(name, help, self.requests.clone());
+    }
+
+    fn count(&self, route: &Arc<str>, code: u16) {
+        self.requests
+            .get_or_create(&RouteCode {
+                route: route.clone(),
+                code,
+            })
+            .inc();
+    }
+}
+
+/// What the front calls for every request.
+pub trait Handler: Send + Sync + 'static {
+    /// Answers one request.
+    fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: Arc<ConnInfo>,
+    ) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+}
+
+/// The request path of one listener kind.
+#[derive(Debug)]
+pub struct Pipeline {
+    cfg: ArcSwap<PipelineConfig>,
+    metrics: Arc<RequestMetrics>,
+    none: Arc<str>,
+}
+
+/// How the head checks and filters ended a request early.
+enum Early {
+    Problem(Problem),
+    Response(Response<Body>),
+}
+
+impl From<Problem> for Early {
+    fn from(p: Problem) -> Self {
+        Early::Problem(p)
+    }
+}
+
+impl From<Stop> for Early {
+    fn from(s: Stop) -> Self {
+        match s {
+            Stop::Respond(r) => Early::Response(r),
+            Stop::Reject(p) => Early::Problem(p),
+        }
+    }
+}
+
+/// The request's authority: `Host` for HTTP/1.x (exactly one; required for 1.1), the
+/// absolute-form target's authority if given, `:authority` for HTTP/2 (a `Host` beside it
+/// must agree). Also writes it into `Host`, so every later stage sees one spelling.
+fn authority(req: &mut request::Parts) -> Result<String, Problem> {
+    let mut hosts = req.headers.get_all(header::HOST).iter();
+    let first = hosts.next().cloned();
+    if hosts.next().is_some() {
+        return Err(Problem::BadRequest("more than one Host header".into()));
+    }
+    let from_uri = req.uri.authority().map(|a| a.as_str().to_owned());
+    let value = match (from_uri, first) {
+        (Some(a), Some(h)) if req.version == Version::HTTP_2 && h.as_bytes() != a.as_bytes() => {
+            return Err(Problem::BadRequest(
+                "Host and :authority disagree".into(),
+            ));
+        }
+        (Some(a), _) => a,
+        (None, Some(h)) => h
+            .to_str()
+            .map_err(|_| Problem::BadRequest("the Host header is not valid".into()))?
+            .to_owned(),
+        (None, None) if req.version == Version::HTTP_11 => {
+            return Err(Problem::BadRequest("HTTP/1.1 requests need a Host header".into()));
+        }
+        (None, None) => String::new(),
+    };
+    if !value.is_empty() {
+        if value.parse::<http::uri::Authority>().is_err() {
+            return Err(Problem::BadRequest("the Host header is not valid".into()));
+        }
+        let v = HeaderValue::from_str(&value)
+            .map_err(|_| Problem::BadRequest("the Host header is not valid".into()))?;
+        req.headers.insert(header::HOST, v);
+    }
+    Ok(value)
+}
+
+fn head_bytes(req: &request::Parts) -> usize {
+    req.headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum()
+}
+
+/// Replaces the path of `uri` with `path`, keeping the query.
+fn set_path(req: &mut request::Parts, path: &str) -> Result<(), Problem> {
+    let pq = match req.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    };
+    let mut parts = std::mem::take(&mut req.uri).into_parts();
+    parts.path_and_query = Some(
+        pq.parse()
+            .map_err(|_| Problem::BadRequest("the path is not valid".into()))?,
+    );
+    req.uri = http::Uri::from_parts(parts)
+        .map_err(|_| Problem::BadRequest("the request target is not valid".into()))?;
+    Ok(())
+}
+
+impl Pipeline {
+    /// A pipeline running `cfg`, counting requests into `metrics`.
+    pub fn new(cfg: PipelineConfig, metrics: Arc<RequestMetrics>) -> Arc<Self> {
+        Arc::new(Self {
+            cfg: ArcSwap::from_pointee(cfg),
+            metrics,
+            none: Arc::from("-"),
+        })
+    }
+
+    /// Swaps in a new configuration; requests in flight finish on the old one.
+    pub fn swap(&self, cfg: PipelineConfig) {
+        self.cfg.store(Arc::new(cfg));
+    }
+
+    /// The configuration in use.
+    pub fn current(&self) -> Arc<PipelineConfig> {
+        self.cfg.load_full()
+    }
+
+    /// Answers one request.
+    pub async fn serve(&self, req: Request<Incoming>, conn: Arc<ConnInfo>) -> Response<Body> {
+        let cfg = self.cfg.load_full();
+        let mut ctx = Ctx::new(conn);
+        let (mut parts, body) = req.into_parts();
+        ctx.grpc = is_grpc(&parts.headers);
+        let method = parts.method.clone();
+        let mut route: Option<Arc<Route>> = None;
+        let outcome = self
+            .run(&cfg, &mut parts, body, &mut ctx, &mut route)
+            .await;
+        if ctx.request_id.is_empty() {
+            ctx.request_id = Ctx::new_request_id();
+        }
+        let resp = match outcome {
+            Ok(r) => r,
+            Err(Early::Response(r)) => r,
+            Err(Early::Problem(p)) => {
+                ctx.local_reason = Some(p.slug());
+                p.respond(&ctx.request_id, ctx.grpc)
+            }
+        };
+        let resp = self.finish(&cfg, route.as_deref(), &mut ctx, resp).await;
+        let status = resp.status().as_u16();
+        let route_name = ctx.route.clone().unwrap_or_else(|| self.none.clone());
+        self.metrics.count(&route_name, status);
+        info!(
+            target: "access",
+            request_id = %ctx.request_id,
+            src.addr = %ctx.conn.peer,
+            client_ip = %ctx.client_ip,
+            method = %method,
+            authority = %ctx.authority,
+            path = %parts.uri.path(),
+            route = %route_name,
+            status,
+            upstream = ctx.upstream.as_deref().unwrap_or("-"),
+            reason = ctx.local_reason.unwrap_or("-"),
+            duration_ms = u64::try_from(ctx.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "request"
+        );
+        resp
+    }
+
+    async fn run(
+        &self,
+        cfg: &PipelineConfig,
+        parts: &mut request::Parts,
+        body: Incoming,
+        ctx: &mut Ctx,
+        route_out: &mut Option<Arc<Route>>,
+    ) -> Result<Response<Body>, Early> {
+        if parts.method == Method::CONNECT {
+            return Err(Problem::MethodNotAllowed {
+                allow: "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS".into(),
+            }
+            .into());
+        }
+        ctx.authority = authority(parts)?;
+        match normalize(parts.uri.path(), &cfg.paths) {
+            Ok(std::borrow::Cow::Borrowed(_)) => {}
+            Ok(std::borrow::Cow::Owned(p)) => set_path(parts, &p)?,
+            Err(e) => return Err(Problem::InvalidPath(e).into()),
+        }
+        if head_bytes(parts) > cfg.max_head_bytes {
+            return Err(Problem::HeadersTooLarge {
+                limit: cfg.max_head_bytes,
+            }
+            .into());
+        }
+        cfg.pre.on_request(parts, ctx).await?;
+        let route = cfg.router.route(parts, ctx)?;
+        ctx.route = Some(route.name.clone());
+        *route_out = Some(route.clone());
+        if parts.method == Method::TRACE && !route.allow_trace {
+            return Err(Problem::MethodNotAllowed {
+                allow: "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS".into(),
+            }
+            .into());
+        }
+        route.chain.on_request(parts, ctx).await?;
+        let body = self.body(&route, parts, body, ctx).await?;
+        let req = Request::from_parts(std::mem::replace(parts, clone_head(parts)), body);
+        let faults = ctx.extensions.get::<Arc<BodyState>>().cloned();
+        match route.action.call(req, ctx).await {
+            Ok(r) => Ok(r),
+            Err(p) => Err(match faults.and_then(|f| f.fault()) {
+                Some(BodyFault::TooLarge) => Problem::BodyTooLarge {
+                    limit: route.max_body,
+                },
+                Some(BodyFault::Stalled) => Problem::BodyTimeout,
+                Some(BodyFault::Client) => {
+                    debug!(request_id = %ctx.request_id, "client went away while sending the body");
+                    Problem::BadRequest("the request body could not be read".into())
+                }
+                None => p,
+            }
+            .into()),
+        }
+    }
+
+    /// The request body as the action gets it: empty, streaming through the guard, or
+    /// buffered for the filters that asked.
+    async fn body(
+        &self,
+        route: &Route,
+        parts: &mut request::Parts,
+        body: Incoming,
+        ctx: &mut Ctx,
+    ) -> Result<Body, Early> {
+        use http_body::Body as _;
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > route.max_body) {
+            return Err(Problem::BodyTooLarge {
+                limit: route.max_body,
+            }
+            .into());
+        }
+        if body.is_end_stream() {
+            return Ok(super::empty());
+        }
+        let state = Arc::new(BodyState::default());
+        ctx.extensions.insert(state.clone());
+        let guarded = Guarded::new(body, route.max_body, route.body_idle_timeout, state.clone());
+        let Some(cap) = route.chain.request_body_cap() else {
+            return Ok(guarded.boxed());
+        };
+        let cap = cap.min(usize::try_from(route.max_body).unwrap_or(usize::MAX));
+        let bytes = match collect_capped(guarded.boxed(), cap).await {
+            Ok(b) => b,
+            Err(CollectError::TooLarge) => {
+                return Err(Problem::BodyTooLarge {
+                    limit: route.max_body.min(cap as u64),
+                }
+                .into());
+            }
+            Err(CollectError::Failed(_)) => {
+                return Err(match state.fault() {
+                    Some(BodyFault::TooLarge) => Problem::BodyTooLarge {
+                        limit: route.max_body,
+                    },
+                    Some(BodyFault::Stalled) => Problem::BodyTimeout,
+                    _ => Problem::BadRequest("the request body could not be read".into()),
+                }
+                .into());
+            }
+        };
+        let bytes: Bytes = route.chain.on_request_body(parts, ctx, bytes)?;
+        if parts.headers.contains_key(header::CONTENT_LENGTH) {
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        }
+        Ok(super::full(bytes))
+    }
+
+    /// Response phase: buffered body filters, every filter's `on_response`, headers the
+    /// request collected, the request id.
+    async fn finish(
+        &self,
+        cfg: &PipelineConfig,
+        route: Option<&Route>,
+        ctx: &mut Ctx,
+        resp: Response<Body>,
+    ) -> Response<Body> {
+        let (mut parts, mut body) = resp.into_parts();
+        if let Some(r) = route
+            && let Some(cap) = r.chain.response_body_cap(ctx, &parts)
+        {
+            body = match collect_capped(body, cap).await {
+                Ok(b) => match r.chain.on_response_body(ctx, &mut parts, b) {
+                    Ok(b) => {
+                        if parts.headers.contains_key(header::CONTENT_LENGTH) {
+                            parts
+                                .headers
+                                .insert(header::CONTENT_LENGTH, HeaderValue::from(b.len()));
+                        }
+                        super::full(b)
+                    }
+                    Err(p) => local(ctx, p, &mut parts),
+                },
+                Err(CollectError::TooLarge) => local(
+                    ctx,
+                    Problem::ResponseNotTransformable(format!(
+                        "the response body exceeds the {cap} bytes the route's transform reads"
+                    )),
+                    &mut parts,
+                ),
+                Err(CollectError::Failed(_)) => local(ctx, Problem::UpstreamFailed, &mut parts),
+            };
+        }
+        if let Some(r) = route {
+            r.chain.on_response(ctx, &mut parts);
+        }
+        cfg.pre.on_response(ctx, &mut parts);
+        for (k, v) in std::mem::take(&mut ctx.response_headers) {
+            parts.headers.append(k, v);
+        }
+        if !parts.headers.contains_key("x-request-id")
+            && let Ok(v) = HeaderValue::from_str(&ctx.request_id)
+        {
+            parts.headers.insert("x-request-id", v);
+        }
+        Response::from_parts(parts, body)
+    }
+}
+
+/// Replaces a response head with a local problem's and returns the problem's body.
+fn local(ctx: &mut Ctx, p: Problem, parts: &mut http::response::Parts) -> Body {
+    ctx.local_reason = Some(p.slug());
+    let (np, nb) = p.respond(&ctx.request_id, ctx.grpc).into_parts();
+    *parts = np;
+    nb
+}
+
+fn clone_head(p: &request::Parts) -> request::Parts {
+    let mut r = Request::new(());
+    *r.method_mut() = p.method.clone();
+    *r.uri_mut() = p.uri.clone();
+    *r.version_mut() = p.version;
+    r.into_parts().0
+}
+
+/// The front's handler for a shared pipeline.
+#[derive(Debug, Clone)]
+pub struct PipelineHandler(pub Arc<Pipeline>);
+
+impl Handler for PipelineHandler {
+    fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: Arc<ConnInfo>,
+    ) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>> {
+        let p = self.0.clone();
+        Box::pin(async move { p.serve(req, conn).await })
+    }
+}
