@@ -24,16 +24,27 @@ fn fingerprint(path: &std::path::Path) -> Option<Vec<u8>> {
     std::fs::read(path).ok()
 }
 
-/// Loads, validates and applies the file; logs one clear line either way.
+/// Loads, validates and applies the file; logs one line either way, and counts every refusal
+/// (a file that does not parse included) in `meshgate_gateway_config_reloads_total`.
 async fn reload(app: &GatewayApp, path: &std::path::Path) {
     let result = match crate::config::load_yaml::<GatewayConfig>(path) {
         Ok(cfg) => app.reload(cfg).await.map_err(anyhow::Error::from),
-        Err(e) => Err(e),
+        Err(e) => {
+            app.reload_refused();
+            Err(e)
+        }
     };
     match result {
         Ok(()) => info!(config = %path.display(), "config reloaded"),
         Err(e) => {
-            error!(config = %path.display(), error = %format!("{e:#}"), "config rejected; the previous config keeps serving")
+            // one line: YAML errors carry a multi-line excerpt
+            let reason = format!("{e:#}")
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(" | ");
+            error!(config = %path.display(), error = %reason, "config rejected; the previous config keeps serving")
         }
     }
 }

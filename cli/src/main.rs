@@ -110,6 +110,19 @@ fn main() -> std::process::ExitCode {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
     init_logging(&cli);
+    if matches!(
+        cli.command,
+        Command::Agent(_) | Command::Gateway(_) | Command::Dev(_) | Command::Ca(_)
+    ) {
+        // every connection is a descriptor; the usual soft limit of 1024 fails clients early
+        match meshgate_agent::transport::raise_fd_limit() {
+            Ok(l) if l.before != l.now => {
+                tracing::info!(before = ?l.before, now = ?l.now, "raised the open-file limit (RLIMIT_NOFILE) to the hard limit")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit (RLIMIT_NOFILE)"),
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -113,7 +113,7 @@ pub(crate) async fn run(args: RoutesArgs) -> anyhow::Result<()> {
             })
             .collect::<anyhow::Result<_>>()?;
         let v = match &local {
-            Some(c) => explain(c, &method, &url, &headers).map_err(anyhow::Error::msg)?,
+            Some(c) => explain(&c.table, &method, &url, &headers).map_err(anyhow::Error::msg)?,
             None => {
                 let mut q = format!("/routes/match?method={}&url={}", enc(&method), enc(&url));
                 for (k, v) in &headers {
@@ -146,7 +146,7 @@ pub(crate) async fn run(args: RoutesArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let table = match &local {
-        Some(c) => routes_json(c),
+        Some(c) => routes_json(&c.table),
         None => crate::inspect::admin_get(args.admin, "/routes").await?,
     };
     if args.output == Output::Json {

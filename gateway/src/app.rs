@@ -1,34 +1,42 @@
-//! Builds a running gateway: its own SVID (joined like an agent), discovery for every backend
-//! service, the pooled mesh HTTP client, the public listeners and the admin API with `/routes`.
-//! Hot reload swaps the compiled policy set; listeners, identity and discovery stay.
+//! Builds a running gateway: its config checked and its TLS files read first, listeners bound,
+//! then the shared bootstrap (its own SVID joined like an agent's, discovery for every backend
+//! service, the tunnel pool), the pipeline and the fronts, and the admin API with `/routes`.
+//! Hot reload swaps the compiled pipeline; what cannot change at run time is refused by name.
 
-use std::{net::SocketAddr, sync::Arc, sync::atomic::Ordering};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
+use arc_swap::ArcSwap;
 use meshgate_agent::{
     admin::{self, AdminExtension, AdminState},
-    balance::BalanceConfig,
-    discovery,
+    bootstrap::{BootstrapError, Mesh, MeshSpec},
     drain::Drain,
     http::{
-        front::{self, FrontLimits},
-        upstream::MeshHttpClient,
+        front::{self, Front, FrontLimits, Security},
+        pipeline::{Pipeline, PipelineHandler, RequestMetrics},
+        upstream::{External, ExternalConfig, MeshClient, Upstream},
     },
     identity::{IdentityError, IdentityManager},
     telemetry::Metrics,
-    transport::hbone::Pool,
 };
-use meshgate_ca::consul::ConsulClient;
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::info;
 
 use crate::{
     auth::RateStores,
+    compile::Upstreams,
     config::{Compiled, GatewayConfig, GatewayConfigError},
     jwks::{FetchFailures, JwksCache},
     jwt::JwtProviderConfig,
     ratelimit_redis::RedisStore,
-    routes::RequestView,
-    server::{Gateway, GatewayHandler, GatewayMetrics},
+    routes::{RequestView, RouteTable},
 };
 
 /// Why the gateway could not start.
@@ -48,18 +56,54 @@ pub enum GatewayError {
         #[source]
         source: std::io::Error,
     },
-    /// Joining or certificates failed.
+    /// Joining the mesh failed.
+    #[error(transparent)]
+    Bootstrap(#[from] BootstrapError),
+    /// Obtaining the gateway's workload certificate failed.
     #[error(transparent)]
     Identity(#[from] IdentityError),
-    /// TLS certificates, Consul or DNS settings are unusable.
+    /// TLS certificates or the rate-limit store are unusable.
     #[error("{0}")]
     Setup(String),
+}
+
+/// Gateway-specific metrics.
+#[derive(Debug, Default)]
+pub struct GatewayMetrics {
+    reloads: Family<Vec<(&'static str, String)>, Counter>,
+    requests: Arc<RequestMetrics>,
+}
+
+impl GatewayMetrics {
+    /// Registers into `registry`.
+    pub fn register(&self, registry: &mut Registry) {
+        self.requests.register(
+            registry,
+            "meshgate_gateway_requests",
+            "requests by route and status code",
+        );
+        registry.register(
+            "meshgate_gateway_config_reloads",
+            "config reloads by result (ok, invalid)",
+            self.reloads.clone(),
+        );
+    }
+
+    /// Counts a reload.
+    pub fn reload(&self, ok: bool) {
+        self.reloads
+            .get_or_create(&vec![(
+                "result",
+                if ok { "ok" } else { "invalid" }.to_owned(),
+            )])
+            .inc();
+    }
 }
 
 /// `/routes` and `/routes/match` on the admin API.
 #[derive(Debug)]
 struct RoutesApi {
-    gateway: Arc<Gateway>,
+    table: Arc<ArcSwap<RouteTable>>,
 }
 
 fn query_params(q: &str) -> Vec<(String, String)> {
@@ -94,10 +138,9 @@ fn percent_decode(s: &str) -> String {
 }
 
 /// The route table as JSON, in precedence order.
-pub fn routes_json(compiled: &Compiled) -> serde_json::Value {
+pub fn routes_json(table: &RouteTable) -> serde_json::Value {
     serde_json::Value::Array(
-        compiled
-            .table
+        table
             .routes()
             .iter()
             .map(|r| serde_json::to_value(&r.config).unwrap_or_default())
@@ -105,9 +148,10 @@ pub fn routes_json(compiled: &Compiled) -> serde_json::Value {
     )
 }
 
-/// Explains which route `method url` (plus `headers`) would take.
+/// Explains which route `method url` (plus `headers`) would take. The path is normalized as
+/// the gateway normalizes it before routing.
 pub fn explain(
-    compiled: &Compiled,
+    table: &RouteTable,
     method: &str,
     url: &str,
     headers: &[(String, String)],
@@ -132,20 +176,22 @@ pub fn explain(
                 .map(str::to_owned)
         })
         .unwrap_or_default();
+    let path = meshgate_agent::http::path::normalize(uri.path(), &Default::default())
+        .map_err(|e| format!("the gateway would answer 400: {e}"))?;
     let view = RequestView {
         method: &method.to_ascii_uppercase(),
         host: &host,
-        path: uri.path(),
+        path: &path,
         query: uri.query().unwrap_or_default(),
         headers: &map,
     };
-    serde_json::to_value(compiled.table.explain(&view)).map_err(|e| e.to_string())
+    serde_json::to_value(table.explain(&view)).map_err(|e| e.to_string())
 }
 
 impl AdminExtension for RoutesApi {
     fn get(&self, path: &str, query: &str) -> Option<Result<serde_json::Value, String>> {
         match path {
-            "/routes" => Some(Ok(routes_json(&self.gateway.current()))),
+            "/routes" => Some(Ok(routes_json(&self.table.load()))),
             "/routes/match" => {
                 let params = query_params(query);
                 let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
@@ -160,7 +206,7 @@ impl AdminExtension for RoutesApi {
                         v.split_once(':').map(|(a, b)| (a.to_owned(), b.to_owned()))
                     })
                     .collect();
-                Some(explain(&self.gateway.current(), &method, &url, &headers))
+                Some(explain(&self.table.load(), &method, &url, &headers))
             }
             _ => None,
         }
@@ -187,6 +233,8 @@ impl Caches {
         cfg: &GatewayConfig,
         stores: &RateStores,
         failures: &FetchFailures,
+        upstreams: &dyn Upstreams,
+        https_port: Option<u16>,
     ) -> Result<(Compiled, Vec<FreshCache>), GatewayConfigError> {
         let mut fresh = Vec::new();
         let ca = cfg.auth.jwks_ca_file.clone();
@@ -203,6 +251,8 @@ impl Caches {
                 Ok(cache)
             },
             stores.clone(),
+            upstreams,
+            https_port,
         )?;
         let names: std::collections::BTreeSet<String> =
             cfg.auth.jwt.iter().map(|p| p.name.clone()).collect();
@@ -235,23 +285,42 @@ impl Caches {
     }
 }
 
+/// Upstreams of a running gateway: mesh services through its tunnels, external URLs directly.
+#[derive(Debug)]
+struct Connected {
+    client: Arc<MeshClient>,
+    connect_timeout: Duration,
+}
+
+impl Upstreams for Connected {
+    fn mesh(&self, service: &str) -> Arc<dyn Upstream> {
+        self.client.service(service)
+    }
+    fn external(&self, cfg: &ExternalConfig) -> Result<Arc<dyn Upstream>, String> {
+        External::new(cfg, self.connect_timeout)
+            .map(|e| e as Arc<dyn Upstream>)
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// A running gateway.
 #[derive(Debug)]
 pub struct GatewayApp {
     https_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
     admin_addr: SocketAddr,
-    gateway: Arc<Gateway>,
+    pipeline: Arc<Pipeline>,
+    table: Arc<ArcSwap<RouteTable>>,
     metrics: Arc<GatewayMetrics>,
     config: tokio::sync::Mutex<(GatewayConfig, Caches)>,
+    upstreams: Connected,
     stores: RateStores,
     failures: FetchFailures,
     state: Arc<AdminState>,
     drain: Drain,
-    drain_timeout: std::time::Duration,
     tasks: Vec<JoinHandle<()>>,
     admin_task: JoinHandle<()>,
-    _identity: IdentityManager,
+    identity: IdentityManager,
 }
 
 async fn bind(
@@ -264,9 +333,67 @@ async fn bind(
     Ok((l, a))
 }
 
+fn front_limits(cfg: &GatewayConfig) -> FrontLimits {
+    FrontLimits {
+        // hyper's buffer: room above the configured limit so the pipeline answers 431 itself
+        max_head_bytes: cfg.limits.max_header_bytes + 8 * 1024,
+        header_read_timeout: cfg.limits.header_read_timeout,
+        idle_timeout: cfg.limits.idle_timeout,
+        max_connections: cfg.limits.max_connections,
+        max_concurrent_streams: cfg.limits.max_concurrent_streams,
+        ..FrontLimits::default()
+    }
+}
+
+/// The fields a reload cannot change, by name.
+fn fixed_fields(c: &GatewayConfig) -> Vec<(&'static str, serde_json::Value)> {
+    let j = |v: &dyn erased::Ser| v.to_json();
+    vec![
+        ("node", j(&c.node)),
+        ("trust_domain", j(&c.trust_domain)),
+        ("namespace", j(&c.namespace)),
+        ("identity", j(&c.identity)),
+        ("data_dir", j(&c.data_dir)),
+        ("ca", j(&c.ca)),
+        ("listen", j(&c.listen)),
+        ("tls", j(&c.tls)),
+        ("tls_min_version", j(&c.tls_min_version)),
+        ("client_auth", j(&c.client_auth)),
+        ("discovery", j(&c.discovery)),
+        ("tunnel", j(&c.tunnel)),
+        ("auth.jwks_ca_file", j(&c.auth.jwks_ca_file)),
+        ("auth.rate_limit_store", j(&c.auth.rate_limit_store)),
+        ("limits.header_read_timeout", j(&c.limits.header_read_timeout.as_millis())),
+        ("limits.idle_timeout", j(&c.limits.idle_timeout.as_millis())),
+        ("limits.max_connections", j(&c.limits.max_connections)),
+        ("limits.max_concurrent_streams", j(&c.limits.max_concurrent_streams)),
+    ]
+}
+
+mod erased {
+    /// Anything serializable, as JSON (for comparing config fields).
+    pub(super) trait Ser {
+        fn to_json(&self) -> serde_json::Value;
+    }
+    impl<T: serde::Serialize> Ser for T {
+        fn to_json(&self) -> serde_json::Value {
+            serde_json::to_value(self).unwrap_or_default()
+        }
+    }
+}
+
 impl GatewayApp {
-    /// Starts the gateway; returns once it is ready.
+    /// Starts the gateway; returns once it is ready. The config, the TLS files and every
+    /// listener are checked before the join token is spent.
     pub async fn start(cfg: GatewayConfig) -> Result<Self, GatewayError> {
+        cfg.compile()?;
+        let https_tls = match cfg.listen.https {
+            Some(_) => Some(
+                front::tls_acceptor(&cfg.tls, cfg.client_auth.as_ref(), cfg.tls_min_version)
+                    .map_err(|e| GatewayError::Setup(format!("tls: {e}")))?,
+            ),
+            None => None,
+        };
         let gw_metrics = Arc::new(GatewayMetrics::default());
         let failures = FetchFailures::default();
         let metrics = Arc::new(Metrics::with_extra(|r| {
@@ -285,11 +412,16 @@ impl GatewayApp {
                     .map_err(|e| GatewayError::Setup(format!("auth.rate_limit_store: {e}")))?,
             );
         }
-        let mut caches = Caches::default();
-        let (compiled, fresh) = caches.compile(&cfg, &stores, &failures)?;
-        caches.load(fresh).await;
         let drain = Drain::new();
         let (admin_listener, admin_addr) = bind("admin", cfg.listen.admin).await?;
+        let https = match cfg.listen.https {
+            Some(addr) => Some(bind("https", addr).await?),
+            None => None,
+        };
+        let http = match cfg.listen.http {
+            Some(addr) => Some(bind("http", addr).await?),
+            None => None,
+        };
         let state = Arc::new(AdminState::new(
             metrics.clone(),
             serde_json::to_value(&cfg).unwrap_or_default(),
@@ -297,75 +429,52 @@ impl GatewayApp {
         ));
         let admin_task = tokio::spawn(admin::serve(admin_listener, state.clone()));
 
-        let identity_cfg = cfg
-            .ca
-            .identity_config(&cfg.trust_domain, &cfg.node, &cfg.data_dir)
-            .map_err(|(path, e)| {
-                GatewayError::Setup(format!("join token file {}: {e}", path.display()))
-            })?;
-        let identity = IdentityManager::start(identity_cfg).await?;
-        let _ = state.identity.set(identity.clone());
-        let me = identity.workload(&cfg.namespace, &cfg.identity).await?;
-
-        let consul = match &cfg.discovery.consul {
-            Some(c) => Some(ConsulClient::new(c).map_err(|e| GatewayError::Setup(e.to_string()))?),
-            None => None,
-        };
-        let balance = BalanceConfig {
-            failures_to_eject: cfg.tunnel.failures_to_eject,
-            ..BalanceConfig::default()
-        };
-        let running = discovery::spawn(
-            &cfg.discovery,
-            consul.as_ref(),
+        let mesh = Mesh::start(
+            MeshSpec {
+                trust_domain: &cfg.trust_domain,
+                node: &cfg.node,
+                data_dir: &cfg.data_dir,
+                ca: &cfg.ca,
+                discovery: &cfg.discovery,
+                tunnel: &cfg.tunnel,
+                mesh_port: 15008,
+            },
             cfg.backend_services(),
-            15008,
-            balance,
             &metrics,
+            &state,
         )
-        .map_err(GatewayError::Setup)?;
-        let _ = state.endpoints.set(running.endpoints.clone());
-        let mut tasks = running.tasks;
-        let pool = Arc::new(Pool::new(
-            identity.clone(),
-            cfg.tunnel.clone(),
-            metrics.clone(),
-        ));
-        let client = MeshHttpClient::new(me, running.endpoints, pool, metrics.clone());
-        // bind first: redirects need the real HTTPS port (port 0 works)
-        let https = match cfg.listen.https {
-            Some(addr) => {
-                let acceptor = front::tls_acceptor(&cfg.tls, cfg.client_auth.as_ref())
-                    .map_err(|e| GatewayError::Setup(e.to_string()))?;
-                Some((bind("https", addr).await?, acceptor))
-            }
-            None => None,
+        .await?;
+        let me = mesh.identity.workload(&cfg.namespace, &cfg.identity).await?;
+        let upstreams = Connected {
+            client: MeshClient::new(me, mesh.endpoints, mesh.pool, metrics.clone()),
+            connect_timeout: cfg.tunnel.connect_timeout,
         };
-        let http = match cfg.listen.http {
-            Some(addr) => Some(bind("http", addr).await?),
-            None => None,
-        };
-        let mut compiled = compiled;
-        compiled.https_port = https.as_ref().map(|((_, a), _)| a.port());
-        let gateway = Arc::new(Gateway::new(compiled, client, gw_metrics.clone()));
+        let mut tasks = mesh.tasks;
+        let https_port = https.as_ref().map(|(_, a)| a.port());
+        let mut caches = Caches::default();
+        let (compiled, fresh) =
+            caches.compile(&cfg, &stores, &failures, &upstreams, https_port)?;
+        caches.load(fresh).await;
+        let table = Arc::new(ArcSwap::new(compiled.table.clone()));
+        let pipeline = Pipeline::new(compiled.pipeline, gw_metrics.requests.clone());
         let _ = state.extension.set(Arc::new(RoutesApi {
-            gateway: gateway.clone(),
+            table: table.clone(),
         }));
 
-        let limits = FrontLimits {
-            max_head_bytes: cfg.limits.max_header_bytes + 8 * 1024,
-            header_read_timeout: cfg.limits.header_read_timeout,
+        let front = Front {
+            handler: Arc::new(PipelineHandler(pipeline.clone())),
+            limits: front_limits(&cfg),
+            drain: drain.clone(),
+            metrics: metrics.clone(),
+            name: "https",
         };
-        let handler: Arc<dyn front::Handler> = Arc::new(GatewayHandler(gateway.clone()));
         let mut https_addr = None;
-        if let Some(((l, a), acceptor)) = https {
+        if let (Some((l, a)), Some(acceptor)) = (https, https_tls) {
             https_addr = Some(a);
             tasks.push(tokio::spawn(front::serve(
                 l,
-                Some(acceptor),
-                handler.clone(),
-                limits,
-                drain.clone(),
+                Security::Tls(acceptor),
+                front.clone(),
             )));
         }
         let mut http_addr = None;
@@ -373,10 +482,11 @@ impl GatewayApp {
             http_addr = Some(a);
             tasks.push(tokio::spawn(front::serve(
                 l,
-                None,
-                handler.clone(),
-                limits,
-                drain.clone(),
+                Security::Plain,
+                Front {
+                    name: "http",
+                    ..front.clone()
+                },
             )));
         }
         state.ready.store(true, Ordering::SeqCst);
@@ -386,17 +496,18 @@ impl GatewayApp {
             https_addr,
             http_addr,
             admin_addr,
-            gateway,
+            pipeline,
+            table,
             metrics: gw_metrics,
-            drain_timeout: cfg.drain_timeout,
             config: tokio::sync::Mutex::new((cfg, caches)),
+            upstreams,
             stores,
             failures,
             state,
             drain,
             tasks,
             admin_task,
-            _identity: identity,
+            identity: mesh.identity,
         })
     }
 
@@ -415,9 +526,14 @@ impl GatewayApp {
         self.admin_addr
     }
 
-    /// Validates `next` and swaps it in atomically. Listeners, identity, discovery and tunnel
-    /// settings are fixed at start: a change to them is refused with a message saying so, and
-    /// every route's backend must be known to discovery. On error the old config keeps serving.
+    /// The identity manager (its SVIDs, the tunnel client certificates).
+    pub fn identity(&self) -> &IdentityManager {
+        &self.identity
+    }
+
+    /// Validates `next` and swaps it in atomically; requests in flight finish on the old
+    /// config. Fields that need a restart are refused by name (see [`fixed_fields`]), and every
+    /// route's backend must be known to discovery. On error the old config keeps serving.
     pub async fn reload(&self, next: GatewayConfig) -> Result<(), GatewayConfigError> {
         let mut guard = self.config.lock().await;
         let result = self.try_reload(&mut guard, next).await;
@@ -425,46 +541,50 @@ impl GatewayApp {
         result
     }
 
+    /// Counts a reload refused before it reached [`GatewayApp::reload`] (the file could not
+    /// be read or parsed).
+    pub fn reload_refused(&self) {
+        self.metrics.reload(false);
+    }
+
     async fn try_reload(
         &self,
         guard: &mut (GatewayConfig, Caches),
         next: GatewayConfig,
     ) -> Result<(), GatewayConfigError> {
-        let fixed = |c: &GatewayConfig| {
-            serde_json::json!([
-                c.node,
-                c.trust_domain,
-                c.namespace,
-                c.identity,
-                c.data_dir,
-                c.listen.https,
-                c.listen.http,
-                c.listen.admin,
-                serde_json::to_value(&c.tls).unwrap_or_default(),
-                serde_json::to_value(&c.client_auth).unwrap_or_default(),
-                serde_json::to_value(&c.discovery).unwrap_or_default(),
-                c.auth.jwks_ca_file,
-                serde_json::to_value(&c.auth.rate_limit_store).unwrap_or_default(),
-            ])
-        };
-        if fixed(&guard.0) != fixed(&next) {
-            return Err(GatewayConfigError(
-                "node, identity, data_dir, listen, tls, discovery and auth.jwks_ca_file change only with a restart; routes, headers, cors, limits, transforms and auth reload".into(),
-            ));
+        let changed: Vec<&str> = fixed_fields(&guard.0)
+            .into_iter()
+            .zip(fixed_fields(&next))
+            .filter(|((_, a), (_, b))| a != b)
+            .map(|((n, _), _)| n)
+            .collect();
+        if !changed.is_empty() {
+            return Err(GatewayConfigError(format!(
+                "{} change only with a restart (routes, headers, cors, paths, auth, request limits and transforms reload)",
+                changed.join(", ")
+            )));
         }
         let known = self.state.endpoints.get().cloned();
         for svc in next.backend_services() {
             if known.as_ref().is_some_and(|e| e.entry(&svc).is_none()) {
                 return Err(GatewayConfigError(format!(
-                    "service {svc} has no discovery entry; new services need a restart (or an entry in discovery.static)"
+                    "route backend {svc} is not a service this gateway discovers; discovery is fixed at start, so a new backend service needs a restart"
                 )));
             }
         }
         let mut caches = guard.1.clone();
-        let (mut compiled, fresh) = caches.compile(&next, &self.stores, &self.failures)?;
-        compiled.https_port = self.https_addr.map(|a| a.port());
+        let (compiled, fresh) = caches.compile(
+            &next,
+            &self.stores,
+            &self.failures,
+            &self.upstreams,
+            self.https_addr.map(|a| a.port()),
+        )?;
         caches.load(fresh).await;
-        self.gateway.swap(compiled);
+        self.table.store(compiled.table.clone());
+        self.pipeline.swap(compiled.pipeline);
+        self.state
+            .set_config(serde_json::to_value(&next).unwrap_or_default());
         guard.1.retire(&caches);
         *guard = (next, caches);
         Ok(())
@@ -473,9 +593,10 @@ impl GatewayApp {
     /// Graceful drain: not ready, listeners closed, open requests finish within the drain
     /// timeout. Returns true if everything finished in time.
     pub async fn shutdown(self) -> bool {
+        let timeout = self.config.lock().await.0.drain_timeout;
         self.state.ready.store(false, Ordering::SeqCst);
         self.drain.start();
-        let clean = self.drain.wait_idle(self.drain_timeout).await;
+        let clean = self.drain.wait_idle(timeout).await;
         for t in &self.tasks {
             t.abort();
         }

@@ -181,8 +181,10 @@ impl RateStores {
 }
 
 fn unauthorized(scheme: &str, reason: &str) -> Problem {
-    let challenge = if scheme == "Bearer" {
-        format!("Bearer error=\"invalid_token\", error_description=\"{reason}\"")
+    // RFC 6750 §3.1: a request without any credentials gets the challenge but no error code
+    let missing = reason.starts_with("missing");
+    let challenge = if scheme == "Bearer" && !missing {
+        format!("Bearer realm=\"meshgate\", error=\"invalid_token\", error_description=\"{reason}\"")
     } else {
         format!("{scheme} realm=\"meshgate\"")
     };
@@ -483,6 +485,27 @@ impl Auth {
             ));
         }
         Ok(p)
+    }
+
+    /// Every header this gateway injects (identity headers, and the claim headers of every
+    /// provider): hygiene strips them from incoming requests in every spelling.
+    pub fn identity_header_names(&self) -> Vec<HeaderName> {
+        let mut out: Vec<HeaderName> = [
+            &self.headers.user,
+            &self.headers.scopes,
+            &self.headers.consumer,
+        ]
+        .into_iter()
+        .chain(
+            self.providers
+                .values()
+                .flat_map(|(_, _, cfg)| cfg.claims_to_headers.values()),
+        )
+        .filter_map(|h| HeaderName::from_bytes(h.replace('_', "-").as_bytes()).ok())
+        .collect();
+        out.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        out.dedup();
+        out
     }
 
     /// Removes every header this gateway injects (identity headers and claim headers of every

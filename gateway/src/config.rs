@@ -3,13 +3,17 @@
 //!
 //! Parsing (YAML, file:line:column) is the CLI's job; this module owns the shape, defaults and
 //! checks. Listeners, identity and discovery are fixed at start; routes, header policy, CORS,
-//! limits and transforms reload.
+//! request limits, path options and transforms reload (see `GatewayApp::reload`).
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use meshgate_agent::{
     config::{CaRef, DiscoveryConfig, TunnelConfig},
-    http::front::CertFiles,
+    http::{
+        front::{CertFiles, MinTls},
+        path::PathOptions,
+        pipeline::PipelineConfig,
+    },
 };
 use serde::{Deserialize, Serialize};
 
@@ -17,12 +21,11 @@ use std::sync::Arc;
 
 use crate::{
     auth::{Auth, AuthConfig, RateStores},
-    cors::{Cors, CorsConfig},
+    cors::CorsConfig,
     hygiene::{Hygiene, HygieneConfig},
     jwks::{FetchFailures, JwksCache},
     jwt::JwtProviderConfig,
     routes::{RouteConfig, RouteTable},
-    transform::{self, TransformConfig},
 };
 
 fn default_namespace() -> String {
@@ -66,9 +69,16 @@ pub struct GatewayConfig {
     /// Answer plain-HTTP requests with a redirect to HTTPS (308). Default false.
     #[serde(default)]
     pub redirect_https: bool,
-    /// Request limits.
+    /// Request and connection limits.
     #[serde(default)]
     pub limits: Limits,
+    /// How request paths are normalized before routing (the normalized path is forwarded).
+    #[serde(default)]
+    pub paths: PathOptions,
+    /// Lowest TLS version on the HTTPS listener: `"1.2"` (default, Mozilla's intermediate
+    /// profile: ECDHE + AEAD only) or `"1.3"`.
+    #[serde(default)]
+    pub tls_min_version: MinTls,
     /// Header hygiene: spoofable headers stripped, request id, traceparent, X-Forwarded-*.
     #[serde(default)]
     pub headers: HygieneConfig,
@@ -128,25 +138,64 @@ fn default_header_timeout() -> Duration {
 fn default_timeout() -> Duration {
     Duration::from_secs(15)
 }
+fn default_idle() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_body_idle() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_response_idle() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_max_streams() -> u32 {
+    128
+}
 
-/// Request limits; routes may lower or raise `max_body` and `timeout`.
-#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+/// Request and connection limits; routes may lower or raise `max_body`, `timeout` and
+/// `response_idle_timeout`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
-    /// Largest request body (413 beyond). Default 1 MiB.
+    /// Largest request body (413 as soon as it is crossed, while streaming). Default 1 MiB.
     #[serde(default = "default_max_body")]
     pub max_body: u64,
     /// Largest request head, all header names and values (431 beyond). Default 16 KiB.
     #[serde(default = "default_max_headers")]
     pub max_header_bytes: usize,
-    /// Time for a request head to arrive (408 after). Default 10s.
+    /// Time for a request head to arrive once it started (408 after). Default 10s. Needs a
+    /// restart to change.
     #[serde(default = "default_header_timeout", with = "humantime_serde")]
     #[schemars(with = "String")]
     pub header_read_timeout: Duration,
-    /// Default route timeout (504 after). Default 15s.
+    /// Default route timeout for the upstream's response head (504 after). Default 15s.
     #[serde(default = "default_timeout", with = "humantime_serde")]
     #[schemars(with = "String")]
     pub timeout: Duration,
+    /// A connection with no request in progress (including one that never sent a byte) is
+    /// closed after this. Default 60s. Needs a restart to change.
+    #[serde(default = "default_idle", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub idle_timeout: Duration,
+    /// A request body that sends nothing for this long gets 408. Default 10s.
+    #[serde(default = "default_body_idle", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub body_idle_timeout: Duration,
+    /// A response body that sends nothing for this long is cut off (`0s`: no limit).
+    /// Default 5m.
+    #[serde(default = "default_response_idle", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub response_idle_timeout: Duration,
+    /// Open client connections at most, per listener; more are closed at once and counted in
+    /// `meshgate_http_connections_refused_total`. Default 10000. Needs a restart to change.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// HTTP/2 streams one client connection may have open. Default 128. Needs a restart to
+    /// change.
+    #[serde(default = "default_max_streams")]
+    pub max_concurrent_streams: u32,
 }
 
 impl Default for Limits {
@@ -156,6 +205,11 @@ impl Default for Limits {
             max_header_bytes: default_max_headers(),
             header_read_timeout: default_header_timeout(),
             timeout: default_timeout(),
+            idle_timeout: default_idle(),
+            body_idle_timeout: default_body_idle(),
+            response_idle_timeout: default_response_idle(),
+            max_connections: default_max_connections(),
+            max_concurrent_streams: default_max_streams(),
         }
     }
 }
@@ -168,29 +222,16 @@ pub struct GatewayConfigError(pub String);
 /// Everything a request needs, compiled once per config load.
 #[derive(Debug)]
 pub struct Compiled {
-    /// The route table.
-    pub table: RouteTable,
-    /// Per-route CORS and transforms, by route name.
-    pub policies: BTreeMap<String, RoutePolicy>,
+    /// The route table (also for `meshgate routes` and `/routes`).
+    pub table: Arc<RouteTable>,
     /// Header hygiene.
     pub hygiene: Hygiene,
     /// Limits.
     pub limits: Limits,
-    /// Redirect plain HTTP to HTTPS.
-    pub redirect_https: bool,
-    /// The HTTPS port, for redirects.
-    pub https_port: Option<u16>,
     /// Authentication, authorization, identity injection and rate limits.
     pub auth: Arc<Auth>,
-}
-
-/// The compiled edge policies of one route.
-#[derive(Debug, Default)]
-pub struct RoutePolicy {
-    /// CORS (the route's, else the global one).
-    pub cors: Option<Cors>,
-    /// Transforms.
-    pub transforms: Option<TransformConfig>,
+    /// The pipeline configuration the front runs.
+    pub pipeline: PipelineConfig,
 }
 
 impl GatewayConfig {
@@ -207,22 +248,28 @@ impl GatewayConfig {
     }
 
     /// Checks everything that needs no I/O and compiles the reloadable part, with fresh JWKS
-    /// caches (not loaded) and a fresh rate-limit store: what `meshgate config validate` runs.
+    /// caches (not loaded), a fresh rate-limit store and unconnected mesh upstreams: what
+    /// `meshgate config validate` runs.
     pub fn compile(&self) -> Result<Compiled, GatewayConfigError> {
         let failures = FetchFailures::default();
         let ca = self.auth.jwks_ca_file.clone();
         self.compile_with(
             &mut |p| JwksCache::new(p, ca.as_deref(), failures.clone()).map(Arc::new),
             RateStores::memory(),
+            &crate::compile::Offline,
+            self.listen.https.map(|a| a.port()),
         )
     }
 
     /// Like [`GatewayConfig::compile`], with JWKS caches from `cache_for` (so a reload keeps the
-    /// keys of unchanged providers) and the rate-limit `stores` (so counts survive reloads).
+    /// keys of unchanged providers), the rate-limit `stores` (so counts survive reloads), the
+    /// upstreams routes send to, and the bound HTTPS port (for redirects).
     pub fn compile_with(
         &self,
         cache_for: &mut dyn FnMut(&JwtProviderConfig) -> Result<Arc<JwksCache>, String>,
         stores: RateStores,
+        upstreams: &dyn crate::compile::Upstreams,
+        https_port: Option<u16>,
     ) -> Result<Compiled, GatewayConfigError> {
         let e = |m: String| GatewayConfigError(m);
         meshgate_ca::spiffe::validate_trust_domain(&self.trust_domain)
@@ -247,30 +294,32 @@ impl GatewayConfig {
                 "redirect_https needs both listen.http and listen.https".into()
             ));
         }
-        let table = RouteTable::compile(&self.routes).map_err(|x| e(x.to_string()))?;
-        let global_cors = self.cors.clone();
-        let mut policies = BTreeMap::new();
-        for (i, r) in self.routes.iter().enumerate() {
-            let name = &r.name;
-            let cors_cfg = r.cors.as_ref().or(global_cors.as_ref());
-            let cors = match cors_cfg {
-                Some(c) => {
-                    Some(Cors::new(c).map_err(|x| e(format!("routes[{i}] ({name}).cors: {x}")))?)
-                }
-                None => None,
-            };
-            if let Some(t) = &r.transforms {
-                transform::validate(t)
-                    .map_err(|x| e(format!("routes[{i}] ({name}).transforms: {x}")))?;
+        let l = &self.limits;
+        for (name, d) in [
+            ("header_read_timeout", l.header_read_timeout),
+            ("timeout", l.timeout),
+            ("idle_timeout", l.idle_timeout),
+            ("body_idle_timeout", l.body_idle_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(e(format!("limits.{name}: must be more than zero")));
             }
-            policies.insert(
-                name.clone(),
-                RoutePolicy {
-                    cors,
-                    transforms: r.transforms.clone(),
-                },
-            );
         }
+        if l.max_connections == 0 || l.max_concurrent_streams == 0 {
+            return Err(e(
+                "limits: max_connections and max_concurrent_streams must be at least 1".into(),
+            ));
+        }
+        if l.max_header_bytes > 256 * 1024 {
+            return Err(e(
+                "limits.max_header_bytes: at most 262144 (the mesh carries heads up to 256 KiB)"
+                    .into(),
+            ));
+        }
+        self.tunnel
+            .validate("tunnel")
+            .map_err(|x| e(x.to_string()))?;
+        let table = Arc::new(RouteTable::compile(&self.routes).map_err(|x| e(x.to_string()))?);
         let hygiene = Hygiene::new(&self.headers).map_err(|x| e(format!("headers: {x}")))?;
         let mut caches = BTreeMap::new();
         for p in &self.auth.jwt {
@@ -286,14 +335,15 @@ impl GatewayConfig {
             auth.check_route(&r.name, r.auth.as_ref(), r.rate_limit.as_deref())
                 .map_err(e)?;
         }
+        let auth = Arc::new(auth);
+        let pipeline =
+            crate::compile::pipeline(self, &table, &hygiene, &auth, https_port, upstreams)?;
         Ok(Compiled {
             table,
-            policies,
             hygiene,
             limits: self.limits.clone(),
-            redirect_https: self.redirect_https,
-            https_port: self.listen.https.map(|a| a.port()),
-            auth: Arc::new(auth),
+            auth,
+            pipeline,
         })
     }
 }

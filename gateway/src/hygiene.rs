@@ -196,9 +196,10 @@ impl Hygiene {
             }
             let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| invalid())?;
             if is_prefix {
-                strip_prefixes.push(name.as_str().to_owned());
+                strip_prefixes.push(name.as_str().replace('_', "-"));
             } else {
-                strip_exact.push(name);
+                let canon = name.as_str().replace('_', "-");
+                strip_exact.push(HeaderName::from_bytes(canon.as_bytes()).map_err(|_| invalid())?);
             }
         }
         let trusted = cfg
@@ -293,15 +294,34 @@ impl Hygiene {
         }
     }
 
+    /// Also strips these names (the identity headers authentication injects), in every
+    /// spelling.
+    pub fn also_strip(&mut self, names: impl IntoIterator<Item = HeaderName>) {
+        for n in names {
+            if !self.strip_exact.contains(&n) {
+                self.strip_exact.push(n);
+            }
+        }
+    }
+
+    /// Removes the strip-list headers. Names are compared case-insensitively and with `_`
+    /// read as `-`: CGI-style backends (PHP, WSGI, many frameworks) turn `X_User_Id` into the
+    /// same variable as `X-User-Id`, so a client must not get either spelling through.
     fn strip(&self, headers: &mut HeaderMap) {
         let doomed: Vec<HeaderName> = headers
             .keys()
             .filter(|name| {
-                self.strip_exact.contains(name)
+                let n = name.as_str();
+                let canon = if n.contains('_') {
+                    std::borrow::Cow::Owned(n.replace('_', "-"))
+                } else {
+                    std::borrow::Cow::Borrowed(n)
+                };
+                self.strip_exact.iter().any(|e| e.as_str() == canon)
                     || self
                         .strip_prefixes
                         .iter()
-                        .any(|prefix| name.as_str().starts_with(prefix.as_str()))
+                        .any(|prefix| canon.starts_with(prefix.as_str()))
             })
             .cloned()
             .collect();

@@ -11,21 +11,25 @@
 //! - [`transform`]: header add/set/remove and JSON body field rename/remove.
 //! - [`auth`]: edge authentication ([`jwt`] with [`jwks`] caches, [`apikey`]), authorization
 //!   (scopes, claims, groups), identity injection and rate limits ([`ratelimit`]).
-//! - [`config`], [`server`] (the request path), [`app`] (start, reload, drain).
+//! - [`filters`]: each edge policy as a pipeline filter; [`compile`]: config -> the pipeline
+//!   (per route: its chain and its action, [`proxy`]).
+//! - [`config`], [`app`] (start, reload, drain).
 //!
 //! It holds no socket code: listeners, TLS and tunnels live in `meshgate-agent`.
 
 pub mod apikey;
 pub mod app;
 pub mod auth;
+pub mod compile;
 pub mod config;
 pub mod cors;
+pub mod filters;
 pub mod hygiene;
 pub mod introspect;
 pub mod jwks;
 pub mod jwt;
+pub mod proxy;
 pub mod ratelimit;
 pub mod ratelimit_redis;
 pub mod routes;
-pub mod server;
 pub mod transform;

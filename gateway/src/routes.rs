@@ -103,6 +103,15 @@ pub struct RouteConfig {
     )]
     #[schemars(with = "Option<String>")]
     pub timeout: Option<Duration>,
+    /// A response body that sends nothing for this long is cut off (humantime; `0s` turns the
+    /// limit off); `None` means the gateway's `limits.response_idle_timeout`.
+    #[serde(
+        default,
+        with = "humantime_serde::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(with = "Option<String>")]
+    pub response_idle_timeout: Option<Duration>,
     /// Retry policy; `None` means no retries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<RetryConfig>,
@@ -191,6 +200,9 @@ pub enum BackendConfig {
         /// How a request may pick its backend itself.
         pin: Option<PinConfig>,
     },
+    /// Every request goes to a URL outside the mesh (no mTLS, no intentions: this leaves
+    /// zero-trust, for migrations and external APIs).
+    External(meshgate_agent::http::upstream::ExternalConfig),
 }
 
 /// The YAML shape of [`BackendConfig`]: exactly one of `service` or `split`, and `pin` only
@@ -208,6 +220,9 @@ struct BackendRepr {
     /// With `split`: let a header or cookie pin a request to one backend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pin: Option<PinConfig>,
+    /// Send every request to a URL outside the mesh (leaves zero-trust).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    external: Option<meshgate_agent::http::upstream::ExternalConfig>,
 }
 
 impl BackendConfig {
@@ -217,6 +232,7 @@ impl BackendConfig {
         match self {
             BackendConfig::Service(service) => vec![service.clone()],
             BackendConfig::Split { split, .. } => split.iter().map(|b| b.service.clone()).collect(),
+            BackendConfig::External(_) => Vec::new(),
         }
     }
 }
@@ -225,11 +241,12 @@ impl TryFrom<BackendRepr> for BackendConfig {
     type Error = &'static str;
 
     fn try_from(r: BackendRepr) -> Result<Self, Self::Error> {
-        match (r.service, r.split, r.pin) {
-            (Some(service), None, None) => Ok(BackendConfig::Service(service)),
-            (None, Some(split), pin) => Ok(BackendConfig::Split { split, pin }),
-            (Some(_), None, Some(_)) => Err("backend: `pin` only applies to a `split`"),
-            _ => Err("backend: set exactly one of `service` or `split`"),
+        match (r.service, r.split, r.pin, r.external) {
+            (Some(service), None, None, None) => Ok(BackendConfig::Service(service)),
+            (None, Some(split), pin, None) => Ok(BackendConfig::Split { split, pin }),
+            (None, None, None, Some(e)) => Ok(BackendConfig::External(e)),
+            (_, None, Some(_), _) => Err("backend: `pin` only applies to a `split`"),
+            _ => Err("backend: set exactly one of `service`, `split` or `external`"),
         }
     }
 }
@@ -241,11 +258,19 @@ impl From<BackendConfig> for BackendRepr {
                 service: Some(service),
                 split: None,
                 pin: None,
+                external: None,
             },
             BackendConfig::Split { split, pin } => BackendRepr {
                 service: None,
                 split: Some(split),
                 pin,
+                external: None,
+            },
+            BackendConfig::External(e) => BackendRepr {
+                service: None,
+                split: None,
+                pin: None,
+                external: Some(e),
             },
         }
     }
@@ -340,10 +365,12 @@ pub struct RouteError {
     pub message: String,
 }
 
-/// The validated routes, in precedence order (see the module docs).
+/// The validated routes, in precedence order (see the module docs), with an index by host and
+/// path so a lookup looks only at the routes that could match.
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
     routes: Vec<CompiledRoute>,
+    index: Index,
 }
 
 /// One validated route: its config and its matchers.
@@ -505,7 +532,11 @@ impl RouteTable {
         }
         // Stable: ties keep config order.
         compiled.sort_by_key(|route| std::cmp::Reverse(route.key));
-        Ok(RouteTable { routes: compiled })
+        let index = Index::build(&compiled);
+        Ok(RouteTable {
+            routes: compiled,
+            index,
+        })
     }
 
     /// The routes in precedence order.
@@ -513,8 +544,26 @@ impl RouteTable {
         &self.routes
     }
 
-    /// The first route, in precedence order, whose every condition matches `req`.
+    /// The first route, in precedence order, whose every condition matches `req`. Only the
+    /// routes the index names as candidates for the request's host and path are checked, so the
+    /// cost does not grow with the size of the table.
     pub fn find(&self, req: &RequestView<'_>) -> Option<Matched<'_>> {
+        let mut candidates = Vec::new();
+        self.index.candidates(req.host, req.path, &mut candidates);
+        candidates.sort_unstable();
+        candidates.dedup();
+        candidates.into_iter().find_map(|rank| {
+            let route = &self.routes[rank as usize];
+            route
+                .check(req)
+                .ok()
+                .map(|params| Matched { route, params })
+        })
+    }
+
+    /// [`RouteTable::find`] by checking every route in order: the definition the index must
+    /// agree with (tests compare the two).
+    pub fn find_linear(&self, req: &RequestView<'_>) -> Option<Matched<'_>> {
         self.routes.iter().find_map(|route| {
             route
                 .check(req)
@@ -665,6 +714,163 @@ fn describe_value(kind: &str, name: &str, got: Option<String>, want: Option<&str
 }
 
 // ---------------------------------------------------------------------------------------------
+// Index
+// ---------------------------------------------------------------------------------------------
+
+/// Route ranks (positions in precedence order) by host, then by path shape. A superset filter:
+/// every route that could match a request is among its candidates, and `check` decides.
+#[derive(Debug, Clone, Default)]
+struct Index {
+    exact_hosts: std::collections::HashMap<String, Bucket>,
+    /// Keyed by the suffix with its leading dot (`.example`).
+    wildcard_hosts: std::collections::HashMap<String, Bucket>,
+    any_host: Bucket,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Bucket {
+    exact: std::collections::HashMap<String, Vec<u32>>,
+    prefix: SegmentTrie,
+    template: SegmentTrie,
+    any_path: Vec<u32>,
+}
+
+/// A trie over path segments; `{param}` segments of templates go to `param`.
+#[derive(Debug, Clone, Default)]
+struct SegmentTrie {
+    here: Vec<u32>,
+    literal: std::collections::HashMap<String, SegmentTrie>,
+    param: Option<Box<SegmentTrie>>,
+}
+
+impl SegmentTrie {
+    fn insert_prefix(&mut self, lead: &str, rank: u32) {
+        let mut node = self;
+        if !lead.is_empty() {
+            for seg in lead[1..].split('/') {
+                node = node.literal.entry(seg.to_owned()).or_default();
+            }
+        }
+        node.here.push(rank);
+    }
+
+    fn insert_template(&mut self, segments: &[Segment], rank: u32) {
+        let mut node = self;
+        for seg in segments {
+            node = match seg {
+                Segment::Literal(l) => node.literal.entry(l.clone()).or_default(),
+                Segment::Param(_) => node.param.get_or_insert_with(Box::default),
+            };
+        }
+        node.here.push(rank);
+    }
+
+    /// Prefix routes: every node along the request's segments.
+    fn collect_prefixes(&self, segments: &[&str], out: &mut Vec<u32>) {
+        let mut node = self;
+        out.extend_from_slice(&node.here);
+        for seg in segments {
+            match node.literal.get(*seg) {
+                Some(next) => {
+                    node = next;
+                    out.extend_from_slice(&node.here);
+                }
+                None => return,
+            }
+        }
+    }
+
+    /// Template routes: nodes reached by consuming exactly all segments.
+    fn collect_templates(&self, segments: &[&str], out: &mut Vec<u32>) {
+        match segments.split_first() {
+            None => out.extend_from_slice(&self.here),
+            Some((seg, rest)) => {
+                if let Some(next) = self.literal.get(*seg) {
+                    next.collect_templates(rest, out);
+                }
+                if !seg.is_empty()
+                    && let Some(next) = &self.param
+                {
+                    next.collect_templates(rest, out);
+                }
+            }
+        }
+    }
+}
+
+impl Bucket {
+    fn insert(&mut self, route: &CompiledRoute, rank: u32) {
+        match &route.path {
+            None => self.any_path.push(rank),
+            Some(CompiledPath::Exact(p)) => self.exact.entry(p.clone()).or_default().push(rank),
+            Some(CompiledPath::Prefix(lead)) => self.prefix.insert_prefix(lead, rank),
+            Some(CompiledPath::Template(segments)) => self.template.insert_template(segments, rank),
+        }
+    }
+
+    fn candidates(&self, path: &str, segments: &[&str], out: &mut Vec<u32>) {
+        out.extend_from_slice(&self.any_path);
+        if let Some(r) = self.exact.get(path) {
+            out.extend_from_slice(r);
+        }
+        self.prefix.collect_prefixes(segments, out);
+        self.template.collect_templates(segments, out);
+    }
+}
+
+impl Index {
+    fn build(routes: &[CompiledRoute]) -> Index {
+        let mut index = Index::default();
+        for (rank, route) in routes.iter().enumerate() {
+            let rank = u32::try_from(rank).expect("invariant: fewer than 2^32 routes");
+            if route.hosts.is_empty() {
+                index.any_host.insert(route, rank);
+            }
+            for h in &route.hosts {
+                match h {
+                    HostPattern::Exact(name) => index
+                        .exact_hosts
+                        .entry(name.clone())
+                        .or_default()
+                        .insert(route, rank),
+                    HostPattern::Suffix(suffix) => index
+                        .wildcard_hosts
+                        .entry(suffix.clone())
+                        .or_default()
+                        .insert(route, rank),
+                }
+            }
+        }
+        index
+    }
+
+    fn candidates(&self, host: &str, path: &str, out: &mut Vec<u32>) {
+        let segments: Vec<&str> = match path.strip_prefix('/') {
+            Some(rest) => rest.split('/').collect(),
+            None => Vec::new(),
+        };
+        self.any_host.candidates(path, &segments, out);
+        if self.exact_hosts.is_empty() && self.wildcard_hosts.is_empty() {
+            return;
+        }
+        let host = host_only(host).to_ascii_lowercase();
+        if let Some(b) = self.exact_hosts.get(&host) {
+            b.candidates(path, &segments, out);
+        }
+        if !self.wildcard_hosts.is_empty() {
+            for (i, c) in host.char_indices() {
+                if c == '.'
+                    && i > 0
+                    && let Some(b) = self.wildcard_hosts.get(&host[i..])
+                {
+                    b.candidates(path, &segments, out);
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
@@ -676,6 +882,7 @@ fn describe_value(kind: &str, name: &str, got: Option<String>, want: Option<&str
 pub fn choose_backend<'a>(route: &'a CompiledRoute, req: &RequestView<'_>, roll: u32) -> &'a str {
     let (split, pin) = match &route.config.backend {
         BackendConfig::Service(service) => return service,
+        BackendConfig::External(e) => return &e.url,
         BackendConfig::Split { split, pin } => (split, pin),
     };
     if let Some(pin) = pin {
@@ -1147,6 +1354,17 @@ fn validate_backend(backend: &BackendConfig) -> Result<Option<HeaderName>, Strin
             };
         }
         BackendConfig::Split { split, pin } => (split, pin),
+        BackendConfig::External(e) => {
+            return match e.url.parse::<http::Uri>() {
+                Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() => {
+                    Ok(None)
+                }
+                _ => Err(format!(
+                    "backend external url {:?} must be http://host[:port] or https://host[:port]",
+                    e.url
+                )),
+            };
+        }
     };
     if split.is_empty() {
         return Err("backend split has no backends".to_owned());
@@ -1323,6 +1541,72 @@ mod tests {
 
     fn svc(name: &str) -> Value {
         json!({"service": name})
+    }
+
+    /// The index must pick exactly what checking every route in order picks.
+    #[test]
+    fn index_agrees_with_a_linear_scan() {
+        let hosts = ["", "api.example", "*.example", "*.api.example", "other.test"];
+        let paths = [
+            json!(null),
+            json!({"prefix": "/"}),
+            json!({"prefix": "/users"}),
+            json!({"prefix": "/users/admin"}),
+            json!({"exact": "/users/me"}),
+            json!({"exact": "/"}),
+            json!({"template": "/users/{id}"}),
+            json!({"template": "/users/{id}/orders"}),
+            json!({"template": "/{kind}/{id}"}),
+            json!({"prefix": "/v2"}),
+        ];
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut values = Vec::new();
+        for i in 0..400 {
+            let host = hosts[(next() % hosts.len() as u64) as usize];
+            let path = &paths[(next() % paths.len() as u64) as usize];
+            let mut m = serde_json::Map::new();
+            if !host.is_empty() {
+                m.insert("hosts".into(), json!([host]));
+            }
+            if !path.is_null() {
+                m.insert("path".into(), path.clone());
+            }
+            if next() % 5 == 0 {
+                m.insert("methods".into(), json!(["POST"]));
+            }
+            if next() % 7 == 0 {
+                m.insert("headers".into(), json!({"x-v": "2"}));
+            }
+            values.push(json!({"name": format!("r{i}"), "match": m, "backend": svc("a")}));
+        }
+        let t = table(values);
+        let h1 = HeaderMap::new();
+        let h2 = headers(&[("x-v", "2")]);
+        let req_hosts = ["api.example", "x.api.example", "a.example", "other.test", "none.test", "API.EXAMPLE:80"];
+        let targets = [
+            "/", "/users", "/users/", "/users/me", "/users/7", "/users/7/orders", "/users/admin",
+            "/users/admin/x", "/v2/users", "/x/y", "/x/y/z", "/usersx",
+        ];
+        for host in req_hosts {
+            for target in targets {
+                for method in ["GET", "POST"] {
+                    for h in [&h1, &h2] {
+                        let v = view(method, host, target, h);
+                        assert_eq!(
+                            t.find(&v).map(|m| m.route.config.name.clone()),
+                            t.find_linear(&v).map(|m| m.route.config.name.clone()),
+                            "{method} {host} {target}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
@@ -2221,11 +2505,11 @@ mod tests {
             ),
             (
                 json!({"name": "x", "backend": {"service": "a", "split": []}}),
-                "set exactly one of `service` or `split`",
+                "set exactly one of `service`, `split` or `external`",
             ),
             (
                 json!({"name": "x", "backend": {}}),
-                "set exactly one of `service` or `split`",
+                "set exactly one of `service`, `split` or `external`",
             ),
             (
                 json!({"name": "x", "backend": {"service": "a", "pin": {"header": "h"}}}),

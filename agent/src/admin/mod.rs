@@ -27,8 +27,8 @@ use crate::{discovery::Endpoints, drain::Drain, identity::IdentityManager, telem
 pub struct AdminState {
     /// Metrics registry.
     pub metrics: Arc<Metrics>,
-    /// The effective config as JSON (no secrets: the token stays in its file).
-    pub config: serde_json::Value,
+    /// The effective config as JSON, secrets redacted ([`redact`]); replaced on reload.
+    pub config: arc_swap::ArcSwap<serde_json::Value>,
     /// Set once SVIDs are held and listeners bound.
     pub ready: AtomicBool,
     /// Filled in once the identity manager has joined.
@@ -46,13 +46,70 @@ impl AdminState {
     pub fn new(metrics: Arc<Metrics>, config: serde_json::Value, drain: Drain) -> Self {
         Self {
             metrics,
-            config,
+            config: arc_swap::ArcSwap::from_pointee(redacted(config)),
             ready: AtomicBool::new(false),
             identity: OnceLock::new(),
             endpoints: OnceLock::new(),
             drain,
             extension: OnceLock::new(),
         }
+    }
+}
+
+impl AdminState {
+    /// Replaces the config `/config` shows (after a reload); secrets are redacted.
+    pub fn set_config(&self, config: serde_json::Value) {
+        self.config.store(Arc::new(redacted(config)));
+    }
+}
+
+/// Field names whose values are secrets, compared case-insensitively as suffixes.
+const SECRET_KEYS: &[&str] = &[
+    "password",
+    "secret",
+    "token",
+    "private_key",
+    "client_secret",
+    "keys",
+    "jwks",
+    "api_key",
+];
+
+/// `v` with every secret replaced by `"[redacted]"`: values of secret-named fields (passwords,
+/// tokens, inline keys and JWKS, API key hashes) and the user-info part of URLs
+/// (`redis://:pass@host` -> `redis://[redacted]@host`). Paths to files holding secrets are
+/// kept: they are not secrets.
+pub fn redacted(mut v: serde_json::Value) -> serde_json::Value {
+    redact(&mut v);
+    v
+}
+
+fn redact(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => {
+            for (k, val) in map.iter_mut() {
+                let k = k.to_ascii_lowercase();
+                let secret = SECRET_KEYS.iter().any(|s| k == *s || k.ends_with(&format!("_{s}")))
+                    && !k.ends_with("_file")
+                    && !val.is_null();
+                if secret {
+                    *val = Value::String("[redacted]".into());
+                } else {
+                    redact(val);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(redact),
+        Value::String(s) => {
+            if let Some((scheme, rest)) = s.split_once("://")
+                && let Some((userinfo, host)) = rest.split_once('@')
+                && !userinfo.contains('/')
+            {
+                *s = format!("{scheme}://[redacted]@{host}");
+            }
+        }
+        _ => {}
     }
 }
 
@@ -165,7 +222,7 @@ async fn route(req: Request<Incoming>, state: Arc<AdminState>) -> Response<Full<
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             state.metrics_text().await,
         ),
-        "/config" => json(&state.config),
+        "/config" => json(&**state.config.load()),
         "/certs" => json(&state.certs().await),
         "/endpoints" => match state.endpoints.get() {
             Some(e) => json(&e.snapshot(Instant::now())),
@@ -208,5 +265,29 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
                 .serve_connection(TokioIo::new(tcp), svc)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    #[test]
+    fn secrets_never_reach_config_output() {
+        let v = redacted(serde_json::json!({
+            "auth": {
+                "rate_limit_store": {"url": "redis://:s3cret@10.0.0.1:6379/0", "password": "hunter2"},
+                "jwt": [{"name": "a", "jwks": {"keys": [{"k": "c2VjcmV0"}]}, "jwks_file": "/etc/jwks.json"}],
+                "api_keys": {"consumers": [{"name": "c", "keys": ["sha256:abc"]}]},
+                "introspection": [{"client_secret": "x", "client_secret_file": "/run/s"}]
+            },
+            "ca": {"join_token_file": "/run/token"}
+        }));
+        let text = v.to_string();
+        for secret in ["s3cret", "hunter2", "c2VjcmV0", "sha256:abc", "\"x\""] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        assert!(text.contains("/etc/jwks.json") && text.contains("/run/token") && text.contains("/run/s"));
+        assert!(text.contains("redis://[redacted]@10.0.0.1:6379/0"), "{text}");
     }
 }

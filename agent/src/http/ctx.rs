@@ -86,6 +86,10 @@ pub struct Ctx {
     pub authority: String,
     /// Whether the caller speaks gRPC (local answers are then gRPC statuses).
     pub grpc: bool,
+    /// The request method.
+    pub method: http::Method,
+    /// Whether the request has a body (HTTP/2 bodies without `Content-Length` included).
+    pub has_body: bool,
     /// The matched route's name, once resolved.
     pub route: Option<Arc<str>>,
     /// Values filters leave for later filters and the action (principal, CORS origin, template
@@ -112,6 +116,8 @@ impl Ctx {
             client_ip,
             authority: String::new(),
             grpc: false,
+            method: http::Method::GET,
+            has_body: false,
             route: None,
             extensions: http::Extensions::new(),
             response_headers: Vec::new(),

@@ -83,25 +83,46 @@ struct RouteCode {
     code: u16,
 }
 
-/// Request metrics of one pipeline, registered by the composition under its own name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteReason {
+    route: Arc<str>,
+    reason: &'static str,
+}
+
+/// Request metrics of one pipeline, registered by the composition under its own names.
 #[derive(Debug, Default)]
 pub struct RequestMetrics {
     requests: Family<RouteCode, Counter>,
+    local: Family<RouteReason, Counter>,
 }
 
 impl RequestMetrics {
-    /// Registers the request counter as `name` (e.g. `meshgate_gateway_requests`).
+    /// Registers the request counter as `name` (e.g. `meshgate_gateway_requests`) and the
+    /// counter of local answers (refusals) by reason as `{name}_local`.
     pub fn register(&self, registry: &mut Registry, name: &str, help: &str) {
         registry.register(name, help, self.requests.clone());
+        registry.register(
+            format!("{name}_local"),
+            "requests answered by meshgate itself, by route and reason (the problem type)",
+            self.local.clone(),
+        );
     }
 
-    fn count(&self, route: &Arc<str>, code: u16) {
+    fn count(&self, route: &Arc<str>, code: u16, local: Option<&'static str>) {
         self.requests
             .get_or_create(&RouteCode {
                 route: route.clone(),
                 code,
             })
             .inc();
+        if let Some(reason) = local {
+            self.local
+                .get_or_create(&RouteReason {
+                    route: route.clone(),
+                    reason,
+                })
+                .inc();
+        }
     }
 }
 
@@ -230,6 +251,8 @@ impl Pipeline {
         let mut ctx = Ctx::new(conn);
         let (mut parts, body) = req.into_parts();
         ctx.grpc = is_grpc(&parts.headers);
+        ctx.method = parts.method.clone();
+        ctx.has_body = !http_body::Body::is_end_stream(&body);
         let method = parts.method.clone();
         let mut route: Option<Arc<Route>> = None;
         let outcome = self
@@ -249,7 +272,7 @@ impl Pipeline {
         let resp = self.finish(&cfg, route.as_deref(), &mut ctx, resp).await;
         let status = resp.status().as_u16();
         let route_name = ctx.route.clone().unwrap_or_else(|| self.none.clone());
-        self.metrics.count(&route_name, status);
+        self.metrics.count(&route_name, status, ctx.local_reason);
         info!(
             target: "access",
             request_id = %ctx.request_id,

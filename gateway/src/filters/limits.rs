@@ -1,0 +1,98 @@
+//! Request limits a route declares on the head: allowed content types (415), for every body
+//! (HTTP/2 bodies without `Content-Length` included); more than one `Content-Type` is refused.
+//! The body size limit is the pipeline's (enforced while streaming).
+
+use http::{header, request};
+use meshgate_agent::http::{
+    ctx::Ctx,
+    filter::{Filter, Step},
+    respond::Problem,
+};
+
+/// `content_types` of a route.
+#[derive(Debug)]
+pub struct ContentTypes {
+    allowed: Vec<String>,
+}
+
+impl ContentTypes {
+    /// Accepts bodies whose media type is one of `allowed` (`type/subtype`, any case).
+    pub fn new(allowed: &[String]) -> Self {
+        Self {
+            allowed: allowed.iter().map(|c| c.to_ascii_lowercase()).collect(),
+        }
+    }
+}
+
+impl Filter for ContentTypes {
+    fn name(&self) -> &'static str {
+        "content-types"
+    }
+
+    fn on_request<'a>(&'a self, req: &'a mut request::Parts, ctx: &'a mut Ctx) -> Step<'a> {
+        let declared = req
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if !ctx.has_body && !declared.is_some_and(|n| n > 0) {
+            return Step::CONTINUE;
+        }
+        let mut all = req.headers.get_all(header::CONTENT_TYPE).iter();
+        let (first, second) = (all.next(), all.next());
+        if second.is_some() {
+            return Step::reject(Problem::UnsupportedMediaType {
+                got: "more than one Content-Type".into(),
+            });
+        }
+        let got = first
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                v.split(';')
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_ascii_lowercase()
+            })
+            .unwrap_or_default();
+        if self.allowed.contains(&got) {
+            Step::CONTINUE
+        } else {
+            Step::reject(Problem::UnsupportedMediaType { got })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::filters::testing;
+    use meshgate_agent::http::filter::Verdict;
+
+    #[tokio::test]
+    async fn table() {
+        let f = ContentTypes::new(&["application/json".into()]);
+        let cases: &[(&[(&str, &str)], bool, bool)] = &[
+            (&[("content-type", "application/json")], true, true),
+            (&[("content-type", "Application/JSON; charset=utf-8")], true, true),
+            (&[("content-type", "text/plain")], true, false),
+            (&[], true, false),
+            // an HTTP/2 body without Content-Length still counts
+            (&[("content-type", "text/plain")], true, false),
+            (
+                &[("content-type", "application/json"), ("content-type", "text/plain")],
+                true,
+                false,
+            ),
+            // no body: nothing to check
+            (&[("content-type", "text/plain")], false, true),
+        ];
+        for (headers, has_body, ok) in cases {
+            let mut ctx = testing::ctx();
+            ctx.has_body = *has_body;
+            let mut req = testing::head("POST", "/", headers);
+            let v = testing::run(&f, &mut req, &mut ctx).await;
+            assert_eq!(matches!(v, Verdict::Continue), *ok, "{headers:?} body={has_body}");
+        }
+    }
+}
