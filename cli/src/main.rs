@@ -120,7 +120,9 @@ fn main() -> std::process::ExitCode {
                 tracing::info!(before = ?l.before, now = ?l.now, "raised the open-file limit (RLIMIT_NOFILE) to the hard limit")
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit (RLIMIT_NOFILE)"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot raise the open-file limit (RLIMIT_NOFILE)")
+            }
         }
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -363,10 +363,16 @@ fn fixed_fields(c: &GatewayConfig) -> Vec<(&'static str, serde_json::Value)> {
         ("tunnel", j(&c.tunnel)),
         ("auth.jwks_ca_file", j(&c.auth.jwks_ca_file)),
         ("auth.rate_limit_store", j(&c.auth.rate_limit_store)),
-        ("limits.header_read_timeout", j(&c.limits.header_read_timeout.as_millis())),
+        (
+            "limits.header_read_timeout",
+            j(&c.limits.header_read_timeout.as_millis()),
+        ),
         ("limits.idle_timeout", j(&c.limits.idle_timeout.as_millis())),
         ("limits.max_connections", j(&c.limits.max_connections)),
-        ("limits.max_concurrent_streams", j(&c.limits.max_concurrent_streams)),
+        (
+            "limits.max_concurrent_streams",
+            j(&c.limits.max_concurrent_streams),
+        ),
     ]
 }
 
@@ -444,7 +450,10 @@ impl GatewayApp {
             &state,
         )
         .await?;
-        let me = mesh.identity.workload(&cfg.namespace, &cfg.identity).await?;
+        let me = mesh
+            .identity
+            .workload(&cfg.namespace, &cfg.identity)
+            .await?;
         let upstreams = Connected {
             client: MeshClient::new(me, mesh.endpoints, mesh.pool, metrics.clone()),
             connect_timeout: cfg.tunnel.connect_timeout,
@@ -452,8 +461,7 @@ impl GatewayApp {
         let mut tasks = mesh.tasks;
         let https_port = https.as_ref().map(|(_, a)| a.port());
         let mut caches = Caches::default();
-        let (compiled, fresh) =
-            caches.compile(&cfg, &stores, &failures, &upstreams, https_port)?;
+        let (compiled, fresh) = caches.compile(&cfg, &stores, &failures, &upstreams, https_port)?;
         caches.load(fresh).await;
         let table = Arc::new(ArcSwap::new(compiled.table.clone()));
         let pipeline = Pipeline::new(compiled.pipeline, gw_metrics.requests.clone());

@@ -184,7 +184,9 @@ fn unauthorized(scheme: &str, reason: &str) -> Problem {
     // RFC 6750 §3.1: a request without any credentials gets the challenge but no error code
     let missing = reason.starts_with("missing");
     let challenge = if scheme == "Bearer" && !missing {
-        format!("Bearer realm=\"meshgate\", error=\"invalid_token\", error_description=\"{reason}\"")
+        format!(
+            "Bearer realm=\"meshgate\", error=\"invalid_token\", error_description=\"{reason}\""
+        )
     } else {
         format!("{scheme} realm=\"meshgate\"")
     };

@@ -155,9 +155,9 @@ pub(crate) fn pipeline(
         let max_body = r.max_body.unwrap_or(cfg.limits.max_body);
         let mut chain: Vec<Arc<dyn Filter>> = Vec::new();
         let cors = match r.cors.as_ref() {
-            Some(c) => Some(
-                Cors::new(c).map_err(|x| e(format!("routes[{i}] ({name}).cors: {x}")))?,
-            ),
+            Some(c) => {
+                Some(Cors::new(c).map_err(|x| e(format!("routes[{i}] ({name}).cors: {x}")))?)
+            }
             None => global_cors.clone(),
         };
         if let Some(c) = cors {

@@ -1546,7 +1546,13 @@ mod tests {
     /// The index must pick exactly what checking every route in order picks.
     #[test]
     fn index_agrees_with_a_linear_scan() {
-        let hosts = ["", "api.example", "*.example", "*.api.example", "other.test"];
+        let hosts = [
+            "",
+            "api.example",
+            "*.example",
+            "*.api.example",
+            "other.test",
+        ];
         let paths = [
             json!(null),
             json!({"prefix": "/"}),
@@ -1588,10 +1594,27 @@ mod tests {
         let t = table(values);
         let h1 = HeaderMap::new();
         let h2 = headers(&[("x-v", "2")]);
-        let req_hosts = ["api.example", "x.api.example", "a.example", "other.test", "none.test", "API.EXAMPLE:80"];
+        let req_hosts = [
+            "api.example",
+            "x.api.example",
+            "a.example",
+            "other.test",
+            "none.test",
+            "API.EXAMPLE:80",
+        ];
         let targets = [
-            "/", "/users", "/users/", "/users/me", "/users/7", "/users/7/orders", "/users/admin",
-            "/users/admin/x", "/v2/users", "/x/y", "/x/y/z", "/usersx",
+            "/",
+            "/users",
+            "/users/",
+            "/users/me",
+            "/users/7",
+            "/users/7/orders",
+            "/users/admin",
+            "/users/admin/x",
+            "/v2/users",
+            "/x/y",
+            "/x/y/z",
+            "/usersx",
         ];
         for host in req_hosts {
             for target in targets {

@@ -90,7 +90,9 @@ fn redact(v: &mut serde_json::Value) {
         Value::Object(map) => {
             for (k, val) in map.iter_mut() {
                 let k = k.to_ascii_lowercase();
-                let secret = SECRET_KEYS.iter().any(|s| k == *s || k.ends_with(&format!("_{s}")))
+                let secret = SECRET_KEYS
+                    .iter()
+                    .any(|s| k == *s || k.ends_with(&format!("_{s}")))
                     && !k.ends_with("_file")
                     && !val.is_null();
                 if secret {
@@ -287,7 +289,14 @@ mod tests {
         for secret in ["s3cret", "hunter2", "c2VjcmV0", "sha256:abc", "\"x\""] {
             assert!(!text.contains(secret), "{secret} in {text}");
         }
-        assert!(text.contains("/etc/jwks.json") && text.contains("/run/token") && text.contains("/run/s"));
-        assert!(text.contains("redis://[redacted]@10.0.0.1:6379/0"), "{text}");
+        assert!(
+            text.contains("/etc/jwks.json")
+                && text.contains("/run/token")
+                && text.contains("/run/s")
+        );
+        assert!(
+            text.contains("redis://[redacted]@10.0.0.1:6379/0"),
+            "{text}"
+        );
     }
 }

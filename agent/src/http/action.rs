@@ -222,10 +222,7 @@ impl Proxy {
         if upgrade {
             return self.upgrade(up, parts, body, ctx, deadline).await;
         }
-        let retries = s
-            .retries
-            .as_ref()
-            .filter(|_| idempotent(&parts.method));
+        let retries = s.retries.as_ref().filter(|_| idempotent(&parts.method));
         if let Some(r) = retries {
             r.budget.deposit();
         }
@@ -317,13 +314,9 @@ impl Proxy {
         strip_hop_by_hop(&mut rparts.headers, &[], false);
         rparts.headers.remove(LOCAL_HEADER);
         rparts.headers.remove(DENY_RULE_HEADER);
-        let mut body = ResponseBody::new(
-            rbody
-                .map_err(|e| Box::new(e) as BoxError)
-                .boxed(),
-        )
-        .idle_timeout(self.settings.response_idle_timeout)
-        .grpc_deadline(grpc_deadline);
+        let mut body = ResponseBody::new(rbody.map_err(|e| Box::new(e) as BoxError).boxed())
+            .idle_timeout(self.settings.response_idle_timeout)
+            .grpc_deadline(grpc_deadline);
         for g in guards {
             body = body.guard(g);
         }
@@ -437,7 +430,11 @@ mod tests {
             ("1x", None),
         ];
         for (v, want) in cases {
-            assert_eq!(grpc_timeout(&http::HeaderValue::from_static(v)), want, "{v}");
+            assert_eq!(
+                grpc_timeout(&http::HeaderValue::from_static(v)),
+                want,
+                "{v}"
+            );
         }
     }
 

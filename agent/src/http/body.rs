@@ -208,7 +208,10 @@ impl ReplayBody {
     /// A new reader that sends the body again from the start, or `None` when more than the cap
     /// was already sent (the body can no longer be reproduced).
     pub fn replay(&self) -> Option<ReplayBody> {
-        let mut s = self.state.lock().expect("invariant: replay lock not poisoned");
+        let mut s = self
+            .state
+            .lock()
+            .expect("invariant: replay lock not poisoned");
         if s.overflowed {
             return None;
         }
@@ -216,7 +219,7 @@ impl ReplayBody {
         Some(ReplayBody {
             state: self.state.clone(),
             pos: 0,
-            hint: self.hint.clone(),
+            hint: self.hint,
         })
     }
 }
@@ -269,32 +272,30 @@ impl HttpBody for ReplayBody {
                 Poll::Ready(None)
             }
             Some(Err(e)) => Poll::Ready(Some(Err(e))),
-            Some(Ok(frame)) => {
-                match frame.into_data() {
-                    Ok(data) => {
-                        if !s.overflowed && s.buffered + data.len() <= s.cap {
-                            s.buffered += data.len();
-                            s.chunks.push(data.clone());
-                            this.pos = s.chunks.len();
-                        } else if !s.overflowed {
-                            s.overflowed = true;
-                            s.chunks = Vec::new();
-                            s.buffered = 0;
-                            this.pos = 0;
-                        }
-                        Poll::Ready(Some(Ok(Frame::data(data))))
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    if !s.overflowed && s.buffered + data.len() <= s.cap {
+                        s.buffered += data.len();
+                        s.chunks.push(data.clone());
+                        this.pos = s.chunks.len();
+                    } else if !s.overflowed {
+                        s.overflowed = true;
+                        s.chunks = Vec::new();
+                        s.buffered = 0;
+                        this.pos = 0;
                     }
-                    Err(frame) => {
-                        if let Some(t) = frame.trailers_ref() {
-                            s.trailers = Some(t.clone());
-                        }
-                        s.done = true;
-                        s.source = None;
-                        this.pos = usize::MAX;
-                        Poll::Ready(Some(Ok(frame)))
-                    }
+                    Poll::Ready(Some(Ok(Frame::data(data))))
                 }
-            }
+                Err(frame) => {
+                    if let Some(t) = frame.trailers_ref() {
+                        s.trailers = Some(t.clone());
+                    }
+                    s.done = true;
+                    s.source = None;
+                    this.pos = usize::MAX;
+                    Poll::Ready(Some(Ok(frame)))
+                }
+            },
         }
     }
 
@@ -307,7 +308,7 @@ impl HttpBody for ReplayBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.hint.clone()
+        self.hint
     }
 }
 

@@ -129,8 +129,7 @@ mod tests {
             self.0
         }
         fn on_request<'a>(&'a self, req: &'a mut request::Parts, _ctx: &'a mut Ctx) -> Step<'a> {
-            req.headers
-                .append("x-in", HeaderValue::from_static(self.0));
+            req.headers.append("x-in", HeaderValue::from_static(self.0));
             match &self.1 {
                 None => Step::CONTINUE,
                 Some(p) => Step::Later(Box::pin(async move { Verdict::Reject(p.clone()) })),
@@ -143,7 +142,9 @@ mod tests {
     }
 
     fn ctx() -> Ctx {
-        Ctx::new(Arc::new(ConnInfo::plain("127.0.0.1:1".parse().expect("addr"))))
+        Ctx::new(Arc::new(ConnInfo::plain(
+            "127.0.0.1:1".parse().expect("addr"),
+        )))
     }
 
     #[tokio::test]

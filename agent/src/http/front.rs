@@ -47,8 +47,8 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-pub use super::{ctx::ConnInfo, pipeline::Handler};
 use super::{Body, body::ResponseBody, respond::Problem};
+pub use super::{ctx::ConnInfo, pipeline::Handler};
 use crate::{drain::Drain, telemetry::Metrics};
 
 /// A certificate and its key, PEM files.
@@ -87,7 +87,9 @@ pub struct ClientAuth {
 }
 
 /// The lowest TLS version the public listener accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 pub enum MinTls {
     /// TLS 1.2 and 1.3 with Mozilla's "intermediate" profile: ECDHE key exchange and AEAD
     /// ciphers only (no TLS 1.0/1.1, no CBC, no static RSA). The default.
@@ -331,6 +333,7 @@ struct ConnState {
     flood_limit: u32,
     flooded: AtomicBool,
     kill: Notify,
+    head: Notify,
 }
 
 impl ConnState {
@@ -347,6 +350,7 @@ impl ConnState {
             flood_limit,
             flooded: AtomicBool::new(false),
             kill: Notify::new(),
+            head: Notify::new(),
         })
     }
 
@@ -360,6 +364,8 @@ impl ConnState {
             && self.head_since.load(Ordering::Relaxed) == 0
         {
             self.head_since.store(self.now_ms() + 1, Ordering::Relaxed);
+            // the watchdog sleeps towards the idle deadline: move it to the head's
+            self.head.notify_one();
         }
     }
 
@@ -569,6 +575,7 @@ async fn watchdog(state: &ConnState, limits: &FrontLimits) -> Expiry {
         let wait = wake.unwrap_or(limits.idle_timeout);
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
+            () = state.head.notified() => {}
             () = state.kill.notified() => return Expiry::Flood,
         }
     }
@@ -634,7 +641,11 @@ pub async fn serve(listener: TcpListener, security: Security, front: Front) {
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             front.metrics.connection_refused(front.name, "limit");
             if last_full_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                warn!(listener = front.name, limit = front.limits.max_connections, "connection limit reached; closing new connections");
+                warn!(
+                    listener = front.name,
+                    limit = front.limits.max_connections,
+                    "connection limit reached; closing new connections"
+                );
                 last_full_warning = Some(Instant::now());
             }
             drop(tcp);
@@ -667,27 +678,30 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, security: Security, front: &Fr
         }
         Security::Tls(ref acceptor) | Security::Mesh(ref acceptor) => {
             let mesh = matches!(security, Security::Mesh(_));
-            let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp))
-                .await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    if mesh {
-                        front.metrics.handshake_failed(crate::telemetry::Direction::Inbound);
-                        warn!(src.addr = %peer, error = %e, "inbound handshake refused");
-                    } else {
-                        debug!(src.addr = %peer, error = %e, "TLS handshake failed");
+            let tls =
+                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        if mesh {
+                            front
+                                .metrics
+                                .handshake_failed(crate::telemetry::Direction::Inbound);
+                            warn!(src.addr = %peer, error = %e, "inbound handshake refused");
+                        } else {
+                            debug!(src.addr = %peer, error = %e, "TLS handshake failed");
+                        }
+                        return;
                     }
-                    return;
-                }
-                Err(_) => {
-                    if mesh {
-                        front.metrics.handshake_failed(crate::telemetry::Direction::Inbound);
+                    Err(_) => {
+                        if mesh {
+                            front
+                                .metrics
+                                .handshake_failed(crate::telemetry::Direction::Inbound);
+                        }
+                        debug!(src.addr = %peer, "TLS handshake timed out");
+                        return;
                     }
-                    debug!(src.addr = %peer, "TLS handshake timed out");
-                    return;
-                }
-            };
+                };
             let session = tls.get_ref().1;
             let leaf = session
                 .peer_certificates()
@@ -712,7 +726,18 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, security: Security, front: &Fr
                 info.client_cert = leaf.map(Arc::new);
             }
             let proto = if h2 { Proto::Http2 } else { Proto::Http1 };
+            if mesh {
+                front
+                    .metrics
+                    .tunnel_opened(crate::telemetry::Direction::Inbound);
+                debug!(src.addr = %peer, peer.identity = info.peer_id.as_ref().map(ToString::to_string).unwrap_or_default(), "tunnel accepted");
+            }
             serve_io(tls, info, proto, front).await;
+            if mesh {
+                front
+                    .metrics
+                    .tunnel_closed(crate::telemetry::Direction::Inbound);
+            }
         }
     }
 }
@@ -739,9 +764,7 @@ async fn sniff(tcp: &TcpStream, limits: &FrontLimits) -> Option<Proto> {
                     return Some(Proto::Http2);
                 }
                 // part of the preface: the rest must come within the head timeout
-                budget = limits
-                    .header_read_timeout
-                    .saturating_sub(started.elapsed());
+                budget = limits.header_read_timeout.saturating_sub(started.elapsed());
                 if budget.is_zero() {
                     return None;
                 }
@@ -843,10 +866,12 @@ where
                     debug!(src.addr = %info.peer, listener = front.name, "idle connection closed");
                 }
                 Some(Expiry::Head) => {
-                    drop(conn);
+                    // hyper is no longer polled; answer below it
                     let mut w = SharedIo(shared);
                     let _ = w
-                        .write_all(&Problem::RequestTimeout.raw_http1(&super::ctx::Ctx::new_request_id()))
+                        .write_all(
+                            &Problem::RequestTimeout.raw_http1(&super::ctx::Ctx::new_request_id()),
+                        )
                         .await;
                     let _ = w.shutdown().await;
                     debug!(src.addr = %info.peer, "request head timed out: 408");
@@ -898,14 +923,20 @@ mod tests {
         for _ in 0..40 {
             s.outcome(true);
         }
-        assert!(!s.flooded.load(Ordering::Relaxed), "40 cancels beside 50 completions");
+        assert!(
+            !s.flooded.load(Ordering::Relaxed),
+            "40 cancels beside 50 completions"
+        );
         let s = ConnState::new(false, 10);
         for _ in 0..10 {
             s.outcome(true);
         }
         assert!(!s.flooded.load(Ordering::Relaxed), "at the limit");
         s.outcome(true);
-        assert!(s.flooded.load(Ordering::Relaxed), "over the limit, nothing completed");
+        assert!(
+            s.flooded.load(Ordering::Relaxed),
+            "over the limit, nothing completed"
+        );
     }
 
     #[tokio::test(start_paused = true)]

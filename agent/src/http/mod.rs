@@ -44,5 +44,4 @@ pub const LOCAL_HEADER: http::HeaderName = http::HeaderName::from_static("meshga
 
 /// Response header naming the intention that denied a request (mesh peers only; stripped at
 /// the edge, logged by the caller).
-pub const DENY_RULE_HEADER: http::HeaderName =
-    http::HeaderName::from_static("meshgate-deny-rule");
+pub const DENY_RULE_HEADER: http::HeaderName = http::HeaderName::from_static("meshgate-deny-rule");

@@ -221,9 +221,9 @@ pub fn normalize<'a>(path: &'a str, opts: &PathOptions) -> Result<Cow<'a, str>, 
         norm.push(b'/');
     }
     // every byte came from a valid path string or is an ASCII escape
-    Ok(Cow::Owned(
-        String::from_utf8(norm).expect("invariant: normalized path is ASCII from a valid path"),
-    ))
+    Ok(Cow::Owned(String::from_utf8(norm).expect(
+        "invariant: normalized path is ASCII from a valid path",
+    )))
 }
 
 fn push_escape(out: &mut Vec<u8>, c: u8) {

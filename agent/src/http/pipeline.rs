@@ -177,9 +177,7 @@ fn authority(req: &mut request::Parts) -> Result<String, Problem> {
     let from_uri = req.uri.authority().map(|a| a.as_str().to_owned());
     let value = match (from_uri, first) {
         (Some(a), Some(h)) if req.version == Version::HTTP_2 && h.as_bytes() != a.as_bytes() => {
-            return Err(Problem::BadRequest(
-                "Host and :authority disagree".into(),
-            ));
+            return Err(Problem::BadRequest("Host and :authority disagree".into()));
         }
         (Some(a), _) => a,
         (None, Some(h)) => h
@@ -187,7 +185,9 @@ fn authority(req: &mut request::Parts) -> Result<String, Problem> {
             .map_err(|_| Problem::BadRequest("the Host header is not valid".into()))?
             .to_owned(),
         (None, None) if req.version == Version::HTTP_11 => {
-            return Err(Problem::BadRequest("HTTP/1.1 requests need a Host header".into()));
+            return Err(Problem::BadRequest(
+                "HTTP/1.1 requests need a Host header".into(),
+            ));
         }
         (None, None) => String::new(),
     };
@@ -255,9 +255,7 @@ impl Pipeline {
         ctx.has_body = !http_body::Body::is_end_stream(&body);
         let method = parts.method.clone();
         let mut route: Option<Arc<Route>> = None;
-        let outcome = self
-            .run(&cfg, &mut parts, body, &mut ctx, &mut route)
-            .await;
+        let outcome = self.run(&cfg, &mut parts, body, &mut ctx, &mut route).await;
         if ctx.request_id.is_empty() {
             ctx.request_id = Ctx::new_request_id();
         }

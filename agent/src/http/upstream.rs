@@ -103,7 +103,8 @@ pub struct Upstreamed {
 }
 
 /// A boxed future of an attempt.
-pub type SendFuture<'a> = Pin<Box<dyn Future<Output = Result<Upstreamed, UpstreamError>> + Send + 'a>>;
+pub type SendFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Upstreamed, UpstreamError>> + Send + 'a>>;
 
 /// An upgraded exchange: the upstream's answer and, on `101`, the upgraded upstream stream.
 #[derive(Debug)]
@@ -175,7 +176,7 @@ pub fn strip_hop_by_hop(
             .filter_map(|s| header::HeaderName::from_bytes(s.trim().as_bytes()).ok())
             .collect();
         for h in listed {
-            if !protected.contains(&h) && !(upgrade && h == header::UPGRADE) {
+            if !(protected.contains(&h) || upgrade && h == header::UPGRADE) {
                 headers.remove(h);
             }
         }
@@ -202,12 +203,13 @@ pub fn strip_hop_by_hop(
 /// Sets the request's URI to `scheme://authority{path?query}` (the form HTTP/2 needs).
 fn absolute(req: &mut Request<Body>, scheme: &str, authority: &str) -> Result<(), UpstreamError> {
     let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let uri: Uri = format!("{scheme}://{authority}{pq}")
-        .parse()
-        .map_err(|e| UpstreamError::Failed {
-            endpoint: None,
-            reason: format!("cannot build the upstream URI: {e}"),
-        })?;
+    let uri: Uri =
+        format!("{scheme}://{authority}{pq}")
+            .parse()
+            .map_err(|e| UpstreamError::Failed {
+                endpoint: None,
+                reason: format!("cannot build the upstream URI: {e}"),
+            })?;
     *req.uri_mut() = uri;
     Ok(())
 }
@@ -299,13 +301,19 @@ impl MeshClient {
             } => UpstreamError::Denied { rule },
             TunnelError::Refused { status, .. } => UpstreamError::NotProcessed {
                 endpoint,
-                reason: format!("the agent at {} answered {status} for {service}", endpoint.map(|a| a.to_string()).unwrap_or_default()),
+                reason: format!(
+                    "the agent at {} answered {status} for {service}",
+                    endpoint.map(|a| a.to_string()).unwrap_or_default()
+                ),
                 refused: status == StatusCode::BAD_GATEWAY,
             },
             e if e.not_processed() => UpstreamError::NotProcessed {
                 endpoint,
                 reason: e.to_string(),
-                refused: matches!(e, TunnelError::Connect { .. } | TunnelError::Handshake { .. }),
+                refused: matches!(
+                    e,
+                    TunnelError::Connect { .. } | TunnelError::Handshake { .. }
+                ),
             },
             e => UpstreamError::Failed {
                 endpoint,
@@ -529,7 +537,10 @@ impl LocalService {
         let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
         let refused = |reason: String| UpstreamError::NotProcessed {
             endpoint: Some(addr),
-            reason: format!("local service {} on port {}: {reason}", self.name, self.port),
+            reason: format!(
+                "local service {} on port {}: {reason}",
+                self.name, self.port
+            ),
             refused: true,
         };
         let s = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
@@ -793,7 +804,9 @@ impl Upstream for LocalService {
 // ---------------------------------------------------------------------------------------------
 
 /// A route backend outside the mesh.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 #[serde(deny_unknown_fields)]
 pub struct ExternalConfig {
     /// `http://host[:port]` or `https://host[:port]`, optionally with a base path that is put in
@@ -825,7 +838,10 @@ pub struct ExternalError(pub String);
 
 #[derive(Clone)]
 struct ExternalConnector {
-    tls: Option<(tokio_rustls::TlsConnector, rustls_pki_types::ServerName<'static>)>,
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls_pki_types::ServerName<'static>,
+    )>,
     addresses: Arc<Vec<SocketAddr>>,
     next: Arc<std::sync::atomic::AtomicUsize>,
     connect_timeout: Duration,
@@ -928,7 +944,11 @@ impl tower::Service<Uri> for ExternalConnector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let host = uri.host().unwrap_or_default().trim_matches(['[', ']']).to_owned();
+            let host = uri
+                .host()
+                .unwrap_or_default()
+                .trim_matches(['[', ']'])
+                .to_owned();
             let port = uri
                 .port_u16()
                 .unwrap_or(if this.tls.is_some() { 443 } else { 80 });
@@ -998,7 +1018,10 @@ impl std::fmt::Debug for External {
 
 impl External {
     /// Builds the upstream; reads `ca_file` now.
-    pub fn new(cfg: &ExternalConfig, connect_timeout: Duration) -> Result<Arc<Self>, ExternalError> {
+    pub fn new(
+        cfg: &ExternalConfig,
+        connect_timeout: Duration,
+    ) -> Result<Arc<Self>, ExternalError> {
         let e = |m: String| ExternalError(format!("{}: {m}", cfg.url));
         let uri: Uri = cfg.url.parse().map_err(|x| e(format!("not a URL: {x}")))?;
         let scheme = match uri.scheme_str() {
@@ -1014,7 +1037,11 @@ impl External {
         if authority.contains('@') {
             return Err(e("credentials in the URL are not supported".into()));
         }
-        let host = uri.host().unwrap_or_default().trim_matches(['[', ']']).to_owned();
+        let host = uri
+            .host()
+            .unwrap_or_default()
+            .trim_matches(['[', ']'])
+            .to_owned();
         let base_path = uri.path().trim_end_matches('/').to_owned();
         let tls = if scheme == "https" {
             let mut roots = rustls::RootCertStore::empty();
@@ -1032,7 +1059,7 @@ impl External {
                     let native = rustls_native_certs_roots();
                     if native.is_empty() {
                         return Err(e(
-                            "no system CA roots found; set ca_file to the server's CA".into()
+                            "no system CA roots found; set ca_file to the server's CA".into(),
                         ));
                     }
                     for c in native {
@@ -1040,13 +1067,12 @@ impl External {
                     }
                 }
             }
-            let mut tls = rustls::ClientConfig::builder_with_provider(
-                meshgate_ca::verify::crypto_provider(),
-            )
-            .with_protocol_versions(rustls::ALL_VERSIONS)
-            .map_err(|x| e(x.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            let mut tls =
+                rustls::ClientConfig::builder_with_provider(meshgate_ca::verify::crypto_provider())
+                    .with_protocol_versions(rustls::ALL_VERSIONS)
+                    .map_err(|x| e(x.to_string()))?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
             tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
             let name = cfg.server_name.clone().unwrap_or_else(|| host.clone());
             let name = rustls_pki_types::ServerName::try_from(name.clone())
@@ -1056,7 +1082,9 @@ impl External {
             None
         };
         if cfg.h2c && scheme == "https" {
-            return Err(e("h2c applies to http:// URLs only (https negotiates HTTP/2 by ALPN)".into()));
+            return Err(e(
+                "h2c applies to http:// URLs only (https negotiates HTTP/2 by ALPN)".into(),
+            ));
         }
         let connector = ExternalConnector {
             tls,
@@ -1112,12 +1140,15 @@ impl Upstream for External {
     ) -> SendFuture<'a> {
         Box::pin(async move {
             let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-            let uri: Uri = format!("{}://{}{}{}", self.scheme, self.authority, self.base_path, pq)
-                .parse()
-                .map_err(|e| UpstreamError::Failed {
-                    endpoint: None,
-                    reason: format!("cannot build the upstream URI: {e}"),
-                })?;
+            let uri: Uri = format!(
+                "{}://{}{}{}",
+                self.scheme, self.authority, self.base_path, pq
+            )
+            .parse()
+            .map_err(|e| UpstreamError::Failed {
+                endpoint: None,
+                reason: format!("cannot build the upstream URI: {e}"),
+            })?;
             *req.uri_mut() = uri;
             let host = if self.preserve_host && !ctx.authority.is_empty() {
                 ctx.authority.as_str()
@@ -1155,13 +1186,23 @@ mod tests {
     #[test]
     fn hop_by_hop_keeps_protected_and_te_trailers() {
         let mut h = http::HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("x-user-id, x-drop, keep-alive"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("x-user-id, x-drop, keep-alive"),
+        );
         h.insert("x-user-id", HeaderValue::from_static("alice"));
         h.insert("x-drop", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
-        strip_hop_by_hop(&mut h, &[header::HeaderName::from_static("x-user-id")], false);
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        strip_hop_by_hop(
+            &mut h,
+            &[header::HeaderName::from_static("x-user-id")],
+            false,
+        );
         assert_eq!(h["x-user-id"], "alice");
         assert!(!h.contains_key("x-drop"));
         assert!(!h.contains_key("keep-alive"));

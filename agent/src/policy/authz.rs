@@ -473,7 +473,15 @@ mod tests {
             (EXAMPLE, "web", "users", "DELETE", "/admin/", Deny, Some(1)),
             // `/admin/*` covers the directory itself too
             (EXAMPLE, "web", "users", "DELETE", "/admin", Deny, Some(1)),
-            (EXAMPLE, "web", "users", "DELETE", "/administrator", Allow, Some(0)),
+            (
+                EXAMPLE,
+                "web",
+                "users",
+                "DELETE",
+                "/administrator",
+                Allow,
+                Some(0),
+            ),
             (EXAMPLE, "web", "users", "GET", "/admin/x", Allow, Some(0)),
             (
                 EXAMPLE,

@@ -303,7 +303,11 @@ impl InboundHandler {
         }
     }
 
-    async fn connect(self: Arc<Self>, mut req: Request<Incoming>, conn: Arc<ConnInfo>) -> Response<Body> {
+    async fn connect(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        conn: Arc<ConnInfo>,
+    ) -> Response<Body> {
         let ctx = &self.ctx;
         let service = req.uri().host().unwrap_or_default().to_owned();
         let Some(local) = ctx.services.get(&service).cloned() else {
@@ -380,7 +384,9 @@ impl InboundHandler {
                     };
                     let (mut tunnel, mut upstream) = (TokioIo::new(tunnel), upstream);
                     match splice(&mut tunnel, &mut upstream).await {
-                        Ok((sent, received)) => this.ctx.metrics.bytes(Direction::Inbound, sent, received),
+                        Ok((sent, received)) => {
+                            this.ctx.metrics.bytes(Direction::Inbound, sent, received)
+                        }
                         Err(e) => {
                             debug!(dst.service = %service, error = %e, "inbound stream ended with an error")
                         }
@@ -495,10 +501,30 @@ mod tests {
             metrics: Arc::new(Metrics::new()),
         };
         let cases = [
-            (Some("spiffe://td/ns/default/svc/web"), "GET", "/users/1", true),
-            (Some("spiffe://td/ns/default/svc/web"), "DELETE", "/admin/x", false),
-            (Some("spiffe://td/ns/default/svc/web"), "DELETE", "/admin", false),
-            (Some("spiffe://td/ns/default/svc/batch"), "GET", "/users/1", false),
+            (
+                Some("spiffe://td/ns/default/svc/web"),
+                "GET",
+                "/users/1",
+                true,
+            ),
+            (
+                Some("spiffe://td/ns/default/svc/web"),
+                "DELETE",
+                "/admin/x",
+                false,
+            ),
+            (
+                Some("spiffe://td/ns/default/svc/web"),
+                "DELETE",
+                "/admin",
+                false,
+            ),
+            (
+                Some("spiffe://td/ns/default/svc/batch"),
+                "GET",
+                "/users/1",
+                false,
+            ),
             (Some("spiffe://td/node/node-a"), "GET", "/", false),
             (None, "GET", "/", false),
         ];
@@ -520,7 +546,8 @@ mod tests {
                 assert!(
                     ctx.response_headers
                         .iter()
-                        .any(|(k, v)| *k == DENY_RULE_HEADER && v.to_str().is_ok_and(|s| s.contains("rule #1"))),
+                        .any(|(k, v)| *k == DENY_RULE_HEADER
+                            && v.to_str().is_ok_and(|s| s.contains("rule #1"))),
                     "{method} {path}: the deciding rule is named"
                 );
             }

@@ -244,19 +244,29 @@ impl Pool {
 
     /// Number of open connections to `endpoint` presenting `source` (for tests and `/stats`).
     pub fn connections(&self, source: &SpiffeId, endpoint: SocketAddr) -> usize {
-        let peers = self.peers.lock().expect("invariant: pool lock not poisoned");
-        peers
-            .get(&(source.clone(), endpoint))
-            .map_or(0, |p| p.conns.iter().filter(|c| !c.sender.is_closed()).count())
+        let peers = self
+            .peers
+            .lock()
+            .expect("invariant: pool lock not poisoned");
+        peers.get(&(source.clone(), endpoint)).map_or(0, |p| {
+            p.conns.iter().filter(|c| !c.sender.is_closed()).count()
+        })
     }
 
     /// A connection with room for one more stream, dialling one if every connection is full.
-    async fn checkout(&self, source: &Identity, endpoint: SocketAddr) -> Result<Lease, TunnelError> {
+    async fn checkout(
+        &self,
+        source: &Identity,
+        endpoint: SocketAddr,
+    ) -> Result<Lease, TunnelError> {
         let key = (source.id.clone(), endpoint);
         let max = self.cfg.max_streams_per_connection as usize;
         loop {
             let dial = {
-                let mut peers = self.peers.lock().expect("invariant: pool lock not poisoned");
+                let mut peers = self
+                    .peers
+                    .lock()
+                    .expect("invariant: pool lock not poisoned");
                 let peer = peers.entry(key.clone()).or_default();
                 peer.conns.retain(|c| !c.sender.is_closed());
                 let best = peer
@@ -278,13 +288,12 @@ impl Pool {
                 .await
                 .clone();
             {
-                let mut peers = self.peers.lock().expect("invariant: pool lock not poisoned");
+                let mut peers = self
+                    .peers
+                    .lock()
+                    .expect("invariant: pool lock not poisoned");
                 let peer = peers.entry(key.clone()).or_default();
-                if peer
-                    .dialing
-                    .as_ref()
-                    .is_some_and(|d| Arc::ptr_eq(d, &dial))
-                {
+                if peer.dialing.as_ref().is_some_and(|d| Arc::ptr_eq(d, &dial)) {
                     peer.dialing = None;
                     if let Ok(c) = &result {
                         peer.conns.push(c.clone());
@@ -305,7 +314,10 @@ impl Pool {
 
     /// Drops `conn` from the pool (it went away); open streams on it finish.
     fn forget(&self, source: &Identity, endpoint: SocketAddr, conn: &Conn) {
-        let mut peers = self.peers.lock().expect("invariant: pool lock not poisoned");
+        let mut peers = self
+            .peers
+            .lock()
+            .expect("invariant: pool lock not poisoned");
         if let Some(p) = peers.get_mut(&(source.id.clone(), endpoint)) {
             p.conns.retain(|c| c.id != conn.id);
         }
@@ -410,7 +422,11 @@ impl Pool {
         Ok((up, lease))
     }
 
-    async fn dial(&self, source: &Identity, endpoint: SocketAddr) -> Result<Arc<Conn>, TunnelError> {
+    async fn dial(
+        &self,
+        source: &Identity,
+        endpoint: SocketAddr,
+    ) -> Result<Arc<Conn>, TunnelError> {
         let timeout = self.cfg.connect_timeout;
         let tcp = tokio::time::timeout(timeout, TcpStream::connect(endpoint))
             .await

@@ -55,7 +55,8 @@ impl Filter for AuthFilter {
                 };
                 let mut parts = std::mem::take(&mut req.uri).into_parts();
                 parts.path_and_query = pq.parse().ok();
-                req.uri = http::Uri::from_parts(parts).unwrap_or_else(|_| http::Uri::from_static("/"));
+                req.uri =
+                    http::Uri::from_parts(parts).unwrap_or_else(|_| http::Uri::from_static("/"));
             }
             ctx.extensions.insert(principal);
             Verdict::Continue

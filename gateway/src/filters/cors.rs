@@ -78,7 +78,9 @@ impl Filter for CorsFilter {
         }
         // a preflight answer already carries its headers
         if resp.status == StatusCode::NO_CONTENT
-            && resp.headers.contains_key(header::ACCESS_CONTROL_ALLOW_METHODS)
+            && resp
+                .headers
+                .contains_key(header::ACCESS_CONTROL_ALLOW_METHODS)
         {
             return;
         }
@@ -126,7 +128,10 @@ mod tests {
             resp.headers[header::ACCESS_CONTROL_ALLOW_ORIGIN],
             "https://app.example"
         );
-        assert_eq!(resp.headers[header::ACCESS_CONTROL_EXPOSE_HEADERS], "ratelimit");
+        assert_eq!(
+            resp.headers[header::ACCESS_CONTROL_EXPOSE_HEADERS],
+            "ratelimit"
+        );
     }
 
     #[tokio::test]

@@ -81,7 +81,13 @@ mod tests {
             ],
         );
         testing::run(&f, &mut req, &mut ctx).await;
-        for gone in ["x-user-id", "x_user_id", "x-scopes", "x_consumer_tier", "meshgate-service"] {
+        for gone in [
+            "x-user-id",
+            "x_user_id",
+            "x-scopes",
+            "x_consumer_tier",
+            "meshgate-service",
+        ] {
             assert!(!req.headers.contains_key(gone), "{gone} survived");
         }
         assert_eq!(req.headers["x-kept"], "1");

@@ -35,7 +35,7 @@ impl Filter for ContentTypes {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if !ctx.has_body && !declared.is_some_and(|n| n > 0) {
+        if !ctx.has_body && declared.is_none_or(|n| n == 0) {
             return Step::CONTINUE;
         }
         let mut all = req.headers.get_all(header::CONTENT_TYPE).iter();
@@ -72,15 +72,23 @@ mod tests {
     #[tokio::test]
     async fn table() {
         let f = ContentTypes::new(&["application/json".into()]);
-        let cases: &[(&[(&str, &str)], bool, bool)] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str)], bool, bool);
+        let cases: &[Case<'_>] = &[
             (&[("content-type", "application/json")], true, true),
-            (&[("content-type", "Application/JSON; charset=utf-8")], true, true),
+            (
+                &[("content-type", "Application/JSON; charset=utf-8")],
+                true,
+                true,
+            ),
             (&[("content-type", "text/plain")], true, false),
             (&[], true, false),
             // an HTTP/2 body without Content-Length still counts
             (&[("content-type", "text/plain")], true, false),
             (
-                &[("content-type", "application/json"), ("content-type", "text/plain")],
+                &[
+                    ("content-type", "application/json"),
+                    ("content-type", "text/plain"),
+                ],
                 true,
                 false,
             ),
@@ -92,7 +100,11 @@ mod tests {
             ctx.has_body = *has_body;
             let mut req = testing::head("POST", "/", headers);
             let v = testing::run(&f, &mut req, &mut ctx).await;
-            assert_eq!(matches!(v, Verdict::Continue), *ok, "{headers:?} body={has_body}");
+            assert_eq!(
+                matches!(v, Verdict::Continue),
+                *ok,
+                "{headers:?} body={has_body}"
+            );
         }
     }
 }

@@ -47,8 +47,7 @@ impl Filter for Rewrite {
             };
             let mut parts = std::mem::take(&mut req.uri).into_parts();
             parts.path_and_query = pq.parse().ok();
-            req.uri =
-                http::Uri::from_parts(parts).unwrap_or_else(|_| http::Uri::from_static("/"));
+            req.uri = http::Uri::from_parts(parts).unwrap_or_else(|_| http::Uri::from_static("/"));
         }
         Step::CONTINUE
     }

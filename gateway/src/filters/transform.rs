@@ -48,8 +48,10 @@ impl Filter for TransformFilter {
             transform::apply_headers(h, &mut req.headers);
         }
         if self.cfg.response_json.is_some() {
-            req.headers
-                .insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+            req.headers.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
         }
         Step::CONTINUE
     }
@@ -158,22 +160,31 @@ mod tests {
         let body = Bytes::from_static(br#"{"a":1,"secret":"x"}"#);
         let mut ok = resp(&[("content-type", "application/json")]);
         assert_eq!(f.response_body_cap(&ctx, &ok), Some(1 << 20));
-        let out = f.on_response_body(&ctx, &mut ok, body.clone()).expect("json");
+        let out = f
+            .on_response_body(&ctx, &mut ok, body.clone())
+            .expect("json");
         assert_eq!(out, r#"{"a":1}"#);
         for headers in [
-            &[("content-type", "application/json"), ("content-encoding", "gzip")][..],
+            &[
+                ("content-type", "application/json"),
+                ("content-encoding", "gzip"),
+            ][..],
             &[("content-type", "text/html")][..],
         ] {
             let mut r = resp(headers);
-            assert!(matches!(
-                f.on_response_body(&ctx, &mut r, body.clone()),
-                Err(Problem::ResponseNotTransformable(_))
-            ), "{headers:?}");
+            assert!(
+                matches!(
+                    f.on_response_body(&ctx, &mut r, body.clone()),
+                    Err(Problem::ResponseNotTransformable(_))
+                ),
+                "{headers:?}"
+            );
         }
         let mut r = resp(&[("content-type", "application/json")]);
-        assert!(f
-            .on_response_body(&ctx, &mut r, Bytes::from_static(b"{not json"))
-            .is_err());
+        assert!(
+            f.on_response_body(&ctx, &mut r, Bytes::from_static(b"{not json"))
+                .is_err()
+        );
         let mut no_content = resp(&[]);
         no_content.status = StatusCode::NO_CONTENT;
         assert_eq!(f.response_body_cap(&ctx, &no_content), None);

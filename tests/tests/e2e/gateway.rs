@@ -134,11 +134,13 @@ async fn errors_are_problem_json_with_the_right_status() {
     assert_eq!(got.json()["type"], "https://meshgate.dev/problems/no-route");
     assert!(got.json()["request_id"].is_string());
 
+    // the only endpoint refuses connections: 502, its own problem type (503 is for no
+    // endpoints at all)
     let got = plain(gw, "GET", "api.example", "/down/x", &[], b"").await;
-    assert_eq!(got.status, 503, "{}", got.body);
+    assert_eq!(got.status, 502, "{}", got.body);
     assert_eq!(
         got.json()["type"],
-        "https://meshgate.dev/problems/upstream-unavailable"
+        "https://meshgate.dev/problems/upstream-refused"
     );
     assert!(
         !got.body.contains("127.0.0.1:9"),
