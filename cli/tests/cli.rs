@@ -615,6 +615,16 @@ async fn gateway_binary_reloads_on_file_change_and_sighup_and_refuses_invalid_fi
         .spawn()
         .expect("spawn gateway");
     let stderr = child.stderr.take().expect("stderr");
+    // a failing assertion must not leave the gateway running (it holds the test's pipes)
+    struct KillOnDrop(u32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &self.0.to_string()])
+                .status();
+        }
+    }
+    let _guard = KillOnDrop(child.id());
     let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -642,14 +652,15 @@ async fn gateway_binary_reloads_on_file_change_and_sighup_and_refuses_invalid_fi
         .trim_start_matches("Some(")
         .trim_end_matches(')')
         .to_owned();
-    // the route answers (503: its backend is down, but it matched) and others are 404
-    assert_eq!(http_get(&http, "a", "/one/x").await.0, 503);
+    // the route answers (502: its only endpoint refuses connections, but it matched) and
+    // others are 404
+    assert_eq!(http_get(&http, "a", "/one/x").await.0, 502);
     assert_eq!(http_get(&http, "a", "/two/x").await.0, 404);
 
     // a file change is picked up
     write_cfg("/two");
     wait_for("config reloaded");
-    assert_eq!(http_get(&http, "a", "/two/x").await.0, 503);
+    assert_eq!(http_get(&http, "a", "/two/x").await.0, 502);
     assert_eq!(http_get(&http, "a", "/one/x").await.0, 404);
 
     // an invalid file is refused and the old routes keep serving
@@ -661,7 +672,7 @@ async fn gateway_binary_reloads_on_file_change_and_sighup_and_refuses_invalid_fi
             .is_some_and(|e| e.contains("gateway.yaml")),
         "{rejected}"
     );
-    assert_eq!(http_get(&http, "a", "/two/x").await.0, 503);
+    assert_eq!(http_get(&http, "a", "/two/x").await.0, 502);
 
     // SIGHUP reloads too
     write_cfg("/three");
@@ -670,7 +681,7 @@ async fn gateway_binary_reloads_on_file_change_and_sighup_and_refuses_invalid_fi
         .status()
         .expect("kill");
     wait_for("config reloaded");
-    assert_eq!(http_get(&http, "a", "/three/x").await.0, 503);
+    assert_eq!(http_get(&http, "a", "/three/x").await.0, 502);
 
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
