@@ -5,6 +5,7 @@
 //! - [`proxy`]: inbound (tunnels to local services, with intentions) and outbound (upstream listeners).
 //! - [`policy`]: intentions as pure functions; [`balance`]: P2C over peak-EWMA with ejection.
 //! - [`discovery`]: endpoints per service; [`admin`]: the loopback admin API; [`telemetry`]: metrics.
+//! - [`notify`]: systemd readiness notification (`sd_notify`) for `Type=notify` units.
 //! - [`app`]: builds a running [`app::Agent`] from an [`config::AgentConfig`].
 //!
 //! ```no_run
@@ -23,6 +24,7 @@ pub mod discovery;
 pub mod drain;
 pub mod http;
 pub mod identity;
+pub mod notify;
 pub mod policy;
 pub mod proxy;
 pub mod telemetry;

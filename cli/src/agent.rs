@@ -1,4 +1,5 @@
-//! `meshgate agent --config agent.yaml`: run the node agent until SIGTERM/Ctrl-C, then drain.
+//! `meshgate agent --config agent.yaml`: run the node agent until SIGTERM/Ctrl-C, then drain;
+//! tells systemd when it is ready and when it stops (see `lifecycle`).
 
 use std::path::PathBuf;
 
@@ -14,6 +15,8 @@ pub(crate) struct AgentArgs {
     /// agent.yaml; see docs/configuration.md.
     #[arg(long, short)]
     config: PathBuf,
+    #[command(flatten)]
+    lifecycle: crate::lifecycle::LifecycleArgs,
 }
 
 pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
@@ -28,10 +31,13 @@ pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
     for u in agent.upstreams() {
         info!(from = %u.from, service = %u.service, listen = %u.addr, "upstream listener");
     }
+    let life = crate::lifecycle::Lifecycle::start(&args.lifecycle, Some(agent.admin_addr())).await?;
+    life.ready(&format!("serving; inbound {}", agent.inbound_addr()));
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+    life.stopping(&mut term, &mut int).await;
     let clean = agent.shutdown().await;
     info!(clean, "agent stopped");
     Ok(())

@@ -52,6 +52,8 @@ enum CaCommand {
         /// ca.yaml: trust_domain, data_dir, listen, workload_ttl, node_ttl.
         #[arg(long, short)]
         config: PathBuf,
+        #[command(flatten)]
+        lifecycle: crate::lifecycle::LifecycleArgs,
     },
     /// Join tokens for nodes.
     Token {
@@ -118,7 +120,7 @@ pub(crate) async fn run(args: CaArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        CaCommand::Serve { config } => serve(config).await,
+        CaCommand::Serve { config, lifecycle } => serve(config, lifecycle).await,
         CaCommand::Token {
             command:
                 TokenCommand::Create {
@@ -166,7 +168,7 @@ pub(crate) async fn run(args: CaArgs) -> anyhow::Result<()> {
     }
 }
 
-async fn serve(path: PathBuf) -> anyhow::Result<()> {
+async fn serve(path: PathBuf, lifecycle: crate::lifecycle::LifecycleArgs) -> anyhow::Result<()> {
     let config: CaConfig = crate::config::load_yaml(&path)?;
     let server = CaServer::start(&config)
         .await
@@ -174,17 +176,25 @@ async fn serve(path: PathBuf) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let life = crate::lifecycle::Lifecycle::start(&lifecycle, None).await?;
+    let status = format!("serving on {}", server.local_addr());
+    life.ready(&status);
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => match server.reload_bundle() {
-                Ok(true) => info!("trust bundle reloaded"),
-                Ok(false) => info!("trust bundle unchanged"),
-                Err(e) => warn!(error = %e, "trust bundle reload failed; keeping the current one"),
-            },
+            _ = hup.recv() => {
+                life.reloading();
+                match server.reload_bundle() {
+                    Ok(true) => info!("trust bundle reloaded"),
+                    Ok(false) => info!("trust bundle unchanged"),
+                    Err(e) => warn!(error = %e, "trust bundle reload failed; keeping the current one"),
+                }
+                life.ready(&status);
+            }
         }
     }
+    life.stopping(&mut term, &mut int).await;
     info!("shutting down");
     server.shutdown(DRAIN_TIMEOUT).await;
     Ok(())

@@ -1,5 +1,6 @@
 //! `meshgate gateway --config gateway.yaml`: run the gateway; reload on SIGHUP or when the file
-//! changes (validate first, keep the old config on error); drain on SIGTERM/Ctrl-C.
+//! changes (validate first, keep the old config on error); drain on SIGTERM/Ctrl-C. Reports
+//! ready / reloading / stopping to systemd (see `lifecycle`).
 
 use std::{path::PathBuf, time::Duration};
 
@@ -18,6 +19,8 @@ pub(crate) struct GatewayArgs {
     /// How often to look at the config file for changes (0 turns watching off; SIGHUP still works).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     watch_interval: Duration,
+    #[command(flatten)]
+    lifecycle: crate::lifecycle::LifecycleArgs,
 }
 
 fn fingerprint(path: &std::path::Path) -> Option<Vec<u8>> {
@@ -48,6 +51,13 @@ pub(crate) async fn run(args: GatewayArgs) -> anyhow::Result<()> {
         _ = term.recv() => return Ok(()),
         _ = int.recv() => return Ok(()),
     };
+    let life = crate::lifecycle::Lifecycle::start(&args.lifecycle, Some(app.admin_addr())).await?;
+    let listening: Vec<String> = [("https", app.https_addr()), ("http", app.http_addr())]
+        .into_iter()
+        .filter_map(|(what, a)| a.map(|a| format!("{what} {a}")))
+        .collect();
+    let status = || format!("serving; {}", listening.join(", "));
+    life.ready(&status());
     let mut seen = fingerprint(&args.config);
     let mut tick = tokio::time::interval(if args.watch_interval.is_zero() {
         Duration::from_secs(3600)
@@ -60,17 +70,22 @@ pub(crate) async fn run(args: GatewayArgs) -> anyhow::Result<()> {
             _ = int.recv() => break,
             _ = hup.recv() => {
                 seen = fingerprint(&args.config);
+                life.reloading();
                 reload(&app, &args.config).await;
+                life.ready(&status());
             }
             _ = tick.tick(), if !args.watch_interval.is_zero() => {
                 let now = fingerprint(&args.config);
                 if now.is_some() && now != seen {
                     seen = now;
+                    life.reloading();
                     reload(&app, &args.config).await;
+                    life.ready(&status());
                 }
             }
         }
     }
+    life.stopping(&mut term, &mut int).await;
     let clean = app.shutdown().await;
     info!(clean, "gateway stopped");
     Ok(())

@@ -9,6 +9,7 @@ mod config;
 mod dev;
 mod gateway;
 mod inspect;
+mod lifecycle;
 mod output;
 mod routes;
 
