@@ -213,9 +213,10 @@ mod tests {
             std::process::id(),
             meshgate_ca::pki::hex(&meshgate_ca::pki::random_bytes::<6>())
         );
-        let server =
-            UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).expect("name"))
-                .expect("bind abstract");
+        let server = UnixDatagram::bind_addr(
+            &SocketAddr::from_abstract_name(name.as_bytes()).expect("name"),
+        )
+        .expect("bind abstract");
         let n = Notifier::new(&format!("@{name}")).expect("abstract socket");
         n.ready("up\nsecond line").expect("ready");
         assert_eq!(recv(&server), "READY=1\nSTATUS=up second line\n");

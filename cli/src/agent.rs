@@ -31,7 +31,8 @@ pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
     for u in agent.upstreams() {
         info!(from = %u.from, service = %u.service, listen = %u.addr, "upstream listener");
     }
-    let life = crate::lifecycle::Lifecycle::start(&args.lifecycle, Some(agent.admin_addr())).await?;
+    let life =
+        crate::lifecycle::Lifecycle::start(&args.lifecycle, Some(agent.admin_addr())).await?;
     life.ready(&format!("serving; inbound {}", agent.inbound_addr()));
     tokio::select! {
         _ = term.recv() => {}

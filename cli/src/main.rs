@@ -5,6 +5,7 @@ mod agent;
 mod auth_explain;
 mod ca;
 mod certs;
+mod check;
 mod config;
 mod dev;
 mod gateway;
@@ -62,6 +63,9 @@ enum Command {
     Services(inspect::AdminArgs),
     /// The endpoints of one service as a running agent sees them.
     Endpoints(inspect::EndpointsArgs),
+    /// Verify a running deployment: CA reachable and pinned, certificates, discovery, routes,
+    /// clock skew, key file modes. Names each problem with what to do; exit 1 if any.
+    Check(check::CheckArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -153,6 +157,7 @@ fn main() -> std::process::ExitCode {
                 Ok(())
             }
             Command::Endpoints(args) => inspect::endpoints(args).await,
+            Command::Check(args) => check::run(args).await,
         }
     });
     match result {
