@@ -15,12 +15,25 @@ pub(crate) struct AgentArgs {
     /// agent.yaml; see docs/configuration.md.
     #[arg(long, short)]
     config: PathBuf,
+    /// Use this node name instead of the config's `node` (e.g. `$(NODE_NAME)` in a Kubernetes
+    /// DaemonSet, so one ConfigMap serves every node).
+    #[arg(long, env = "MESHGATE_NODE")]
+    node: Option<String>,
+    /// Use this address instead of the config's `registration.advertise` (e.g. the node IP).
+    #[arg(long, env = "MESHGATE_ADVERTISE")]
+    advertise: Option<std::net::IpAddr>,
     #[command(flatten)]
     lifecycle: crate::lifecycle::LifecycleArgs,
 }
 
 pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
-    let config: AgentConfig = crate::config::load_yaml(&args.config)?;
+    let mut config: AgentConfig = crate::config::load_yaml(&args.config)?;
+    if let Some(node) = &args.node {
+        config.node.clone_from(node);
+    }
+    if args.advertise.is_some() {
+        config.registration.advertise = args.advertise;
+    }
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let agent = tokio::select! {

@@ -41,8 +41,12 @@ enum CaCommand {
         #[arg(long, env = "MESHGATE_CA_DATA_DIR")]
         data_dir: PathBuf,
         /// Replace an existing CA (every node will have to join again).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "if_missing")]
         force: bool,
+        /// Succeed without change when DIR already holds a CA for this trust domain (for
+        /// init containers and provisioning scripts); a CA of another trust domain is an error.
+        #[arg(long)]
+        if_missing: bool,
         /// Output format.
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
@@ -98,8 +102,34 @@ pub(crate) async fn run(args: CaArgs) -> anyhow::Result<()> {
             trust_domain,
             data_dir,
             force,
+            if_missing,
             output,
         } => {
+            if if_missing && data_dir.join("root.crt").exists() {
+                let existing = store::load(&data_dir)?;
+                anyhow::ensure!(
+                    existing.trust_domain == trust_domain,
+                    "{} holds a CA for trust domain {}, not {trust_domain}: point --data-dir elsewhere or fix --trust-domain",
+                    data_dir.display(),
+                    existing.trust_domain
+                );
+                let fingerprint = pki::fingerprint(&existing.root);
+                match output {
+                    Output::Json => println!(
+                        "{}",
+                        serde_json::to_string_pretty(&serde_json::json!({
+                            "created": false,
+                            "trust_domain": trust_domain,
+                            "ca_fingerprint": fingerprint,
+                        }))?
+                    ),
+                    Output::Table => println!(
+                        "kept the existing CA for trust domain {trust_domain} in {} (root fingerprint {fingerprint})",
+                        data_dir.display()
+                    ),
+                }
+                return Ok(());
+            }
             let report = store::init(&data_dir, &trust_domain, force, SystemTime::now())?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),

@@ -19,6 +19,10 @@ pub(crate) struct GatewayArgs {
     /// How often to look at the config file for changes (0 turns watching off; SIGHUP still works).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     watch_interval: Duration,
+    /// Use this node name instead of the config's `node` (e.g. `$(NODE_NAME)` in Kubernetes);
+    /// applies to every reload too.
+    #[arg(long, env = "MESHGATE_NODE")]
+    node: Option<String>,
     #[command(flatten)]
     lifecycle: crate::lifecycle::LifecycleArgs,
 }
@@ -27,9 +31,18 @@ fn fingerprint(path: &std::path::Path) -> Option<Vec<u8>> {
     std::fs::read(path).ok()
 }
 
+/// Reads the file and applies `--node`.
+fn load(path: &std::path::Path, node: Option<&String>) -> anyhow::Result<GatewayConfig> {
+    let mut cfg: GatewayConfig = crate::config::load_yaml(path)?;
+    if let Some(node) = node {
+        cfg.node.clone_from(node);
+    }
+    Ok(cfg)
+}
+
 /// Loads, validates and applies the file; logs one clear line either way.
-async fn reload(app: &GatewayApp, path: &std::path::Path) {
-    let result = match crate::config::load_yaml::<GatewayConfig>(path) {
+async fn reload(app: &GatewayApp, path: &std::path::Path, node: Option<&String>) {
+    let result = match load(path, node) {
         Ok(cfg) => app.reload(cfg).await.map_err(anyhow::Error::from),
         Err(e) => Err(e),
     };
@@ -42,7 +55,7 @@ async fn reload(app: &GatewayApp, path: &std::path::Path) {
 }
 
 pub(crate) async fn run(args: GatewayArgs) -> anyhow::Result<()> {
-    let cfg: GatewayConfig = crate::config::load_yaml(&args.config)?;
+    let cfg = load(&args.config, args.node.as_ref())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -71,7 +84,7 @@ pub(crate) async fn run(args: GatewayArgs) -> anyhow::Result<()> {
             _ = hup.recv() => {
                 seen = fingerprint(&args.config);
                 life.reloading();
-                reload(&app, &args.config).await;
+                reload(&app, &args.config, args.node.as_ref()).await;
                 life.ready(&status());
             }
             _ = tick.tick(), if !args.watch_interval.is_zero() => {
@@ -79,7 +92,7 @@ pub(crate) async fn run(args: GatewayArgs) -> anyhow::Result<()> {
                 if now.is_some() && now != seen {
                     seen = now;
                     life.reloading();
-                    reload(&app, &args.config).await;
+                    reload(&app, &args.config, args.node.as_ref()).await;
                     life.ready(&status());
                 }
             }
