@@ -281,7 +281,7 @@ fn ca_and_agent_tell_systemd_when_they_are_ready_reload_and_stop() {
     std::fs::write(
         &agent_yaml,
         format!(
-            "node: node-a\ntrust_domain: mesh.example\ndata_dir: {data}\n\
+            "node: set-by-the-node-flag\ntrust_domain: mesh.example\ndata_dir: {data}\n\
              ca: {{ address: \"https://{ca_addr}\", fingerprint: \"{fp}\", join_token_file: {tok} }}\n\
              listen: {{ inbound: 127.0.0.1:0, admin: 127.0.0.1:0 }}\n\
              services: [ {{ name: web, port: 1 }} ]\n",
@@ -298,6 +298,9 @@ fn ca_and_agent_tell_systemd_when_they_are_ready_reload_and_stop() {
             agent_yaml.to_str().expect("utf8"),
             "--health-listen",
             "127.0.0.1:0",
+            // one config for every node: the name comes from the command line
+            "--node",
+            "node-a",
         ],
         &[("NOTIFY_SOCKET", &agent_notify.name)],
     );
@@ -319,6 +322,17 @@ fn ca_and_agent_tell_systemd_when_they_are_ready_reload_and_stop() {
     for path in ["/config", "/certs", "/endpoints", "/metrics"] {
         assert_eq!(http_get(&health, path).map(|r| r.0), Ok(404), "{path}");
     }
+
+    // it joined as the node named on the command line
+    let certs = meshgate(&[
+        "certs",
+        "--data-dir",
+        tmp.path().join("node-a").to_str().expect("utf8"),
+        "-o",
+        "json",
+    ]);
+    let certs: Value = serde_json::from_slice(&certs.stdout).expect("json");
+    assert_eq!(certs[0]["spiffe_id"], "spiffe://mesh.example/node/node-a");
 
     agent.signal("TERM");
     agent_notify.expect("STOPPING=1");
@@ -875,4 +889,86 @@ fn dev_keeps_rate_limits_in_redis() {
     stop_dev(child, &rx);
     let _ = redis.kill();
     let _ = redis.wait();
+}
+
+#[test]
+fn ca_init_if_missing_keeps_an_existing_ca_and_refuses_another_trust_domain() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("ca");
+    let d = dir.to_str().expect("utf8");
+    let init = |td: &str| {
+        meshgate(&[
+            "ca",
+            "init",
+            "--trust-domain",
+            td,
+            "--data-dir",
+            d,
+            "--if-missing",
+            "-o",
+            "json",
+        ])
+    };
+    let first = init("mesh.example");
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let first: Value = serde_json::from_slice(&first.stdout).expect("json");
+    let key = std::fs::read(dir.join("root.key")).expect("root key");
+    let again = init("mesh.example");
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    let again: Value = serde_json::from_slice(&again.stdout).expect("json");
+    assert_eq!(again["created"], false);
+    assert_eq!(again["ca_fingerprint"], first["ca_fingerprint"]);
+    assert_eq!(std::fs::read(dir.join("root.key")).expect("root key"), key);
+    let other = init("other.example");
+    assert_eq!(other.status.code(), Some(1));
+    let err = text(&other.stderr);
+    assert!(
+        err.contains("holds a CA for trust domain mesh.example, not other.example"),
+        "{err}"
+    );
+    // --force and --if-missing contradict each other
+    let both = meshgate(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "mesh.example",
+        "--data-dir",
+        d,
+        "--if-missing",
+        "--force",
+    ]);
+    assert_eq!(both.status.code(), Some(2));
+}
+
+#[test]
+fn every_example_config_validates() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+    let mut files = Vec::new();
+    let mut dirs = vec![root];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).expect("examples dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "yaml") {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    assert!(
+        files
+            .iter()
+            .any(|f| f.ends_with("production/kong-migrated-gateway.yaml")),
+        "{files:?}"
+    );
+    for f in &files {
+        let out = meshgate(&["config", "validate", f.to_str().expect("utf8")]);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            f.display(),
+            text(&out.stderr)
+        );
+    }
 }

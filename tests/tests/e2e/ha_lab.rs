@@ -861,12 +861,15 @@ fn ha_lab_two_gateways_behind_haproxy_survive_stop_crash_and_node_loss() {
     wait_both(&lab, "gw-2", "UP");
 
     // 3. node-b's link goes down under load: routed around
-    let load = start_load(&lab, 80, "/who", 8.0);
+    let load = start_load(&lab, 80, "/who", 9.0);
     sleep(Duration::from_millis(1500));
     let down_at = unix_now();
     lab.link(NODES[1].0, "down");
     let samples = finish_load(load);
-    let settle = 3.0;
+    // a request already on the tunnel to node-b waits until that tunnel is declared dead
+    // (keepalive_interval 1s + keepalive_timeout 2s) or its route timeout (3s) ends it; one sent
+    // later goes elsewhere (node-b is ejected after 2 connect failures)
+    let settle = 4.0;
     let (transition, after): (Vec<&Sample>, Vec<&Sample>) = samples
         .iter()
         .filter(|s| s.start >= down_at)
