@@ -395,40 +395,33 @@ fn check_certs(report: &mut Report, target: &str, certs: &Value, now: SystemTime
             bad += 1;
             continue;
         };
-        match validity(nb, na, now) {
+        let left = na.duration_since(now).unwrap_or_default();
+        let (detail, fix) = match validity(nb, na, now) {
             Validity::Fine => {
-                let left = na.duration_since(now).unwrap_or_default();
                 soonest = Some(soonest.map_or(left, |s| s.min(left)));
+                continue;
             }
-            Validity::Expired => {
-                bad += 1;
-                report.problem(
-                    "certificates",
-                    target,
-                    format!("{id} expired at {}", c["not_after"].as_str().unwrap_or("?")),
-                    "renewal failed until expiry: check that the CA is up and reachable from this node (see the ca check), then restart the process; if its certificate cannot be renewed, join again with a new token",
-                );
-            }
-            Validity::NearExpiry => {
-                bad += 1;
-                let left = na.duration_since(now).unwrap_or_default();
-                report.problem(
-                    "certificates",
-                    target,
-                    format!("{id} expires in {} (less than a quarter of its lifetime left)", human_left(left)),
-                    "renewal is failing (it is due at 2/3 of the lifetime): check the ca check below and meshgate_identity_renew_failures in /metrics",
-                );
-            }
-            Validity::NotYetValid => {
-                bad += 1;
-                report.problem(
-                    "certificates",
-                    target,
-                    format!("{id} is not valid before {}", c["not_before"].as_str().unwrap_or("?")),
-                    "this host's clock is behind the CA's: synchronise it (chrony, systemd-timesyncd)",
-                );
-            }
-        }
+            Validity::Expired => (
+                format!("{id} expired at {}", c["not_after"].as_str().unwrap_or("?")),
+                "renewal failed until expiry: check that the CA is up and reachable from this node (see the ca check), then restart the process; if its certificate cannot be renewed, join again with a new token",
+            ),
+            Validity::NearExpiry => (
+                format!(
+                    "{id} expires in {} (less than a quarter of its lifetime left)",
+                    human_left(left)
+                ),
+                "renewal is failing (it is due at 2/3 of the lifetime): see the ca check and meshgate_identity_renewal_failures in /metrics",
+            ),
+            Validity::NotYetValid => (
+                format!(
+                    "{id} is not valid before {}",
+                    c["not_before"].as_str().unwrap_or("?")
+                ),
+                "this host's clock is behind the CA's: synchronise it (chrony, systemd-timesyncd)",
+            ),
+        };
+        bad += 1;
+        report.problem("certificates", target, detail, fix);
     }
     if bad == 0 {
         report.ok(
