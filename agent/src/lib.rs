@@ -7,6 +7,7 @@
 //! - [`discovery`]: endpoints per service; [`admin`]: the loopback admin API; [`telemetry`]: metrics.
 //! - [`http`]: the HTTP pipeline both modes run (front, filters, routes, actions, upstreams).
 //! - [`bootstrap`]: joining the mesh, shared by the agent and the gateway.
+//! - [`notify`]: systemd readiness notification (`sd_notify`) for `Type=notify` units.
 //! - [`app`]: builds a running [`app::Agent`] from an [`config::AgentConfig`].
 //!
 //! ```no_run
@@ -26,6 +27,7 @@ pub mod discovery;
 pub mod drain;
 pub mod http;
 pub mod identity;
+pub mod notify;
 pub mod policy;
 pub mod proxy;
 pub mod telemetry;

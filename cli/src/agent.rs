@@ -1,4 +1,5 @@
-//! `meshgate agent --config agent.yaml`: run the node agent until SIGTERM/Ctrl-C, then drain.
+//! `meshgate agent --config agent.yaml`: run the node agent until SIGTERM/Ctrl-C, then drain;
+//! tells systemd when it is ready and when it stops (see `lifecycle`).
 
 use std::path::PathBuf;
 
@@ -14,10 +15,25 @@ pub(crate) struct AgentArgs {
     /// agent.yaml; see docs/configuration.md.
     #[arg(long, short)]
     config: PathBuf,
+    /// Use this node name instead of the config's `node` (e.g. `$(NODE_NAME)` in a Kubernetes
+    /// DaemonSet, so one ConfigMap serves every node).
+    #[arg(long, env = "MESHGATE_NODE")]
+    node: Option<String>,
+    /// Use this address instead of the config's `registration.advertise` (e.g. the node IP).
+    #[arg(long, env = "MESHGATE_ADVERTISE")]
+    advertise: Option<std::net::IpAddr>,
+    #[command(flatten)]
+    lifecycle: crate::lifecycle::LifecycleArgs,
 }
 
 pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
-    let config: AgentConfig = crate::config::load_yaml(&args.config)?;
+    let mut config: AgentConfig = crate::config::load_yaml(&args.config)?;
+    if let Some(node) = &args.node {
+        config.node.clone_from(node);
+    }
+    if args.advertise.is_some() {
+        config.registration.advertise = args.advertise;
+    }
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let agent = tokio::select! {
@@ -28,10 +44,14 @@ pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
     for u in agent.upstreams() {
         info!(from = %u.from, service = %u.service, listen = %u.addr, "upstream listener");
     }
+    let life =
+        crate::lifecycle::Lifecycle::start(&args.lifecycle, Some(agent.admin_addr())).await?;
+    life.ready(&format!("serving; inbound {}", agent.inbound_addr()));
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+    life.stopping(&mut term, &mut int).await;
     let clean = agent.shutdown().await;
     info!(clean, "agent stopped");
     Ok(())

@@ -41,8 +41,12 @@ enum CaCommand {
         #[arg(long, env = "MESHGATE_CA_DATA_DIR")]
         data_dir: PathBuf,
         /// Replace an existing CA (every node will have to join again).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "if_missing")]
         force: bool,
+        /// Succeed without change when DIR already holds a CA for this trust domain (for
+        /// init containers and provisioning scripts); a CA of another trust domain is an error.
+        #[arg(long)]
+        if_missing: bool,
         /// Output format.
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
@@ -52,6 +56,8 @@ enum CaCommand {
         /// ca.yaml: trust_domain, data_dir, listen, workload_ttl, node_ttl.
         #[arg(long, short)]
         config: PathBuf,
+        #[command(flatten)]
+        lifecycle: crate::lifecycle::LifecycleArgs,
     },
     /// Join tokens for nodes.
     Token {
@@ -96,8 +102,34 @@ pub(crate) async fn run(args: CaArgs) -> anyhow::Result<()> {
             trust_domain,
             data_dir,
             force,
+            if_missing,
             output,
         } => {
+            if if_missing && data_dir.join("root.crt").exists() {
+                let existing = store::load(&data_dir)?;
+                anyhow::ensure!(
+                    existing.trust_domain == trust_domain,
+                    "{} holds a CA for trust domain {}, not {trust_domain}: point --data-dir elsewhere or fix --trust-domain",
+                    data_dir.display(),
+                    existing.trust_domain
+                );
+                let fingerprint = pki::fingerprint(&existing.root);
+                match output {
+                    Output::Json => println!(
+                        "{}",
+                        serde_json::to_string_pretty(&serde_json::json!({
+                            "created": false,
+                            "trust_domain": trust_domain,
+                            "ca_fingerprint": fingerprint,
+                        }))?
+                    ),
+                    Output::Table => println!(
+                        "kept the existing CA for trust domain {trust_domain} in {} (root fingerprint {fingerprint})",
+                        data_dir.display()
+                    ),
+                }
+                return Ok(());
+            }
             let report = store::init(&data_dir, &trust_domain, force, SystemTime::now())?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
@@ -118,7 +150,7 @@ pub(crate) async fn run(args: CaArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        CaCommand::Serve { config } => serve(config).await,
+        CaCommand::Serve { config, lifecycle } => serve(config, lifecycle).await,
         CaCommand::Token {
             command:
                 TokenCommand::Create {
@@ -166,7 +198,7 @@ pub(crate) async fn run(args: CaArgs) -> anyhow::Result<()> {
     }
 }
 
-async fn serve(path: PathBuf) -> anyhow::Result<()> {
+async fn serve(path: PathBuf, lifecycle: crate::lifecycle::LifecycleArgs) -> anyhow::Result<()> {
     let config: CaConfig = crate::config::load_yaml(&path)?;
     let server = CaServer::start(&config)
         .await
@@ -174,17 +206,25 @@ async fn serve(path: PathBuf) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let life = crate::lifecycle::Lifecycle::start(&lifecycle, None).await?;
+    let status = format!("serving on {}", server.local_addr());
+    life.ready(&status);
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => match server.reload_bundle() {
-                Ok(true) => info!("trust bundle reloaded"),
-                Ok(false) => info!("trust bundle unchanged"),
-                Err(e) => warn!(error = %e, "trust bundle reload failed; keeping the current one"),
-            },
+            _ = hup.recv() => {
+                life.reloading();
+                match server.reload_bundle() {
+                    Ok(true) => info!("trust bundle reloaded"),
+                    Ok(false) => info!("trust bundle unchanged"),
+                    Err(e) => warn!(error = %e, "trust bundle reload failed; keeping the current one"),
+                }
+                life.ready(&status);
+            }
         }
     }
+    life.stopping(&mut term, &mut int).await;
     info!("shutting down");
     server.shutdown(DRAIN_TIMEOUT).await;
     Ok(())

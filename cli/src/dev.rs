@@ -27,6 +27,73 @@ pub(crate) struct DevArgs {
     /// Keep state here instead of a temporary directory removed on exit.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    backends: DevBackends,
+}
+
+/// Real parts that replace the embedded ones (`--consul`, `--redis`).
+#[derive(Debug, Args)]
+struct DevBackends {
+    /// Use this Consul agent's HTTP API (e.g. http://127.0.0.1:8500) instead of static
+    /// discovery: node-a and node-b register their services there (with health checks on
+    /// 127.0.0.1), and node-b and the gateway find users and users-canary in it.
+    #[arg(long, value_name = "ADDR")]
+    consul: Option<String>,
+    /// Keep the gateway's rate limits in this Redis (e.g. redis://127.0.0.1:6379/0) instead of
+    /// in memory, as several gateway instances share them in production.
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
+}
+
+impl DevBackends {
+    /// The `discovery` section: Consul for every service when `--consul` is given, else the
+    /// static list.
+    fn discovery(&self, statics: serde_json::Value) -> serde_json::Value {
+        match &self.consul {
+            Some(addr) => json!({"consul": {"address": addr, "wait": "30s"}}),
+            None => json!({ "static": statics }),
+        }
+    }
+
+    /// Registration settings: checks every 2s so a real Consul marks the services passing
+    /// quickly.
+    fn registration(&self) -> serde_json::Value {
+        json!({"check_interval": "2s", "deregister_critical_after": "1m"})
+    }
+
+    /// Waits (up to 30s) until the gateway's discovery sees `services` with endpoints; only
+    /// with `--consul`, where that depends on Consul's health checks.
+    async fn wait_for_endpoints(&self, admin: SocketAddr, services: &[&str]) -> anyhow::Result<()> {
+        let Some(consul) = &self.consul else {
+            return Ok(());
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let seen = crate::inspect::admin_get(admin, "/endpoints").await?;
+            let missing: Vec<&str> = services
+                .iter()
+                .copied()
+                .filter(|s| {
+                    !seen.as_array().is_some_and(|l| {
+                        l.iter().any(|e| {
+                            e["service"] == *s
+                                && e["endpoints"].as_array().is_some_and(|x| !x.is_empty())
+                        })
+                    })
+                })
+                .collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                anyhow::bail!(
+                    "Consul at {consul} has no passing instance of {} after 30s: does that Consul agent run the health checks dev registered (TCP checks on 127.0.0.1)?",
+                    missing.join(", ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 }
 
 /// The demo REST service: `GET /users/{id}`, `DELETE /admin/{what}`, `GET /health`.
@@ -71,6 +138,31 @@ async fn demo_service(
             });
         }
     }))
+}
+
+/// `url` without its password (`user:PASSWORD@` or `?pass=PASSWORD`), for printing.
+fn redact_url(url: &str) -> String {
+    let (head, query) = url.split_once('?').unwrap_or((url, ""));
+    let head = match (head.split_once("://"), head.rfind('@')) {
+        (Some((scheme, rest)), Some(at)) if at > scheme.len() => {
+            let user = rest.split_once(':').map_or("", |(u, _)| u);
+            format!("{scheme}://{user}:***@{}", &head[at + 1..])
+        }
+        _ => head.to_owned(),
+    };
+    if query.is_empty() {
+        return head;
+    }
+    let query: Vec<String> = query
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some(("pass" | "password", _)) => {
+                format!("{}=***", kv.split('=').next().unwrap_or("pass"))
+            }
+            _ => kv.to_owned(),
+        })
+        .collect();
+    format!("{head}?{}", query.join("&"))
 }
 
 fn port(base: u16, offset: u16) -> anyhow::Result<SocketAddr> {
@@ -142,6 +234,8 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
             {"from": "web", "to": "users", "action": "allow"},
             {"from": "web", "to": "users", "action": "deny", "methods": ["DELETE"], "paths": ["/admin/*"]},
         ]},
+        "discovery": args.backends.discovery(json!({})),
+        "registration": args.backends.registration(),
         "drain_timeout": "2s",
     }))?;
     let a = Agent::start(node_a).await.context("starting node-a")?;
@@ -153,7 +247,8 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         "ca": ca_ref("node-b", &["web"])?,
         "listen": {"inbound": port(b, 108)?, "admin": port(b, 100)?},
         "services": [{"name": "web", "port": port(b, 83)?.port(), "upstreams": [{"service": "users", "listen": web_upstream}]}],
-        "discovery": {"static": {"users": [a.inbound_addr()]}},
+        "discovery": args.backends.discovery(json!({"users": [a.inbound_addr()]})),
+        "registration": args.backends.registration(),
         "drain_timeout": "2s",
     }))?;
     let nb = Agent::start(node_b).await.context("starting node-b")?;
@@ -192,6 +287,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
             "api_keys": {"consumers": [{"name": "demo-partner", "groups": ["partners"],
                                         "keys": [meshgate_gateway::apikey::hash_key(&demo_key)]}]},
             "rate_limits": [{"name": "demo", "key": "client_ip", "limit": {"requests": 3, "per": "1m"}}],
+            "rate_limit_store": args.backends.redis.as_ref().map(|url| json!({"url": url})),
         },
         "routes": [
         {"name": "me", "match": {"path": {"prefix": "/api/me"}, "methods": ["GET"]}, "rewrite": {"prefix": "/users"},
@@ -209,12 +305,15 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
             "backend": {"split": [{"service": "users", "weight": 90, "version": "v1"}, {"service": "users-canary", "weight": 10, "version": "v2"}],
                         "pin": {"header": "X-Canary", "cookie": "canary"}},
         }],
-        "discovery": {"static": {"users": [a.inbound_addr()], "users-canary": [a.inbound_addr()]}},
+        "discovery": args.backends.discovery(json!({"users": [a.inbound_addr()], "users-canary": [a.inbound_addr()]})),
         "drain_timeout": "2s",
     }))?;
     let gw = GatewayApp::start(gw_cfg)
         .await
         .context("starting the gateway")?;
+    args.backends
+        .wait_for_endpoints(gw.admin_addr(), &["users", "users-canary"])
+        .await?;
 
     let g = gateway_http;
     println!(
@@ -242,6 +341,12 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         ca.local_addr(),
         root.display()
     );
+    if let Some(c) = &args.backends.consul {
+        println!("  discovery  Consul at {c} (services registered there)");
+    }
+    if let Some(r) = &args.backends.redis {
+        println!("  rate limits  Redis at {}", redact_url(r));
+    }
     println!();
     println!("Try (each prints the response, then its status code):");
     println!(

@@ -1,5 +1,6 @@
 //! `meshgate gateway --config gateway.yaml`: run the gateway; reload on SIGHUP or when the file
-//! changes (validate first, keep the old config on error); drain on SIGTERM/Ctrl-C.
+//! changes (validate first, keep the old config on error); drain on SIGTERM/Ctrl-C. Reports
+//! ready / reloading / stopping to systemd (see `lifecycle`).
 
 use std::{path::PathBuf, time::Duration};
 
@@ -18,16 +19,31 @@ pub(crate) struct GatewayArgs {
     /// How often to look at the config file for changes (0 turns watching off; SIGHUP still works).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     watch_interval: Duration,
+    /// Use this node name instead of the config's `node` (e.g. `$(NODE_NAME)` in Kubernetes);
+    /// applies to every reload too.
+    #[arg(long, env = "MESHGATE_NODE")]
+    node: Option<String>,
+    #[command(flatten)]
+    lifecycle: crate::lifecycle::LifecycleArgs,
 }
 
 fn fingerprint(path: &std::path::Path) -> Option<Vec<u8>> {
     std::fs::read(path).ok()
 }
 
+/// Reads the file and applies `--node`.
+fn load(path: &std::path::Path, node: Option<&String>) -> anyhow::Result<GatewayConfig> {
+    let mut cfg: GatewayConfig = crate::config::load_yaml(path)?;
+    if let Some(node) = node {
+        cfg.node.clone_from(node);
+    }
+    Ok(cfg)
+}
+
 /// Loads, validates and applies the file; logs one line either way, and counts every refusal
 /// (a file that does not parse included) in `meshgate_gateway_config_reloads_total`.
-async fn reload(app: &GatewayApp, path: &std::path::Path) {
-    let result = match crate::config::load_yaml::<GatewayConfig>(path) {
+async fn reload(app: &GatewayApp, path: &std::path::Path, node: Option<&String>) {
+    let result = match load(path, node) {
         Ok(cfg) => app.reload(cfg).await.map_err(anyhow::Error::from),
         Err(e) => {
             app.reload_refused();
@@ -50,7 +66,7 @@ async fn reload(app: &GatewayApp, path: &std::path::Path) {
 }
 
 pub(crate) async fn run(args: GatewayArgs) -> anyhow::Result<()> {
-    let cfg: GatewayConfig = crate::config::load_yaml(&args.config)?;
+    let cfg = load(&args.config, args.node.as_ref())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -59,6 +75,13 @@ pub(crate) async fn run(args: GatewayArgs) -> anyhow::Result<()> {
         _ = term.recv() => return Ok(()),
         _ = int.recv() => return Ok(()),
     };
+    let life = crate::lifecycle::Lifecycle::start(&args.lifecycle, Some(app.admin_addr())).await?;
+    let listening: Vec<String> = [("https", app.https_addr()), ("http", app.http_addr())]
+        .into_iter()
+        .filter_map(|(what, a)| a.map(|a| format!("{what} {a}")))
+        .collect();
+    let status = || format!("serving; {}", listening.join(", "));
+    life.ready(&status());
     let mut seen = fingerprint(&args.config);
     let mut tick = tokio::time::interval(if args.watch_interval.is_zero() {
         Duration::from_secs(3600)
@@ -71,17 +94,22 @@ pub(crate) async fn run(args: GatewayArgs) -> anyhow::Result<()> {
             _ = int.recv() => break,
             _ = hup.recv() => {
                 seen = fingerprint(&args.config);
-                reload(&app, &args.config).await;
+                life.reloading();
+                reload(&app, &args.config, args.node.as_ref()).await;
+                life.ready(&status());
             }
             _ = tick.tick(), if !args.watch_interval.is_zero() => {
                 let now = fingerprint(&args.config);
                 if now.is_some() && now != seen {
                     seen = now;
-                    reload(&app, &args.config).await;
+                    life.reloading();
+                    reload(&app, &args.config, args.node.as_ref()).await;
+                    life.ready(&status());
                 }
             }
         }
     }
+    life.stopping(&mut term, &mut int).await;
     let clean = app.shutdown().await;
     info!(clean, "gateway stopped");
     Ok(())

@@ -4,10 +4,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context, bail};
-use bytes::Bytes;
 use clap::Args;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
 use crate::output::{Output, print_table};
@@ -34,29 +31,14 @@ pub(crate) struct EndpointsArgs {
 
 /// GET `path` on the admin API and parse JSON.
 pub(crate) async fn admin_get(admin: SocketAddr, path: &str) -> anyhow::Result<Value> {
-    let fetch = async {
-        let tcp = tokio::net::TcpStream::connect(admin)
-            .await
-            .with_context(|| format!("cannot reach the agent's admin API at {admin} (is the agent running? see --admin)"))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-        tokio::spawn(conn);
-        let req = http::Request::get(path)
-            .header(http::header::HOST, admin.to_string())
-            .body(Empty::<Bytes>::new())?;
-        let resp = sender.send_request(req).await?;
-        let status = resp.status();
-        let body = resp.into_body().collect().await?.to_bytes();
-        if !status.is_success() {
-            bail!(
-                "{path} answered {status}: {}",
-                String::from_utf8_lossy(&body).trim()
-            );
-        }
-        serde_json::from_slice(&body).with_context(|| format!("{path} did not return JSON"))
-    };
-    tokio::time::timeout(Duration::from_secs(10), fetch)
-        .await
-        .with_context(|| format!("the admin API at {admin} did not answer within 10s"))?
+    let (status, body) = crate::lifecycle::fetch(admin, path, Duration::from_secs(10)).await?;
+    if !status.is_success() {
+        bail!(
+            "{path} answered {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        );
+    }
+    serde_json::from_slice(&body).with_context(|| format!("{path} did not return JSON"))
 }
 
 fn s(v: &Value) -> String {

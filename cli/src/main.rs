@@ -5,10 +5,12 @@ mod agent;
 mod auth_explain;
 mod ca;
 mod certs;
+mod check;
 mod config;
 mod dev;
 mod gateway;
 mod inspect;
+mod lifecycle;
 mod output;
 mod routes;
 
@@ -61,6 +63,9 @@ enum Command {
     Services(inspect::AdminArgs),
     /// The endpoints of one service as a running agent sees them.
     Endpoints(inspect::EndpointsArgs),
+    /// Verify a running deployment: CA reachable and pinned, certificates, discovery, routes,
+    /// clock skew, key file modes. Names each problem with what to do; exit 1 if any.
+    Check(check::CheckArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -167,6 +172,7 @@ fn main() -> std::process::ExitCode {
                 Ok(())
             }
             Command::Endpoints(args) => inspect::endpoints(args).await,
+            Command::Check(args) => check::run(args).await,
         }
     });
     match result {

@@ -8,5 +8,6 @@ mod consul_standin;
 mod dns;
 mod gateway;
 mod gw_harness;
+mod ha_lab;
 mod harness;
 mod identity;
