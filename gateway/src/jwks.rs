@@ -21,6 +21,8 @@ enum KeySource {
     Uri(String),
     File(PathBuf),
     Inline(Vec<u8>),
+    /// Only the HMAC secret file.
+    None,
 }
 
 /// JWKS fetch failures by provider and reason.
@@ -30,6 +32,7 @@ pub type FetchFailures = Family<Vec<(&'static str, String)>, Counter>;
 pub struct JwksCache {
     provider: String,
     source: KeySource,
+    hmac_secret_file: Option<PathBuf>,
     keys: ArcSwap<KeySet>,
     http: reqwest::Client,
     refresh: Duration,
@@ -87,6 +90,7 @@ impl JwksCache {
             (None, None, Some(v)) => {
                 KeySource::Inline(serde_json::to_vec(v).map_err(|e| e.to_string())?)
             }
+            (None, None, None) if cfg.hmac_secret_file.is_some() => KeySource::None,
             _ => {
                 return Err(format!(
                     "jwt provider {}: set exactly one of jwks_uri, jwks_file, jwks",
@@ -113,6 +117,7 @@ impl JwksCache {
         Ok(Self {
             provider: cfg.name.clone(),
             source,
+            hmac_secret_file: cfg.hmac_secret_file.clone(),
             keys: ArcSwap::from_pointee(
                 KeySet::from_jwks(br#"{"keys":[]}"#).map_err(|e| e.to_string())?,
             ),
@@ -167,6 +172,7 @@ impl JwksCache {
             .lock()
             .expect("invariant: lock not poisoned") = Some(Instant::now());
         let bytes = match &self.source {
+            KeySource::None => br#"{"keys":[]}"#.to_vec(),
             KeySource::Inline(b) => b.clone(),
             KeySource::File(p) => match tokio::fs::read(p).await {
                 Ok(b) => b,
@@ -193,7 +199,24 @@ impl JwksCache {
                 }
             },
         };
-        match KeySet::from_jwks(&bytes) {
+        let set = KeySet::from_jwks(&bytes).map_err(|e| ("bad_json", e.to_string()));
+        let set = match (set, &self.hmac_secret_file) {
+            (Ok(set), Some(path)) => match tokio::fs::read(path).await {
+                Ok(mut secret) => {
+                    if secret.last() == Some(&b'\n') {
+                        secret.pop();
+                        if secret.last() == Some(&b'\r') {
+                            secret.pop();
+                        }
+                    }
+                    set.with_hmac_secret(&secret)
+                        .map_err(|e| ("io", format!("{}: {e}", path.display())))
+                }
+                Err(e) => Err(("io", format!("{}: {e}", path.display()))),
+            },
+            (r, _) => r,
+        };
+        match set {
             Ok(set) => {
                 for s in set.skipped() {
                     warn!(provider = %self.provider, reason = %s, "JWKS key skipped");
@@ -202,8 +225,8 @@ impl JwksCache {
                 self.keys.store(Arc::new(set));
                 true
             }
-            Err(e) => {
-                self.fail("bad_json", &e.to_string());
+            Err((reason, detail)) => {
+                self.fail(reason, &detail);
                 false
             }
         }
@@ -212,7 +235,7 @@ impl JwksCache {
     /// A token named a kid we do not know: refetch, at most once per the configured interval.
     /// Returns whether a fetch happened and brought keys.
     pub async fn refetch_for_unknown_kid(&self) -> bool {
-        if matches!(self.source, KeySource::Inline(_)) {
+        if matches!(self.source, KeySource::Inline(_) | KeySource::None) {
             return false;
         }
         {

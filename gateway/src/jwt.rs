@@ -86,9 +86,17 @@ pub struct JwtProviderConfig {
     /// An inline JWKS document (`{"keys": [...]}`).
     #[serde(default)]
     pub jwks: Option<Value>,
+    /// A file holding the HMAC secret for `HS*` tokens (its raw bytes, a trailing newline
+    /// dropped; at least 32 bytes), re-read with every key refresh. It may sit beside a JWKS
+    /// source: `HS*` tokens are then verified only with this secret and asymmetric tokens only
+    /// with the JWKS keys (the JWKS's own `oct` keys are ignored), so an algorithm is always
+    /// bound to its key type.
+    #[serde(default)]
+    pub hmac_secret_file: Option<PathBuf>,
     /// Allowlist of JWS algorithms, e.g. `[RS256, ES256, EdDSA]`. Required and non-empty.
     /// Supported: `HS256 HS384 HS512 RS256 RS384 RS512 PS256 PS384 PS512 ES256 ES384 EdDSA`.
-    /// `none` is rejected, and so is mixing `HS*` with asymmetric algorithms in one provider.
+    /// `none` is rejected, and so is mixing `HS*` with asymmetric algorithms in one provider
+    /// unless the HMAC secret comes from `hmac_secret_file`.
     pub algorithms: Vec<String>,
     /// Clock skew allowed on `exp` and `nbf` (whole seconds; fractions are dropped).
     /// Default `30s`.
@@ -155,6 +163,8 @@ pub enum KeySource<'a> {
     File(&'a Path),
     /// Inline in the configuration.
     Inline(&'a Value),
+    /// No JWKS: only the `hmac_secret_file`.
+    HmacOnly,
 }
 
 /// A provider configuration that cannot be used.
@@ -175,9 +185,15 @@ pub enum JwtConfigError {
     /// `algorithms` mixes `HS*` with asymmetric algorithms.
     #[error("HS* algorithms cannot be mixed with asymmetric algorithms in one provider")]
     MixedAlgorithms,
-    /// Not exactly one of `jwks_uri`, `jwks_file`, `jwks` is set.
-    #[error("exactly one of `jwks_uri`, `jwks_file`, `jwks` must be set (found {0})")]
+    /// Not exactly one of `jwks_uri`, `jwks_file`, `jwks` is set (none is fine beside
+    /// `hmac_secret_file`).
+    #[error(
+        "set exactly one of `jwks_uri`, `jwks_file`, `jwks` (found {0}), or `hmac_secret_file` alone"
+    )]
     KeySources(usize),
+    /// `HS*` tokens are allowed but no HMAC secret can verify them, or the reverse.
+    #[error("{0}")]
+    HmacSource(&'static str),
     /// `jwks_uri` is not an absolute `http(s)` URI with a host.
     #[error("`jwks_uri` must be an absolute http or https URI with a host: {0}")]
     InvalidJwksUri(String),
@@ -246,6 +262,9 @@ impl JwtProviderConfig {
         let count = usize::from(self.jwks_uri.is_some())
             + usize::from(self.jwks_file.is_some())
             + usize::from(self.jwks.is_some());
+        if count == 0 && self.hmac_secret_file.is_some() {
+            return Ok(KeySource::HmacOnly);
+        }
         if count != 1 {
             return Err(JwtConfigError::KeySources(count));
         }
@@ -339,6 +358,8 @@ struct KeyEntry {
     /// The JWK's `alg`, when it has one: the only algorithm this key verifies.
     alg: Option<Algorithm>,
     key: DecodingKey,
+    /// The provider's `hmac_secret_file`: the one key for every `HS*` token, whatever its kid.
+    sole_hmac: bool,
 }
 
 /// Verification keys of one provider, built from a JWKS document.
@@ -452,10 +473,40 @@ impl KeySet {
         self.keys.is_empty()
     }
 
+    /// This key set with `secret` as the one key for `HS*` tokens: any `oct` key of the JWKS is
+    /// dropped (listed in [`KeySet::skipped`]), so `HS*` is verified only with the secret.
+    pub fn with_hmac_secret(mut self, secret: &[u8]) -> Result<KeySet, String> {
+        if secret.len() < OCT_MIN_BYTES {
+            return Err(format!(
+                "the HMAC secret is {} bytes; at least {OCT_MIN_BYTES} are needed",
+                secret.len()
+            ));
+        }
+        let before = self.keys.len();
+        self.keys.retain(|k| k.kind != KeyKind::Oct);
+        for _ in self.keys.len()..before {
+            self.skipped
+                .push("an oct key of the JWKS: HS* tokens use hmac_secret_file".into());
+        }
+        self.keys.push(KeyEntry {
+            kid: None,
+            kind: KeyKind::Oct,
+            alg: None,
+            key: DecodingKey::from_secret(secret),
+            sole_hmac: true,
+        });
+        Ok(self)
+    }
+
     /// Picks the key for a token: by `kid` when the token has one, otherwise the only key of the
     /// type `alg` needs.
     fn select(&self, alg: Algorithm, kid: Option<&str>) -> Result<&KeyEntry, JwtError> {
         let kind = KeyKind::for_algorithm(alg).ok_or(JwtError::KeyAlgorithmMismatch)?;
+        if kind == KeyKind::Oct
+            && let Some(k) = self.keys.iter().find(|k| k.sole_hmac)
+        {
+            return Ok(k);
+        }
         let fits = |entry: &KeyEntry| entry.kind == kind && entry.alg.is_none_or(|a| a == alg);
         match kid {
             Some(kid) => {
@@ -585,6 +636,7 @@ fn parse_key(raw: &Value) -> Result<KeyEntry, String> {
     };
     let key = DecodingKey::from_jwk(&jwk).map_err(|e| format!("unusable key: {e}"))?;
     Ok(KeyEntry {
+        sole_hmac: false,
         kid: jwk.common.key_id.clone(),
         kind,
         alg,
@@ -882,8 +934,27 @@ impl Validator {
         if config.name.trim().is_empty() {
             return Err(JwtConfigError::EmptyName);
         }
-        let algorithms = parse_algorithms(&config.algorithms)?;
-        config.key_source()?;
+        let algorithms = parse_algorithms(&config.algorithms, config.hmac_secret_file.is_some())?;
+        let source = config.key_source()?;
+        let wants_hmac = algorithms
+            .iter()
+            .any(|a| a.family() == AlgorithmFamily::Hmac);
+        if config.hmac_secret_file.is_some() && !wants_hmac {
+            return Err(JwtConfigError::HmacSource(
+                "`hmac_secret_file` is set but `algorithms` lists no HS* algorithm",
+            ));
+        }
+        if matches!(source, KeySource::HmacOnly)
+            && algorithms.len() > 0
+            && wants_hmac
+            && algorithms
+                .iter()
+                .any(|a| a.family() != AlgorithmFamily::Hmac)
+        {
+            return Err(JwtConfigError::HmacSource(
+                "asymmetric algorithms need a JWKS source beside `hmac_secret_file`",
+            ));
+        }
         if config.issuer.as_deref().is_some_and(str::is_empty) {
             return Err(JwtConfigError::EmptyIssuer);
         }
@@ -1147,7 +1218,10 @@ fn numeric_date(claims: &Map<String, Value>, name: &'static str) -> Result<Optio
 }
 
 /// Parses and checks the `algorithms` allowlist.
-fn parse_algorithms(names: &[String]) -> Result<Vec<Algorithm>, JwtConfigError> {
+fn parse_algorithms(
+    names: &[String],
+    separate_hmac: bool,
+) -> Result<Vec<Algorithm>, JwtConfigError> {
     if names.is_empty() {
         return Err(JwtConfigError::NoAlgorithms);
     }
@@ -1166,7 +1240,7 @@ fn parse_algorithms(names: &[String]) -> Result<Vec<Algorithm>, JwtConfigError> 
         .iter()
         .filter(|a| a.family() == AlgorithmFamily::Hmac)
         .count();
-    if hmac != 0 && hmac != algorithms.len() {
+    if hmac != 0 && hmac != algorithms.len() && !separate_hmac {
         return Err(JwtConfigError::MixedAlgorithms);
     }
     Ok(algorithms)
