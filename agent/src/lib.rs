@@ -5,7 +5,8 @@
 //! - [`proxy`]: inbound (tunnels to local services, with intentions) and outbound (upstream listeners).
 //! - [`policy`]: intentions as pure functions; [`balance`]: P2C over peak-EWMA with ejection.
 //! - [`discovery`]: endpoints per service; [`admin`]: the loopback admin API; [`telemetry`]: metrics.
-//! - [`app`]: builds a running [`app::Agent`] from an [`config::AgentConfig`].
+//! - [`app`]: builds a running [`app::Agent`] from an [`config::AgentConfig`]; [`config_check`]:
+//!   the checks `meshgate config validate` and start-up run on it.
 //!
 //! ```no_run
 //! # async fn run(cfg: meshgate_agent::config::AgentConfig) -> Result<(), Box<dyn std::error::Error>> {
@@ -19,6 +20,7 @@ pub mod admin;
 pub mod app;
 pub mod balance;
 pub mod config;
+pub mod config_check;
 pub mod discovery;
 pub mod drain;
 pub mod http;

@@ -1,37 +1,38 @@
-//! `meshgate agent --config agent.yaml`: run the node agent until SIGTERM/Ctrl-C, then drain.
+//! `meshgate agent --config agent.yaml`: run the node agent until SIGTERM/Ctrl-C, then drain
+//! (a second Ctrl-C exits at once).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use meshgate_agent::{app::Agent, config::AgentConfig};
-use tokio::signal::unix::{SignalKind, signal};
+use meshgate_agent::{app::Agent, config_check::CheckOptions};
 use tracing::info;
+
+use crate::signals::Signals;
 
 /// Arguments of `meshgate agent`.
 #[derive(Debug, Args)]
 pub(crate) struct AgentArgs {
-    /// agent.yaml; see docs/configuration.md.
+    /// agent.yaml; see docs/configuration.md. Relative paths in it are relative to its
+    /// directory.
     #[arg(long, short)]
     config: PathBuf,
 }
 
 pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
-    let config: AgentConfig = crate::config::load_yaml(&args.config)?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+    let config = crate::config::load_agent(&args.config)?;
+    // what `meshgate config validate` checks, before anything is bound or a token is spent
+    crate::config::refuse_errors(&args.config, config.check(CheckOptions::default()))?;
+    let mut signals = Signals::new()?;
     let agent = tokio::select! {
         a = Agent::start(config) => a.with_context(|| format!("cannot start the agent from {}", args.config.display()))?,
-        _ = term.recv() => return Ok(()),
-        _ = int.recv() => return Ok(()),
+        _ = signals.recv() => return Ok(()),
     };
     for u in agent.upstreams() {
         info!(from = %u.from, service = %u.service, listen = %u.addr, "upstream listener");
     }
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    let how = signals.recv().await;
+    signals.stopping("the agent", how);
     let clean = agent.shutdown().await;
     info!(clean, "agent stopped");
     Ok(())

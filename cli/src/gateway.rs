@@ -1,18 +1,22 @@
 //! `meshgate gateway --config gateway.yaml`: run the gateway; reload on SIGHUP or when the file
-//! changes (validate first, keep the old config on error); drain on SIGTERM/Ctrl-C.
+//! changes (validate first, keep the old config on error); drain on SIGTERM/Ctrl-C (a second
+//! Ctrl-C exits at once).
 
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::Args;
-use meshgate_gateway::{app::GatewayApp, config::GatewayConfig};
+use meshgate_agent::config_check::CheckOptions;
+use meshgate_gateway::app::GatewayApp;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
+
+use crate::signals::Signals;
 
 /// Arguments of `meshgate gateway`.
 #[derive(Debug, Args)]
 pub(crate) struct GatewayArgs {
-    /// gateway.yaml; see docs/gateway.md.
+    /// gateway.yaml; see docs/gateway.md. Relative paths in it are relative to its directory.
     #[arg(long, short)]
     config: PathBuf,
     /// How often to look at the config file for changes (0 turns watching off; SIGHUP still works).
@@ -26,7 +30,7 @@ fn fingerprint(path: &std::path::Path) -> Option<Vec<u8>> {
 
 /// Loads, validates and applies the file; logs one clear line either way.
 async fn reload(app: &GatewayApp, path: &std::path::Path) {
-    let result = match crate::config::load_yaml::<GatewayConfig>(path) {
+    let result = match crate::config::load_gateway(path) {
         Ok(cfg) => app.reload(cfg).await.map_err(anyhow::Error::from),
         Err(e) => Err(e),
     };
@@ -39,14 +43,14 @@ async fn reload(app: &GatewayApp, path: &std::path::Path) {
 }
 
 pub(crate) async fn run(args: GatewayArgs) -> anyhow::Result<()> {
-    let cfg: GatewayConfig = crate::config::load_yaml(&args.config)?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+    let cfg = crate::config::load_gateway(&args.config)?;
+    // what `meshgate config validate` checks, before anything is bound or a token is spent
+    crate::config::refuse_errors(&args.config, cfg.check(CheckOptions::default()))?;
+    let mut signals = Signals::new()?;
     let mut hup = signal(SignalKind::hangup())?;
     let app = tokio::select! {
         a = GatewayApp::start(cfg) => a.with_context(|| format!("cannot start the gateway from {}", args.config.display()))?,
-        _ = term.recv() => return Ok(()),
-        _ = int.recv() => return Ok(()),
+        _ = signals.recv() => return Ok(()),
     };
     let mut seen = fingerprint(&args.config);
     let mut tick = tokio::time::interval(if args.watch_interval.is_zero() {
@@ -54,10 +58,9 @@ pub(crate) async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     } else {
         args.watch_interval
     });
-    loop {
+    let how = loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            how = signals.recv() => break how,
             _ = hup.recv() => {
                 seen = fingerprint(&args.config);
                 reload(&app, &args.config).await;
@@ -70,7 +73,8 @@ pub(crate) async fn run(args: GatewayArgs) -> anyhow::Result<()> {
                 }
             }
         }
-    }
+    };
+    signals.stopping("the gateway", how);
     let clean = app.shutdown().await;
     info!(clean, "gateway stopped");
     Ok(())

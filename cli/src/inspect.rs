@@ -1,26 +1,25 @@
-//! `meshgate services` and `meshgate endpoints SERVICE`: what a running agent knows, read from
-//! its admin API (`/endpoints`).
+//! `meshgate services` and `meshgate endpoints SERVICE`: what a running agent (or gateway)
+//! knows, read from its admin API (`/endpoints`).
 
-use std::{net::SocketAddr, time::Duration};
-
-use anyhow::{Context, bail};
-use bytes::Bytes;
+use anyhow::bail;
 use clap::Args;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
-use crate::output::{Output, print_table};
+use crate::{
+    admin_client::{Admin, AdminAddr},
+    outln,
+    output::{Output, print_json, print_table},
+};
 
-/// Where the agent's admin API is.
+/// Where the admin API is.
 #[derive(Debug, Args)]
 pub(crate) struct AdminArgs {
-    /// The agent's admin address.
-    #[arg(long, env = "MESHGATE_ADMIN", default_value = "127.0.0.1:15000")]
-    admin: SocketAddr,
+    /// The agent's or gateway's admin address: HOST:PORT or http://HOST:PORT.
+    #[arg(long, env = "MESHGATE_ADMIN", default_value = crate::admin_client::DEFAULT_ADMIN)]
+    pub(crate) admin: AdminAddr,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t)]
-    output: Output,
+    pub(crate) output: Output,
 }
 
 /// Arguments of `meshgate endpoints`.
@@ -30,33 +29,6 @@ pub(crate) struct EndpointsArgs {
     service: String,
     #[command(flatten)]
     admin: AdminArgs,
-}
-
-/// GET `path` on the admin API and parse JSON.
-pub(crate) async fn admin_get(admin: SocketAddr, path: &str) -> anyhow::Result<Value> {
-    let fetch = async {
-        let tcp = tokio::net::TcpStream::connect(admin)
-            .await
-            .with_context(|| format!("cannot reach the agent's admin API at {admin} (is the agent running? see --admin)"))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-        tokio::spawn(conn);
-        let req = http::Request::get(path)
-            .header(http::header::HOST, admin.to_string())
-            .body(Empty::<Bytes>::new())?;
-        let resp = sender.send_request(req).await?;
-        let status = resp.status();
-        let body = resp.into_body().collect().await?.to_bytes();
-        if !status.is_success() {
-            bail!(
-                "{path} answered {status}: {}",
-                String::from_utf8_lossy(&body).trim()
-            );
-        }
-        serde_json::from_slice(&body).with_context(|| format!("{path} did not return JSON"))
-    };
-    tokio::time::timeout(Duration::from_secs(10), fetch)
-        .await
-        .with_context(|| format!("the admin API at {admin} did not answer within 10s"))?
 }
 
 fn s(v: &Value) -> String {
@@ -77,7 +49,7 @@ fn freshness(svc: &Value) -> &'static str {
 
 /// `meshgate services`.
 pub(crate) async fn services(args: AdminArgs) -> anyhow::Result<()> {
-    let v = admin_get(args.admin, "/endpoints").await?;
+    let v = Admin::new(args.admin).get("/endpoints").await?;
     let list = v.as_array().cloned().unwrap_or_default();
     if args.output == Output::Json {
         let rows: Vec<Value> = list
@@ -95,11 +67,11 @@ pub(crate) async fn services(args: AdminArgs) -> anyhow::Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        print_json(&rows)?;
         return Ok(());
     }
     if list.is_empty() {
-        println!("the agent calls no services (no upstreams configured)");
+        outln!("it calls no services (no upstreams or route backends configured)");
         return Ok(());
     }
     let rows: Vec<Vec<String>> = list
@@ -125,20 +97,20 @@ pub(crate) async fn services(args: AdminArgs) -> anyhow::Result<()> {
             "LAST UPDATE",
         ],
         &rows,
-    );
+    )?;
     Ok(())
 }
 
 /// `meshgate endpoints SERVICE`.
 pub(crate) async fn endpoints(args: EndpointsArgs) -> anyhow::Result<()> {
-    let v = admin_get(args.admin.admin, "/endpoints").await?;
+    let v = Admin::new(args.admin.admin).get("/endpoints").await?;
     let Some(svc) = v
         .as_array()
         .and_then(|l| l.iter().find(|s| s["service"] == args.service.as_str()))
         .cloned()
     else {
         bail!(
-            "the agent does not call {:?}; `meshgate services` lists what it calls",
+            "it does not call {:?}; `meshgate services` lists what it calls",
             args.service
         );
     };
@@ -159,10 +131,10 @@ pub(crate) async fn endpoints(args: EndpointsArgs) -> anyhow::Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        print_json(&rows)?;
         return Ok(());
     }
-    println!(
+    outln!(
         "{}: source {}, {}, last update {}{}",
         args.service,
         s(&svc["source"]),
@@ -174,7 +146,7 @@ pub(crate) async fn endpoints(args: EndpointsArgs) -> anyhow::Result<()> {
             .unwrap_or_default()
     );
     if eps.is_empty() {
-        println!("no endpoints");
+        outln!("no endpoints");
         return Ok(());
     }
     let rows: Vec<Vec<String>> = eps
@@ -196,6 +168,6 @@ pub(crate) async fn endpoints(args: EndpointsArgs) -> anyhow::Result<()> {
     print_table(
         &["ADDRESS", "HEALTH", "RTT MS", "IN FLIGHT", "FAILURES"],
         &rows,
-    );
+    )?;
     Ok(())
 }

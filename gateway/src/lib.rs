@@ -11,7 +11,8 @@
 //! - [`transform`]: header add/set/remove and JSON body field rename/remove.
 //! - [`auth`]: edge authentication ([`jwt`] with [`jwks`] caches, [`apikey`]), authorization
 //!   (scopes, claims, groups), identity injection and rate limits ([`ratelimit`]).
-//! - [`config`], [`server`] (the request path), [`app`] (start, reload, drain).
+//! - [`config`], [`config_check`] (what `meshgate config validate` checks), [`server`] (the
+//!   request path), [`app`] (start, reload, drain).
 //!
 //! It holds no socket code: listeners, TLS and tunnels live in `meshgate-agent`.
 
@@ -19,6 +20,7 @@ pub mod apikey;
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod config_check;
 pub mod cors;
 pub mod hygiene;
 pub mod introspect;
