@@ -179,10 +179,16 @@ fn io_reason(e: &std::io::Error) -> String {
 pub fn check_ca_ref(
     ca: &CaRef,
     node: &str,
+    services: &[&str],
     data_dir: &Path,
     opts: CheckOptions,
     out: &mut Vec<Finding>,
 ) {
+    let services = if services.is_empty() {
+        String::new()
+    } else {
+        format!(" --services {}", services.join(","))
+    };
     if !fingerprint_syntax_ok(&ca.fingerprint) {
         out.push(
             Finding::error(
@@ -223,7 +229,7 @@ pub fn check_ca_ref(
                 ),
             )
             .hint(format!(
-                "create a token with `meshgate ca token create --node {node} --services …`, save it (mode 0600) and set ca.join_token_file to its path"
+                "create a token with `meshgate ca token create --node {node}{services}`, save it (mode 0600) and set ca.join_token_file to its path"
             )),
         ),
         None => {}
@@ -242,7 +248,7 @@ pub fn check_ca_ref(
                         ),
                     )
                     .hint(format!(
-                        "on the CA host: `meshgate ca token create --node {node} --services … --print-join-command` prints the lines that write it"
+                        "on the CA host, `meshgate ca token create --node {node}{services} --print-join-command` prints the lines that write it"
                     )),
                 );
             }
@@ -363,7 +369,8 @@ impl AgentConfig {
         if let Err(e) = self.validate() {
             out.push(Finding::error(e.path.clone(), e.reason.clone()));
         }
-        check_ca_ref(&self.ca, &self.node, &self.data_dir, opts, &mut out);
+        let services: Vec<&str> = self.services.iter().map(|s| s.name.as_str()).collect();
+        check_ca_ref(&self.ca, &self.node, &services, &self.data_dir, opts, &mut out);
         if opts.files {
             check_data_dir(&self.data_dir, &mut out);
         }

@@ -174,7 +174,20 @@ impl CaState {
             .spiffe_uri()
             .and_then(|u| SpiffeId::parse(u).ok())
             .ok_or_else(|| Status::unauthenticated("client certificate has no SPIFFE ID"))?;
-        let expired = (info.not_after <= SystemTime::now()).then(|| store::rfc3339(info.not_after));
+        // whole seconds, as the TLS layer counts them
+        let secs = |t: SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        };
+        let (now, not_after) = (secs(SystemTime::now()), secs(info.not_after));
+        if now > not_after.saturating_add(self.expired_grace.as_secs()) {
+            return Err(Status::unauthenticated(format!(
+                "the node certificate expired at {} and is past the CA's expired_renewal_grace",
+                store::rfc3339(info.not_after)
+            )));
+        }
+        let expired = (now > not_after).then(|| store::rfc3339(info.not_after));
         match id.subject() {
             Subject::Node(n) if id.trust_domain() == self.trust_domain => Ok((n.clone(), expired)),
             _ => Err(Status::permission_denied(format!(

@@ -792,4 +792,61 @@ mod tests {
             Err(TokenError::Unknown)
         );
     }
+
+    #[test]
+    fn tokens_are_listed_without_secrets_and_revoked_by_id() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = TokenStore::new(dir.path());
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        let a = store.create("node-a", &["web".into()], hour, now).expect("a");
+        let b = store
+            .create("node-b", &[], hour, now - 2 * hour)
+            .expect("b");
+        let c = store.create("node-c", &[], hour, now).expect("c");
+        store.consume(&c.token, "node-c", now).expect("used");
+        let list = store.list(now).expect("list");
+        let state = |node: &str| list.iter().find(|t| t.node == node).map(|t| t.state);
+        assert_eq!(state("node-a"), Some(TokenState::Unused));
+        assert_eq!(state("node-b"), Some(TokenState::Expired));
+        assert_eq!(state("node-c"), Some(TokenState::Used));
+        let id = list
+            .iter()
+            .find(|t| t.node == "node-a")
+            .map(|t| t.id.clone())
+            .expect("id");
+        assert_eq!(id.len(), TOKEN_ID_LEN);
+        assert!(a.token.len() > id.len() && !a.token.contains(&id));
+        let used = list.iter().find(|t| t.node == "node-c").expect("c").id.clone();
+        let err = store.revoke(&used, now).expect_err("used").to_string();
+        assert!(err.contains("meshgate ca node remove node-c"), "{err}");
+        assert!(store.revoke("12", now).is_err(), "too short");
+        assert_eq!(store.revoke(&id[..6], now).expect("revoke").state, TokenState::Revoked);
+        assert_eq!(store.consume(&a.token, "node-a", now), Err(TokenError::Revoked));
+        let _ = b;
+    }
+
+    #[test]
+    fn node_services_change_and_nodes_can_be_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let nodes = NodeRegistry::new(dir.path());
+        let now = SystemTime::now();
+        assert!(matches!(
+            nodes.set_services("node-a", &["web".into()]),
+            Err(StoreError::UnknownNode(_))
+        ));
+        nodes
+            .register("node-a", &["default/web".into()], now)
+            .expect("register");
+        let rec = nodes
+            .set_services("node-a", &["web".into(), "prod/users".into()])
+            .expect("set");
+        assert_eq!(rec.services, ["default/web", "prod/users"]);
+        assert_eq!(nodes.get("node-a").expect("get").services, rec.services);
+        assert!(nodes.set_services("node-a", &["a/b/c".into()]).is_err());
+        assert_eq!(nodes.list().len(), 1);
+        assert!(nodes.remove("node-a").expect("remove"));
+        assert!(!nodes.remove("node-a").expect("again"));
+        assert!(nodes.get("node-a").is_none());
+    }
 }

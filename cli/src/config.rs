@@ -429,9 +429,10 @@ fn validate_file(file: &Path, kind: Option<Kind>, opts: CheckOptions) -> FileRep
             (
                 c.check(opts),
                 format!(
-                    "agent config for node {} ({} services)",
+                    "agent config for node {} ({} service{})",
                     c.node,
-                    c.services.len()
+                    c.services.len(),
+                    if c.services.len() == 1 { "" } else { "s" }
                 ),
             )
         }),
@@ -440,9 +441,10 @@ fn validate_file(file: &Path, kind: Option<Kind>, opts: CheckOptions) -> FileRep
             (
                 c.check(opts),
                 format!(
-                    "gateway config for node {} ({} routes)",
+                    "gateway config for node {} ({} route{})",
                     c.node,
-                    c.routes.len()
+                    c.routes.len(),
+                    if c.routes.len() == 1 { "" } else { "s" }
                 ),
             )
         }),

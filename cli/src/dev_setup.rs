@@ -43,8 +43,10 @@ fn busy(base: u16) -> Vec<(u16, &'static str)> {
 
 /// A base below the usual ephemeral range (32768+) whose whole block is free, near `from`.
 fn free_base(from: u16) -> Option<u16> {
-    (1..=28u16)
-        .map(|k| 10_000 + ((from / 1000 + k) % 22) * 1000)
+    // blocks of 1000 from 10000 to 31000, starting with the one above `from`
+    let start = (from / 1000).clamp(10, 31) - 10;
+    (1..=22u16)
+        .map(|k| 10_000 + ((start + k) % 22) * 1000)
         .find(|b| busy(*b).is_empty())
 }
 

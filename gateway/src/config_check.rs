@@ -65,7 +65,14 @@ impl GatewayConfig {
             let (path, message) = split_config_path(&e.0);
             out.push(Finding::error(path, message));
         }
-        check_ca_ref(&self.ca, &self.node, &self.data_dir, opts, &mut out);
+        check_ca_ref(
+            &self.ca,
+            &self.node,
+            &[self.identity.as_str()],
+            &self.data_dir,
+            opts,
+            &mut out,
+        );
         if opts.files {
             check_data_dir(&self.data_dir, &mut out);
             self.check_files(&mut out);

@@ -94,12 +94,27 @@ fn tls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls:
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
 }
 
+/// A TLS failure that reached us only as text (hyper and h2 turn some I/O errors into
+/// strings): the alert a peer sent, in words.
+fn tls_text(msg: &str) -> Option<String> {
+    let alert = msg.split("received fatal alert: ").nth(1)?;
+    let alert = alert.split_whitespace().next().unwrap_or(alert);
+    Some(match alert {
+        "CertificateExpired" => "the peer refused our certificate: it has expired".into(),
+        "BadCertificate" | "CertificateUnknown" | "UnknownCA" => {
+            "the peer refused our certificate".into()
+        }
+        "CertificateRequired" => "the peer requires a client certificate".into(),
+        other => format!("the peer ended the TLS handshake ({other})"),
+    })
+}
+
 /// Whether a connection failure may go away by itself (refused, reset, timed out, name not
 /// resolved yet) rather than being a certificate or protocol problem that retrying cannot fix.
 pub(crate) fn is_transient(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(e);
     while let Some(err) = cur {
-        if tls_error(err).is_some() {
+        if tls_error(err).is_some() || tls_text(&err.to_string()).is_some() {
             return false;
         }
         cur = err.source();
@@ -113,9 +128,16 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut cur = Some(e);
     while let Some(err) = cur {
-        let msg = match tls_error(err) {
-            Some(t) => meshgate_ca::verify::describe_tls_error(t),
-            None => err.to_string(),
+        let text = err.to_string();
+        let is_tls = tls_error(err).is_some() || tls_text(&text).is_some();
+        let msg = match (tls_error(err), tls_text(&text)) {
+            (Some(t), _) => meshgate_ca::verify::describe_tls_error(t),
+            (None, Some(alert)) => alert,
+            // tonic's Status prints its source in Debug form; its message is what it says
+            (None, None) => match err.downcast_ref::<tonic::Status>() {
+                Some(status) => status.message().to_owned(),
+                None => text,
+            },
         };
         let generic = matches!(
             msg.as_str(),
@@ -124,7 +146,7 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         if !generic && parts.last().is_none_or(|l| !l.contains(&msg)) {
             parts.push(msg);
         }
-        if tls_error(err).is_some() {
+        if is_tls {
             break;
         }
         cur = err.source();
@@ -166,5 +188,17 @@ mod tests {
         let text = error_chain(&tls);
         assert!(text.contains("not valid yet") && text.contains("clock"), "{text}");
         assert!(!text.contains("NotValidYet"), "{text}");
+        let alert = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "received fatal alert: CertificateExpired",
+        );
+        assert!(!is_transient(&alert));
+        assert_eq!(
+            error_chain(&alert),
+            "the peer refused our certificate: it has expired"
+        );
+        let status = tonic::Status::from_error(Box::new(alert));
+        let text = error_chain(&status);
+        assert!(!text.contains("Custom {") && !text.contains("tonic::"), "{text}");
     }
 }
