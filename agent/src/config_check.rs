@@ -214,9 +214,19 @@ pub fn check_ca_ref(
         );
     }
     if let Err(e) = check_ca_address(&ca.address) {
-        let msg = e.to_string();
-        let msg = msg.strip_prefix("identity config: ").unwrap_or(&msg);
-        out.push(Finding::error("ca.address", msg).hint("write https://HOST:PORT of `meshgate ca serve` (port 15012 by default)"));
+        let msg = match ca.address.split_once("://") {
+            Some((scheme, _)) if scheme != "https" => format!(
+                "{:?} uses {scheme}://, but the CA speaks gRPC over TLS only",
+                ca.address
+            ),
+            _ => {
+                let m = e.to_string();
+                m.strip_prefix("identity config: ").unwrap_or(&m).to_owned()
+            }
+        };
+        out.push(Finding::error("ca.address", msg).hint(
+            "write https://HOST:PORT of `meshgate ca serve` (port 15012 by default)",
+        ));
     }
     let has_cert = data_dir.join("node.crt").exists();
     match &ca.join_token_file {
@@ -432,7 +442,8 @@ pub fn check_data_dir(dir: &Path, out: &mut Vec<Finding>) {
 }
 
 /// Keeps one finding per config path and severity (the first: two checks that trip over the
-/// same value say it once); errors sort before warnings, otherwise the order is kept.
+/// same value say it once); errors sort before warnings, otherwise the order is kept (the CLI
+/// sorts by position).
 pub fn dedup(out: &mut Vec<Finding>) {
     let mut seen = std::collections::HashSet::new();
     out.retain(|f| seen.insert((f.path.clone(), f.severity)));

@@ -464,6 +464,13 @@ fn validate_file(file: &Path, kind: Option<Kind>, opts: CheckOptions) -> FileRep
                 .into_iter()
                 .map(|f| Diagnostic::from_finding(file, &index, f))
                 .collect();
+            // errors first, then warnings; each in the order of the file
+            report.diagnostics.sort_by_key(|d| {
+                (
+                    d.severity,
+                    d.pos.map_or((u64::MAX, 0), |p| (p.line, p.column)),
+                )
+            });
             report.valid = !report
                 .diagnostics
                 .iter()

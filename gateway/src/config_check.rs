@@ -135,10 +135,18 @@ impl GatewayConfig {
                     } else {
                         "cert_file"
                     };
-                    out.push(
-                        Finding::error(format!("tls[{i}].{key}"), format!("{path}: {reason}"))
-                            .hint("cert_file is the PEM chain (leaf first), key_file its PEM private key"),
-                    );
+                    let message = if reason.starts_with("does not match the certificate") {
+                        format!(
+                            "{} is not the private key of {}",
+                            t.key_file.display(),
+                            t.cert_file.display()
+                        )
+                    } else {
+                        format!("{path}: {reason}")
+                    };
+                    out.push(Finding::error(format!("tls[{i}].{key}"), message).hint(
+                        "cert_file is the PEM chain (leaf first), key_file its PEM private key",
+                    ));
                 }
             }
         }

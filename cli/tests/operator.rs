@@ -1,0 +1,568 @@
+//! The CLI conventions an operator relies on: no panic when stdout closes early, config
+//! validation that refuses what start-up would (each problem once, at its line, with a hint),
+//! `--admin` spellings and wrong-process detection, version, colour, and a second Ctrl-C.
+
+use std::{
+    io::{BufRead, BufReader},
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_meshgate"))
+}
+
+fn meshgate(args: &[&str]) -> std::process::Output {
+    bin().args(args).output().expect("run meshgate")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn write_secret(path: &Path, contents: &str) {
+    std::fs::write(path, contents).expect("write");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+}
+
+/// Runs meshgate with a stdout whose reader is already gone.
+fn into_closed_pipe(args: &[&str]) -> std::process::Output {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    bin()
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run meshgate")
+}
+
+/// `meshgate dev` on a free port block, with its state in `data`; returns the child and the
+/// lines it printed up to "ready".
+fn start_dev(data: &Path) -> (std::process::Child, Vec<String>, u16) {
+    let mut attempt = 0u32;
+    loop {
+        let base = 22_000 + u16::try_from((std::process::id() + attempt * 5) % 9).unwrap_or(0) * 1_000;
+        let mut child = bin()
+            .args(["dev", "--port-base", &base.to_string(), "--data-dir"])
+            .arg(data)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn dev");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut printed = Vec::new();
+        let ready = loop {
+            match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(l) if l == "ready" => break true,
+                Ok(l) => printed.push(l),
+                Err(_) => break false,
+            }
+        };
+        if ready {
+            return (child, printed, base);
+        }
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("wait");
+        attempt += 1;
+        assert!(
+            attempt < 3 && text(&out.stderr).contains("in use"),
+            "dev did not start: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
+fn stop(mut child: std::process::Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn every_printing_command_exits_141_without_panicking_when_stdout_closes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("dev");
+    let (dev, _printed, base) = start_dev(&data);
+    let gw_admin = format!("127.0.0.1:{}", base + 200);
+    let agent_admin = format!("http://127.0.0.1:{}", base + 100);
+    let ca_dir = tmp.path().join("ca");
+    let ca = ca_dir.to_str().expect("utf8").to_owned();
+    let dev_ca = data.join("ca").to_str().expect("utf8").to_owned();
+    let node_dir = data.join("node-b").to_str().expect("utf8").to_owned();
+    let examples = format!("{}/../deploy/examples", env!("CARGO_MANIFEST_DIR"));
+    let gateway_yaml = format!("{examples}/gateway.yaml");
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["--help"],
+        vec!["--version"],
+        vec!["ca", "token", "create", "--help"],
+        vec!["version", "--admin", &gw_admin],
+        vec!["version", "--admin", &agent_admin, "-o", "json"],
+        vec!["status", "--admin", &agent_admin],
+        vec!["routes", "--admin", &gw_admin],
+        vec!["routes", "--admin", &gw_admin, "-o", "json"],
+        vec!["routes", "--admin", &gw_admin, "--match", "GET http://x/api/users/1"],
+        vec!["routes", "--config", &gateway_yaml],
+        vec!["services", "--admin", &agent_admin],
+        vec!["services", "--admin", &agent_admin, "-o", "json"],
+        vec!["endpoints", "users", "--admin", &agent_admin],
+        vec!["certs", "--data-dir", &node_dir],
+        vec!["certs", "--data-dir", &node_dir, "-o", "json"],
+        vec!["config", "schema", "--kind", "gateway"],
+        vec!["config", "validate", "--skip-files", &gateway_yaml],
+        vec!["config", "validate", "--skip-files", &gateway_yaml, "-o", "json"],
+        vec!["completion", "bash"],
+        vec!["completion", "zsh"],
+        vec!["completion", "fish"],
+        vec!["apikey", "hash", "abc"],
+        vec!["ca", "init", "--trust-domain", "mesh.example", "--data-dir", &ca],
+        vec!["ca", "fingerprint", "--data-dir", &dev_ca],
+        vec!["ca", "token", "create", "--data-dir", &dev_ca, "--node", "n1", "--print-join-command"],
+        vec!["ca", "token", "list", "--data-dir", &dev_ca],
+        vec!["ca", "node", "list", "--data-dir", &dev_ca],
+        vec!["ca", "node", "set-services", "--data-dir", &dev_ca, "node-b", "web"],
+    ];
+    for args in &commands {
+        let out = into_closed_pipe(args);
+        let err = text(&out.stderr);
+        assert!(
+            !err.contains("panicked") && !err.contains("Broken pipe"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {err}");
+    }
+    stop(dev);
+
+    // dev itself: it starts, cannot print its banner, and ends quietly
+    let other = tmp.path().join("dev2");
+    let mut attempt = 0u32;
+    loop {
+        let base = 31_000 - u16::try_from((std::process::id() + attempt) % 9).unwrap_or(0) * 1_000;
+        let out = into_closed_pipe(&[
+            "dev",
+            "--port-base",
+            &base.to_string(),
+            "--data-dir",
+            other.to_str().expect("utf8"),
+        ]);
+        let err = text(&out.stderr);
+        if out.status.code() == Some(1) && err.contains("in use") && attempt < 3 {
+            attempt += 1;
+            continue;
+        }
+        assert!(!err.contains("panicked"), "{err}");
+        assert_eq!(out.status.code(), Some(141), "{err}");
+        break;
+    }
+}
+
+/// A gateway config that passes every check, and the files it names.
+struct GatewayFixture {
+    dir: tempfile::TempDir,
+}
+
+const GATEWAY: &str = "\
+node: gw-1
+trust_domain: mesh.example
+data_dir: ./gw-1
+ca:
+  address: https://127.0.0.1:15012
+  fingerprint: \"sha256:FINGERPRINT\"
+  join_token_file: ./gw-1.token
+listen:
+  https: 127.0.0.1:8443
+  http: 127.0.0.1:8080
+  admin: 127.0.0.1:15000
+tls:
+  - { cert_file: tls/api.crt, key_file: tls/api.key }
+auth:
+  jwt:
+    - { name: main, issuer: https://iss, algorithms: [ES256], jwks_file: jwks.json }
+routes:
+  - name: users
+    match: { path: { prefix: /users } }
+    backend: { service: users }
+  - name: orders
+    match: { path: { prefix: /orders } }
+    backend: { service: orders }
+discovery:
+  static:
+    users: [\"127.0.0.1:15008\"]
+    orders: [\"127.0.0.1:15008\"]
+";
+
+impl GatewayFixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("tls")).expect("tls dir");
+        let cert = rcgen::generate_simple_self_signed(vec!["api.example".to_owned()])
+            .expect("cert");
+        std::fs::write(dir.path().join("tls/api.crt"), cert.cert.pem()).expect("crt");
+        write_secret(&dir.path().join("tls/api.key"), &cert.signing_key.serialize_pem());
+        let other = rcgen::generate_simple_self_signed(vec!["other".to_owned()]).expect("other");
+        std::fs::write(dir.path().join("tls/other.crt"), other.cert.pem()).expect("crt");
+        std::fs::write(dir.path().join("jwks.json"), r#"{"keys": []}"#).expect("jwks");
+        write_secret(&dir.path().join("gw-1.token"), "mgjt_test");
+        Self { dir }
+    }
+
+    /// Writes the config with `edit` applied (old text -> new text) and validates it.
+    fn validate(&self, edits: &[(&str, &str)], extra: &[&str]) -> (std::process::Output, String) {
+        let mut body = GATEWAY.replace("FINGERPRINT", &"ab".repeat(32));
+        for (old, new) in edits {
+            assert!(body.contains(old), "fixture has {old:?}");
+            body = body.replace(old, new);
+        }
+        let path = self.dir.path().join("gateway.yaml");
+        std::fs::write(&path, &body).expect("write");
+        let mut args = vec!["config", "validate", path.to_str().expect("utf8")];
+        args.extend_from_slice(extra);
+        (meshgate(&args), body)
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("gateway.yaml")
+    }
+}
+
+/// The 1-based line of `body` that contains `needle`.
+fn line_of(body: &str, needle: &str) -> usize {
+    body.lines()
+        .position(|l| l.contains(needle))
+        .map(|i| i + 1)
+        .unwrap_or_else(|| panic!("{needle:?} not in the config"))
+}
+
+#[test]
+fn config_validate_refuses_what_start_up_would_each_once_at_its_line() {
+    let f = GatewayFixture::new();
+    let (out, _) = f.validate(&[], &[]);
+    assert!(out.status.success(), "the fixture is valid: {}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("valid gateway config for node gw-1 (2 routes)"));
+
+    let file = f.path().display().to_string();
+    let good_fp = "ab".repeat(32);
+    // (edits, the line the error must point at, what it must say, what the hint must say)
+    let cases: Vec<(Vec<(&str, &str)>, &str, &str, &str)> = vec![
+        (
+            vec![(good_fp.as_str(), "abc")],
+            "fingerprint:",
+            "is not a CA fingerprint",
+            "meshgate ca fingerprint",
+        ),
+        (
+            vec![("https://127.0.0.1:15012", "http://127.0.0.1:15012")],
+            "address: http://",
+            "but the CA speaks gRPC over TLS only",
+            "https://HOST:PORT",
+        ),
+        (
+            vec![("tls/api.crt", "tls/missing.crt")],
+            "cert_file:",
+            "missing.crt does not exist",
+            "relative to the config file",
+        ),
+        (
+            vec![("tls/api.crt", "tls/other.crt")],
+            "key_file:",
+            "is not the private key of",
+            "PEM private key",
+        ),
+        (
+            vec![("jwks_file: jwks.json", "jwks_file: nope.json")],
+            "jwks_file:",
+            "nope.json does not exist",
+            "create it",
+        ),
+        (
+            vec![("    orders: [\"127.0.0.1:15008\"]\n", "")],
+            "service: orders",
+            "service \"orders\" has no discovery entry",
+            "discovery.static",
+        ),
+        (
+            vec![("http: 127.0.0.1:8080", "http: 127.0.0.1:8443")],
+            "http: 127.0.0.1:8443",
+            "collides with listen.https",
+            "its own port",
+        ),
+        (
+            vec![("    match: { path: { prefix: /orders } }", "    match: { paht: { prefix: /orders } }")],
+            "paht",
+            "unknown key `paht`",
+            "did you mean `path`?",
+        ),
+    ];
+    for (edits, at, says, hint) in cases {
+        let (out, body) = f.validate(&edits, &[]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{says}: {err}");
+        let want = format!("{file}:{}:", line_of(&body, at));
+        let first = err.lines().next().unwrap_or_default();
+        assert!(
+            first.starts_with(&want) && first.contains(": error: ") && first.contains(says),
+            "want {want}… error: …{says}, got:\n{err}"
+        );
+        let hint_line = err.lines().nth(1).unwrap_or_default();
+        assert!(
+            hint_line.trim_start().starts_with("hint: ") && hint_line.contains(hint),
+            "{says}: hint {hint:?} in {err}"
+        );
+        // said once, with no parser snippets or Rust Debug text
+        assert_eq!(err.matches(says).count(), 1, "{err}");
+        for leak in ["-->", "line ", "Some(", "Other(", "Custom {", "os error", "Mismatch"] {
+            assert!(!err.contains(leak), "{leak:?} in {err}");
+        }
+    }
+
+    // a secret readable by everyone; the placeholder fingerprint is a warning, not an error
+    std::fs::set_permissions(
+        f.dir.path().join("tls/api.key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .expect("chmod");
+    let zero = "0".repeat(64);
+    let (out, body) = f.validate(&[(good_fp.as_str(), &zero)], &[]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("{file}:{}:", line_of(&body, "key_file:")))
+            && err.contains("mode is 0644")
+            && err.contains(&format!("chmod 600 {}", f.dir.path().join("tls/api.key").display())),
+        "{err}"
+    );
+    assert!(err.contains(": warning: ca.fingerprint: the all-zero placeholder"), "{err}");
+    // -o json for CI, with the same facts
+    let (out, _) = f.validate(&[(good_fp.as_str(), &zero)], &["-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["valid"], false);
+    let d = &v["files"][0]["diagnostics"];
+    assert_eq!(d[0]["severity"], "error");
+    assert_eq!(d[0]["path"], "tls[0].key_file");
+    assert_eq!(d[0]["line"], line_of(&body, "key_file:"));
+    assert_eq!(d[1]["severity"], "warning");
+    // --quiet: only the error
+    let (out, _) = f.validate(&[(good_fp.as_str(), &zero)], &["--quiet"]);
+    let err = text(&out.stderr);
+    assert!(err.contains("error") && !err.contains("warning"), "{err}");
+    assert!(out.stdout.is_empty());
+    // the fix makes it valid, warnings and all
+    std::fs::set_permissions(
+        f.dir.path().join("tls/api.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .expect("chmod");
+    let (out, _) = f.validate(&[(good_fp.as_str(), &zero)], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("(1 warning)"), "{}", text(&out.stdout));
+}
+
+#[test]
+fn relative_paths_are_relative_to_the_config_file_not_the_working_directory() {
+    let f = GatewayFixture::new();
+    let (out, _) = f.validate(&[], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // from another directory, naming the file by a relative path of its own
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let rel = pathdiff(&f.path(), elsewhere.path());
+    let out = bin()
+        .current_dir(elsewhere.path())
+        .args(["config", "validate"])
+        .arg(&rel)
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// `path` relative to `from` (both absolute).
+fn pathdiff(path: &Path, from: &Path) -> PathBuf {
+    let ups = from.components().count() - 1;
+    let mut rel = PathBuf::new();
+    for _ in 0..ups {
+        rel.push("..");
+    }
+    rel.push(path.strip_prefix("/").expect("absolute"));
+    rel
+}
+
+#[test]
+fn inspection_commands_know_which_process_they_talk_to() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (dev, printed, base) = start_dev(&tmp.path().join("dev"));
+    let gw = format!("http://127.0.0.1:{}", base + 200);
+    let agent = format!("127.0.0.1:{}", base + 100);
+    let ca = format!("127.0.0.1:{}", base + 12);
+
+    // the inspect lines dev prints run as printed, one command per line
+    let inspect: Vec<&String> = printed
+        .iter()
+        .filter(|l| l.starts_with("  meshgate "))
+        .collect();
+    assert_eq!(inspect.len(), 3, "{printed:#?}");
+    for line in inspect {
+        assert!(!line.contains('|'), "{line}");
+        let args: Vec<&str> = line.split_whitespace().skip(1).collect();
+        let out = meshgate(&args);
+        assert!(out.status.success(), "{line}: {}", text(&out.stderr));
+    }
+
+    // routes against an agent, in both --admin spellings
+    for addr in [agent.clone(), format!("http://{agent}")] {
+        let out = meshgate(&["routes", "--admin", &addr]);
+        assert_eq!(out.status.code(), Some(1));
+        let err = text(&out.stderr);
+        assert!(err.contains("is the admin API of an agent, not a gateway"), "{err}");
+    }
+    // any command against the CA's gRPC port
+    let out = meshgate(&["services", "--admin", &ca]);
+    assert!(
+        text(&out.stderr).contains("did not answer HTTP, so it is not a meshgate admin API"),
+        "{}",
+        text(&out.stderr)
+    );
+    // a bad spelling is a usage error that says how to write it
+    let out = meshgate(&["services", "--admin", "https://127.0.0.1:1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("plain HTTP"), "{}", text(&out.stderr));
+
+    let out = meshgate(&["version", "--admin", &gw, "-o", "json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["client"]["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(v["server"]["kind"], "gateway");
+    assert_eq!(v["server"]["version"], env!("CARGO_PKG_VERSION"));
+    let out = meshgate(&["status", "--admin", &agent]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with(&format!("agent at {agent}")), "{}", text(&out.stdout));
+    stop(dev);
+}
+
+/// Runs `args` under a pseudo-terminal (util-linux `script`), so colour would be used.
+fn on_a_terminal(args: &str, env: &[(&str, &str)]) -> Option<String> {
+    let mut cmd = Command::new("script");
+    cmd.args(["-qec", &format!("{} {args}", env!("CARGO_BIN_EXE_meshgate")), "/dev/null"]);
+    cmd.env_remove("NO_COLOR");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().ok()?;
+    Some(text(&out.stdout))
+}
+
+#[test]
+fn colour_only_on_a_terminal_and_never_with_no_color() {
+    let f = GatewayFixture::new();
+    let (out, _) = f.validate(&[("http: 127.0.0.1:8080", "http: 127.0.0.1:8443")], &[]);
+    assert!(!text(&out.stderr).contains('\x1b'), "no colour into a pipe");
+    let args = format!("config validate {}", f.path().display());
+    let Some(coloured) = on_a_terminal(&args, &[]) else {
+        assert!(std::env::var_os("CI").is_none(), "CI must have util-linux script");
+        eprintln!("SKIPPED colour test: `script` (util-linux) is not installed");
+        return;
+    };
+    assert!(coloured.contains("\x1b[1;31merror"), "{coloured:?}");
+    let plain = on_a_terminal(&args, &[("NO_COLOR", "1")]).expect("script");
+    assert!(plain.contains("error") && !plain.contains('\x1b'), "{plain:?}");
+    let plain = on_a_terminal(&format!("--no-color {args}"), &[]).expect("script");
+    assert!(plain.contains("error") && !plain.contains('\x1b'), "{plain:?}");
+}
+
+#[test]
+fn a_second_ctrl_c_exits_at_once() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ca_dir = tmp.path().join("ca");
+    let out = meshgate(&["ca", "init", "--trust-domain", "mesh.example", "--data-dir", ca_dir.to_str().expect("utf8"), "-o", "json"]);
+    assert!(out.status.success());
+    let fp: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let cfg = tmp.path().join("ca.yaml");
+    std::fs::write(&cfg, "trust_domain: mesh.example\ndata_dir: ca\nlisten: 127.0.0.1:0\n").expect("write");
+    let mut child = bin()
+        .args(["--log-format", "json", "ca", "serve", "--config", cfg.to_str().expect("utf8")])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let addr = loop {
+        let line = rx.recv_timeout(Duration::from_secs(30)).expect("CA started");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if let Some(a) = v["fields"]["addr"].as_str() {
+            break a.to_owned();
+        }
+    };
+    // a node holds a trust-bundle stream open, so a graceful stop waits for its drain (5s)
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let token = meshgate(&["ca", "token", "create", "--data-dir", ca_dir.to_str().expect("utf8"), "--node", "n", "-q"]);
+    let node = runtime
+        .block_on(meshgate_agent::identity::IdentityManager::start(
+            meshgate_agent::identity::IdentityConfig {
+                trust_domain: "mesh.example".into(),
+                node: "n".into(),
+                data_dir: tmp.path().join("n"),
+                ca_address: format!("https://{addr}"),
+                ca_fingerprint: fp["ca_fingerprint"].as_str().expect("fp").into(),
+                join_token: Some(text(&token.stdout).trim().to_owned()),
+            },
+        ))
+        .expect("join");
+    // an open trust-bundle stream: an in-flight call the CA's graceful stop waits for
+    let _stream = runtime.block_on(async {
+        let mut client = node.ca_client().await.expect("client");
+        let mut stream = client
+            .trust_bundle(meshgate_proto::ca::v1::TrustBundleRequest {})
+            .await
+            .expect("stream")
+            .into_inner();
+        stream.message().await.expect("first bundle").expect("bundle");
+        stream
+    });
+    let kill = |sig: &str| {
+        Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .expect("kill")
+    };
+    kill("-INT");
+    loop {
+        let line = rx.recv_timeout(Duration::from_secs(10)).expect("stopping line");
+        if line.contains("press Ctrl-C again") {
+            break;
+        }
+    }
+    let second = Instant::now();
+    kill("-INT");
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(second.elapsed() < Duration::from_secs(4), "the second Ctrl-C did not exit at once");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(130));
+    drop(node);
+}
