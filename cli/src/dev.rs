@@ -39,7 +39,7 @@ pub(crate) struct DevArgs {
 }
 
 /// The demo REST service: `GET /users/{id}`, `DELETE /admin/{what}`, `GET /health`.
-async fn demo_service(
+pub(crate) async fn demo_service(
     addr: SocketAddr,
     version: &'static str,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {

@@ -12,6 +12,7 @@ mod auth_explain;
 mod ca;
 mod certs;
 mod config;
+mod demo;
 mod dev;
 mod dev_setup;
 mod gateway;
@@ -90,6 +91,8 @@ enum Command {
     Endpoints(inspect::EndpointsArgs),
     /// This client's version, and the version and kind of the process --admin points at.
     Version(version::VersionArgs),
+    /// Serve the demo REST service of `meshgate dev` (GET /users/ID, GET /health) on its own.
+    Demo(demo::DemoArgs),
     /// Print a shell completion script: `meshgate completion bash > /etc/bash_completion.d/meshgate`.
     Completion(CompletionArgs),
 }
@@ -273,6 +276,7 @@ fn main() -> std::process::ExitCode {
             }
             Command::Endpoints(args) => inspect::endpoints(args).await,
             Command::Version(args) => version::run(args).await,
+            Command::Demo(args) => demo::run(args).await,
             Command::Completion(CompletionArgs { shell }) => {
                 let mut script = Vec::new();
                 clap_complete::generate(shell, &mut command(), "meshgate", &mut script);

@@ -41,9 +41,21 @@ fn into_closed_pipe(args: &[&str]) -> std::process::Output {
         .expect("run meshgate")
 }
 
+/// A child process that is killed if the test ends (or panics) before stopping it.
+struct Guard(Option<std::process::Child>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// `meshgate dev` on a free port block, with its state in `data`; returns the child and the
 /// lines it printed up to "ready".
-fn start_dev(data: &Path) -> (std::process::Child, Vec<String>, u16) {
+fn start_dev(data: &Path) -> (Guard, Vec<String>, u16) {
     let mut attempt = 0u32;
     loop {
         let base = 22_000 + u16::try_from((std::process::id() + attempt * 5) % 9).unwrap_or(0) * 1_000;
@@ -72,7 +84,7 @@ fn start_dev(data: &Path) -> (std::process::Child, Vec<String>, u16) {
             }
         };
         if ready {
-            return (child, printed, base);
+            return (Guard(Some(child)), printed, base);
         }
         let _ = child.kill();
         let out = child.wait_with_output().expect("wait");
@@ -85,15 +97,136 @@ fn start_dev(data: &Path) -> (std::process::Child, Vec<String>, u16) {
     }
 }
 
-fn stop(mut child: std::process::Child) {
+/// SIGTERM, then waits (bounded) for the exit; returns the exit status.
+fn stop(mut guard: Guard) -> std::process::ExitStatus {
+    let mut child = guard.0.take().expect("running");
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().expect("wait").is_none() {
-        assert!(Instant::now() < deadline, "did not stop on SIGTERM");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("did not stop on SIGTERM");
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A plain HTTP/1.1 GET on loopback: status and body.
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|x| x.1.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn the_one_host_example_starts_with_its_script_and_serves_end_to_end() {
+    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/local");
+    // the committed files are valid as they are (the placeholder fingerprint is a warning)
+    let mut args = vec!["config".to_owned(), "validate".to_owned(), "--skip-files".to_owned()];
+    for f in ["ca.yaml", "node-1.yaml", "node-2.yaml", "node-3.yaml", "gateway.yaml"] {
+        args.push(local.join(f).display().to_string());
+    }
+    let args_ref: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = meshgate(&args_ref);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("placeholder"));
+
+    // a block of ports where every port of the layout is free
+    let ports = ["012", "108", "100", "208", "200", "308", "300", "391", "080", "001", "181", "281"];
+    let block = (27..=31u16)
+        .find(|b| {
+            ports.iter().all(|p| {
+                std::net::TcpListener::bind(format!("127.0.0.1:{b}{p}")).is_ok()
+            })
+        })
+        .expect("a free port block");
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new("sh")
+        .arg(local.join("run.sh"))
+        .arg(state.path())
+        .env("MESHGATE", env!("CARGO_BIN_EXE_meshgate"))
+        .env("PORT_BLOCK", block.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run.sh");
+    let stdout = child.stdout.take().expect("stdout");
+    let stderr = child.stderr.take().expect("stderr");
+    let script = Guard(Some(child));
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let errors = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut s);
+        s
+    });
+    let mut printed = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(l) if l == "ready" => break,
+            Ok(l) => printed.push(l),
+            Err(_) => {
+                let logs: String = std::fs::read_dir(state.path().join("logs"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| format!("{}:\n{}", e.path().display(), std::fs::read_to_string(e.path()).unwrap_or_default()))
+                    .collect();
+                assert!(
+                    Instant::now() < deadline,
+                    "run.sh did not become ready: {printed:#?}\n{logs}"
+                );
+            }
+        }
+    }
+    assert!(printed.iter().any(|l| l.ends_with("valid CA config for trust domain mesh.example")), "{printed:#?}");
+    // north-south through the gateway, east-west through node-3's upstream listener
+    let (code, body) = http_get(&format!("127.0.0.1:{block}080"), "/api/users/7");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"name\":\"user 7\""), "{body}");
+    let (code, body) = http_get(&format!("127.0.0.1:{block}391"), "/users/8");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("user 8"), "{body}");
+    // what runs is valid by every check, files included
+    let files: Vec<String> = ["ca.yaml", "node-1.yaml", "node-2.yaml", "node-3.yaml", "gateway.yaml"]
+        .iter()
+        .map(|f| state.path().join(f).display().to_string())
+        .collect();
+    let mut args = vec!["config", "validate"];
+    args.extend(files.iter().map(String::as_str));
+    let out = meshgate(&args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(out.stderr.is_empty(), "no warnings: {}", text(&out.stderr));
+
+    let status = stop(script);
+    assert!(status.success(), "{status}");
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert!(rest.iter().any(|l| l == "stopped"), "{rest:?} {}", errors.join().unwrap_or_default());
+    assert_eq!(http_get(&format!("127.0.0.1:{block}001"), "/readyz").0, 0, "the gateway stopped");
 }
 
 #[test]
@@ -109,7 +242,33 @@ fn every_printing_command_exits_141_without_panicking_when_stdout_closes() {
     let node_dir = data.join("node-b").to_str().expect("utf8").to_owned();
     let examples = format!("{}/../deploy/examples", env!("CARGO_MANIFEST_DIR"));
     let gateway_yaml = format!("{examples}/gateway.yaml");
+    // a route with a JWT provider, for `auth explain`
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let p = key.public_key_raw().to_vec();
+    let jwk = serde_json::json!({"kty": "EC", "crv": "P-256", "kid": "k1",
+        "x": meshgate_ca::pki::base64url(&p[1..33]), "y": meshgate_ca::pki::base64url(&p[33..])});
+    let jwt_cfg = tmp.path().join("jwt.yaml");
+    std::fs::write(
+        &jwt_cfg,
+        format!(
+            "node: gw\ntrust_domain: mesh.example\ndata_dir: ./gw\n\
+             ca: {{ address: https://127.0.0.1:1, fingerprint: \"sha256:00\" }}\n\
+             listen: {{ http: 127.0.0.1:0 }}\n\
+             auth:\n  jwt:\n    - {{ name: main, algorithms: [ES256], jwks: {{ keys: [{jwk}] }} }}\n\
+             routes:\n  - {{ name: me, auth: {{ jwt: [main] }}, backend: {{ service: users }} }}\n"
+        ),
+    )
+    .expect("write");
+    let b64 = |v: serde_json::Value| meshgate_ca::pki::base64url(v.to_string().as_bytes());
+    let token = format!(
+        "{}.{}.{}",
+        b64(serde_json::json!({"alg": "ES256", "kid": "k1"})),
+        b64(serde_json::json!({"sub": "a", "exp": 1})),
+        meshgate_ca::pki::base64url(b"not a signature")
+    );
+    let jwt_cfg = jwt_cfg.to_str().expect("utf8").to_owned();
     let commands: Vec<Vec<&str>> = vec![
+        vec!["auth", "explain", "--config", &jwt_cfg, "--route", "me", "--token", &token],
         vec!["--help"],
         vec!["--version"],
         vec!["ca", "token", "create", "--help"],

@@ -136,7 +136,11 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
             // tonic's Status prints its source in Debug form; its message is what it says
             (None, None) => match err.downcast_ref::<tonic::Status>() {
                 Some(status) => status.message().to_owned(),
-                None => text,
+                // "Connection refused (os error 111)": the number says nothing more
+                None => match text.find(" (os error ") {
+                    Some(i) if text.ends_with(')') => text[..i].to_owned(),
+                    _ => text,
+                },
             },
         };
         let generic = matches!(
