@@ -224,9 +224,10 @@ pub fn check_ca_ref(
                 m.strip_prefix("identity config: ").unwrap_or(&m).to_owned()
             }
         };
-        out.push(Finding::error("ca.address", msg).hint(
-            "write https://HOST:PORT of `meshgate ca serve` (port 15012 by default)",
-        ));
+        out.push(
+            Finding::error("ca.address", msg)
+                .hint("write https://HOST:PORT of `meshgate ca serve` (port 15012 by default)"),
+        );
     }
     let has_cert = data_dir.join("node.crt").exists();
     match &ca.join_token_file {
@@ -243,25 +244,22 @@ pub fn check_ca_ref(
             )),
         ),
         None => {}
-        Some(file) if !opts.files => {
-            let _ = file;
-        }
+        Some(_) if !opts.files => {}
+        Some(file) if !file.exists() && has_cert => {}
         Some(file) if !file.exists() => {
-            if !has_cert {
-                out.push(
-                    Finding::warning(
-                        "ca.join_token_file",
-                        format!(
-                            "{} does not exist yet and {} holds no node certificate: the node cannot join until it does",
-                            file.display(),
-                            data_dir.display()
-                        ),
-                    )
-                    .hint(format!(
-                        "on the CA host, `meshgate ca token create --node {node}{services} --print-join-command` prints the lines that write it"
-                    )),
-                );
-            }
+            out.push(
+                Finding::warning(
+                    "ca.join_token_file",
+                    format!(
+                        "{} does not exist yet and {} holds no node certificate: the node cannot join until it does",
+                        file.display(),
+                        data_dir.display()
+                    ),
+                )
+                .hint(format!(
+                    "on the CA host, `meshgate ca token create --node {node}{services} --print-join-command` prints the lines that write it"
+                )),
+            );
         }
         Some(file) => {
             check_file("ca.join_token_file", file, FileKind::Secret, out);
@@ -380,7 +378,14 @@ impl AgentConfig {
             out.push(Finding::error(e.path.clone(), e.reason.clone()));
         }
         let services: Vec<&str> = self.services.iter().map(|s| s.name.as_str()).collect();
-        check_ca_ref(&self.ca, &self.node, &services, &self.data_dir, opts, &mut out);
+        check_ca_ref(
+            &self.ca,
+            &self.node,
+            &services,
+            &self.data_dir,
+            opts,
+            &mut out,
+        );
         if opts.files {
             check_data_dir(&self.data_dir, &mut out);
         }
@@ -556,9 +561,17 @@ mod tests {
             ],
             "{f:#?}"
         );
-        assert!(f[1].hint.as_deref().is_some_and(|h| h.starts_with("chmod 600")));
+        assert!(
+            f[1].hint
+                .as_deref()
+                .is_some_and(|h| h.starts_with("chmod 600"))
+        );
         assert!(f[2].message.contains("listen.admin"), "{}", f[2].message);
-        assert!(f[4].hint.as_deref().is_some_and(|h| h.contains("meshgate ca fingerprint")));
+        assert!(
+            f[4].hint
+                .as_deref()
+                .is_some_and(|h| h.contains("meshgate ca fingerprint"))
+        );
         // the same config without file checks: the mode problem is not looked at
         let f = c.check(CheckOptions { files: false });
         assert!(!paths(&f).contains(&("ca.join_token_file", Severity::Error)));
@@ -568,12 +581,28 @@ mod tests {
     fn error_texts_split_into_path_and_message() {
         for (text, path, msg) in [
             ("listen.admin: not loopback", "listen.admin", "not loopback"),
-            ("routes[1] (users).cors: bad", "routes[1] (users).cors", "bad"),
-            ("routes[0] (w): backend split", "routes[0] (w)", "backend split"),
+            (
+                "routes[1] (users).cors: bad",
+                "routes[1] (users).cors",
+                "bad",
+            ),
+            (
+                "routes[0] (w): backend split",
+                "routes[0] (w)",
+                "backend split",
+            ),
             ("auth.jwt (demo): no keys", "auth.jwt (demo)", "no keys"),
-            ("auth.api_keys.consumers_file /x: gone", "auth.api_keys.consumers_file", "/x: gone"),
+            (
+                "auth.api_keys.consumers_file /x: gone",
+                "auth.api_keys.consumers_file",
+                "/x: gone",
+            ),
             ("trust_domain: bad", "trust_domain", "bad"),
-            ("service \"x\" is listed twice", "", "service \"x\" is listed twice"),
+            (
+                "service \"x\" is listed twice",
+                "",
+                "service \"x\" is listed twice",
+            ),
             ("redirect_https needs both", "", "redirect_https needs both"),
         ] {
             assert_eq!(

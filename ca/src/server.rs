@@ -209,16 +209,8 @@ impl CaServer {
             ),
             None => None,
         };
-        let state = Arc::new(CaState::new(
-            ca.trust_domain.clone(),
-            config.data_dir.clone(),
-            signer,
-            bundle,
-            config.workload_ttl,
-            config.node_ttl,
-            consul,
-            config.expired_renewal_grace,
-        ));
+        // (the trust domain was checked against the CA's above)
+        let state = Arc::new(CaState::new(config, signer, bundle, consul));
 
         // the serving certificate, renewed in the background
         let slot = CertSlot::new();
@@ -289,7 +281,14 @@ impl CaServer {
                         Ok(Ok(tls)) => {
                             let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
                         }
-                        Ok(Err(e)) => warn!(peer = %peer, error = %e, "TLS handshake refused"),
+                        Ok(Err(e)) => {
+                            let reason = e
+                                .get_ref()
+                                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                                .map(crate::verify::describe_tls_error)
+                                .unwrap_or_else(|| e.to_string());
+                            warn!(peer = %peer, error = %reason, "TLS handshake refused")
+                        }
                         Err(_) => debug!(peer = %peer, "TLS handshake timed out"),
                     }
                 });

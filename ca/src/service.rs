@@ -51,26 +51,24 @@ pub struct CaState {
 }
 
 impl CaState {
+    /// State for serving `config` (its trust domain, data dir, lifetimes and grace) with
+    /// `signer` and `bundle`.
     pub(crate) fn new(
-        trust_domain: String,
-        data_dir: PathBuf,
+        config: &crate::server::CaConfig,
         signer: Signer,
         bundle: TrustBundle,
-        workload_ttl: Duration,
-        node_ttl: Duration,
         consul: Option<ConsulClient>,
-        expired_grace: Duration,
     ) -> Self {
         Self {
-            expired_grace,
-            tokens: TokenStore::new(&data_dir),
-            nodes: NodeRegistry::new(&data_dir),
-            trust_domain,
-            data_dir,
+            expired_grace: config.expired_renewal_grace,
+            tokens: TokenStore::new(&config.data_dir),
+            nodes: NodeRegistry::new(&config.data_dir),
+            trust_domain: config.trust_domain.clone(),
+            data_dir: config.data_dir.clone(),
             signer,
             bundle: watch::channel(bundle).0,
-            workload_ttl,
-            node_ttl,
+            workload_ttl: config.workload_ttl,
+            node_ttl: config.node_ttl,
             consul,
             issued: AtomicU64::new(0),
             refused: AtomicU64::new(0),

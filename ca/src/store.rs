@@ -799,7 +799,9 @@ mod tests {
         let store = TokenStore::new(dir.path());
         let now = SystemTime::now();
         let hour = Duration::from_secs(3600);
-        let a = store.create("node-a", &["web".into()], hour, now).expect("a");
+        let a = store
+            .create("node-a", &["web".into()], hour, now)
+            .expect("a");
         let b = store
             .create("node-b", &[], hour, now - 2 * hour)
             .expect("b");
@@ -817,12 +819,23 @@ mod tests {
             .expect("id");
         assert_eq!(id.len(), TOKEN_ID_LEN);
         assert!(a.token.len() > id.len() && !a.token.contains(&id));
-        let used = list.iter().find(|t| t.node == "node-c").expect("c").id.clone();
+        let used = list
+            .iter()
+            .find(|t| t.node == "node-c")
+            .expect("c")
+            .id
+            .clone();
         let err = store.revoke(&used, now).expect_err("used").to_string();
         assert!(err.contains("meshgate ca node remove node-c"), "{err}");
         assert!(store.revoke("12", now).is_err(), "too short");
-        assert_eq!(store.revoke(&id[..6], now).expect("revoke").state, TokenState::Revoked);
-        assert_eq!(store.consume(&a.token, "node-a", now), Err(TokenError::Revoked));
+        assert_eq!(
+            store.revoke(&id[..6], now).expect("revoke").state,
+            TokenState::Revoked
+        );
+        assert_eq!(
+            store.consume(&a.token, "node-a", now),
+            Err(TokenError::Revoked)
+        );
         let _ = b;
     }
 

@@ -340,7 +340,9 @@ impl SpiffeClientVerifier {
 pub fn expired_for(leaf: &CertificateDer<'_>, now: UnixTime) -> Option<std::time::Duration> {
     let info = CertInfo::from_der(leaf).ok()?;
     let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(now.as_secs());
-    now.duration_since(info.not_after).ok().filter(|d| !d.is_zero())
+    now.duration_since(info.not_after)
+        .ok()
+        .filter(|d| !d.is_zero())
 }
 
 impl ClientCertVerifier for SpiffeClientVerifier {
@@ -457,32 +459,34 @@ pub fn tls13_client_config_at(
 /// form (`Other(OtherError(…))`), and what to check for clock problems.
 pub fn describe_tls_error(e: &TlsError) -> String {
     match e {
-        TlsError::InvalidCertificate(ce) => format!("peer certificate rejected: {}", describe_certificate_error(ce)),
-        TlsError::AlertReceived(alert) => {
-            let what = match alert {
-                rustls::AlertDescription::CertificateExpired => {
-                    "the peer refused our certificate: it has expired".to_owned()
-                }
-                rustls::AlertDescription::CertificateUnknown
-                | rustls::AlertDescription::BadCertificate
-                | rustls::AlertDescription::UnknownCA => {
-                    "the peer refused our certificate".to_owned()
-                }
-                rustls::AlertDescription::CertificateRequired => {
-                    "the peer requires a client certificate".to_owned()
-                }
-                other => format!("the peer ended the handshake ({other:?})"),
-            };
-            what
+        TlsError::InvalidCertificate(ce) => format!(
+            "peer certificate rejected: {}",
+            describe_certificate_error(ce)
+        ),
+        TlsError::AlertReceived(alert) => match alert {
+            rustls::AlertDescription::CertificateExpired => {
+                "the peer refused our certificate: it has expired".to_owned()
+            }
+            rustls::AlertDescription::CertificateUnknown
+            | rustls::AlertDescription::BadCertificate
+            | rustls::AlertDescription::UnknownCA => "the peer refused our certificate".to_owned(),
+            rustls::AlertDescription::CertificateRequired => {
+                "the peer requires a client certificate".to_owned()
+            }
+            other => format!("the peer ended the handshake ({other:?})"),
+        },
+        TlsError::NoApplicationProtocol => {
+            "no common ALPN protocol (is this the right port?)".into()
         }
-        TlsError::NoApplicationProtocol => "no common ALPN protocol (is this the right port?)".into(),
         other => other.to_string(),
     }
 }
 
 fn describe_certificate_error(e: &CertificateError) -> String {
     match e {
-        CertificateError::Expired | CertificateError::ExpiredContext { .. } => "it has expired".into(),
+        CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+            "it has expired".into()
+        }
         CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
             "it is not valid yet: is this machine's clock behind? (check NTP)".into()
         }

@@ -206,10 +206,7 @@ impl Admin {
         } else if config.get("services").is_some() || config["listen"].get("inbound").is_some() {
             ProcessKind::Agent
         } else {
-            bail!(
-                "{} answers HTTP but is not a meshgate admin API",
-                self.addr
-            );
+            bail!("{} answers HTTP but is not a meshgate admin API", self.addr);
         };
         Ok(("older than 0.1 (no /version)".to_owned(), kind))
     }

@@ -351,8 +351,7 @@ fn token(command: TokenCommand) -> anyhow::Result<()> {
             let id = pki::hex(&pki::sha256(t.token.as_bytes()))[..store::TOKEN_ID_LEN].to_owned();
             let expires_at =
                 store::rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(t.record.expires_at));
-            let ca_address =
-                ca_address.unwrap_or_else(|| format!("https://{}:15012", hostname()));
+            let ca_address = ca_address.unwrap_or_else(|| format!("https://{}:15012", hostname()));
             let join = print_join_command
                 .then(|| join_command(&node, &t.token, &fingerprint, &ca_address, &token_path));
             match output {
@@ -532,9 +531,15 @@ mod tests {
             "https://ca.example:15012",
             Path::new("/etc/meshgate/join-token"),
         );
-        assert!(j.contains("printf '%s\\n' 'mgjt_ab'\\''c' > '/etc/meshgate/join-token'"), "{j}");
+        assert!(
+            j.contains("printf '%s\\n' 'mgjt_ab'\\''c' > '/etc/meshgate/join-token'"),
+            "{j}"
+        );
         assert!(j.contains("umask 077 && mkdir -p '/etc/meshgate'"), "{j}");
         assert!(j.contains("#     address: https://ca.example:15012"), "{j}");
-        assert!(j.ends_with("meshgate agent --config /etc/meshgate/agent.yaml"), "{j}");
+        assert!(
+            j.ends_with("meshgate agent --config /etc/meshgate/agent.yaml"),
+            "{j}"
+        );
     }
 }

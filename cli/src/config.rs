@@ -114,7 +114,12 @@ pub(crate) fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str>
     let limit = (word.chars().count() / 3).max(2);
     candidates
         .iter()
-        .map(|c| (distance(&word.to_ascii_lowercase(), &c.to_ascii_lowercase()), *c))
+        .map(|c| {
+            (
+                distance(&word.to_ascii_lowercase(), &c.to_ascii_lowercase()),
+                *c,
+            )
+        })
         .filter(|(d, _)| *d <= limit)
         .min_by_key(|(d, _)| *d)
         .map(|(_, c)| c)
@@ -216,7 +221,9 @@ fn read(path: &Path) -> anyhow::Result<String> {
 fn parse<T: DeserializeOwned + 'static>(path: &Path, text: &str) -> Result<T, ConfigErrors> {
     serde_saphyr::from_str(text).map_err(|e| {
         use serde_saphyr::MessageFormatter as _;
-        let raw = serde_saphyr::UserMessageFormatter.format_message(&e).into_owned();
+        let raw = serde_saphyr::UserMessageFormatter
+            .format_message(&e)
+            .into_owned();
         let (message, hint) = explain_parse_error(&raw, kind_name::<T>());
         let pos = e.location().filter(|l| l.line() > 0).map(|l| Pos {
             line: l.line(),
@@ -558,7 +565,11 @@ mod tests {
         agent.validate().expect("agent.yaml validates");
         assert_eq!(agent.services[0].upstreams[0].service, "users");
         // relative paths follow the file
-        assert!(agent.data_dir.starts_with(example("")), "{:?}", agent.data_dir);
+        assert!(
+            agent.data_dir.starts_with(example("")),
+            "{:?}",
+            agent.data_dir
+        );
         let consul = load_agent(&example("agent-consul.yaml")).expect("agent-consul.yaml parses");
         consul.validate().expect("agent-consul.yaml validates");
         assert!(consul.discovery.consul.is_some() && consul.discovery.dns.is_some());
@@ -578,17 +589,16 @@ mod tests {
         assert_eq!(msg, "unknown key `conect_timeout`");
         assert_eq!(
             hint.as_deref(),
-            Some("did you mean `connect_timeout`? (valid here: connect_timeout, keepalive_interval)")
+            Some(
+                "did you mean `connect_timeout`? (valid here: connect_timeout, keepalive_interval)"
+            )
         );
         let (_, hint) = explain_parse_error(
             "unknown variant `htp`, expected one of `tcp`, `http`, `grpc`",
             None,
         );
         assert!(hint.expect("hint").starts_with("did you mean `http`?"));
-        let (_, hint) = explain_parse_error(
-            "unknown field `zzzzzz`, expected `a` or `b`",
-            None,
-        );
+        let (_, hint) = explain_parse_error("unknown field `zzzzzz`, expected `a` or `b`", None);
         assert_eq!(hint.as_deref(), Some("valid here: a, b"));
         assert_eq!(closest("paht", &["path", "hosts", "methods"]), Some("path"));
         assert_eq!(closest("xyz", &["path"]), None);

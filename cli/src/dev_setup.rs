@@ -80,9 +80,8 @@ pub(crate) fn check_ports(base: u16) -> anyhow::Result<()> {
 
 /// When `meshgate` is not on PATH (run with `cargo run`): how to get it there.
 pub(crate) fn path_hint() -> Option<String> {
-    let on_path = std::env::var_os("PATH").is_some_and(|p| {
-        std::env::split_paths(&p).any(|d| d.join("meshgate").is_file())
-    });
+    let on_path = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("meshgate").is_file()));
     if on_path {
         return None;
     }
@@ -142,13 +141,21 @@ pub(crate) fn write_configs(dir: &Path, c: &DevConfigs<'_>) -> anyhow::Result<Ve
         a.data_dir = format!("./{}", a.node).into();
         a.ca.join_token_file = Some(format!("./{}.token", a.node).into());
         let services: Vec<&str> = a.services.iter().map(|s| s.name.as_str()).collect();
-        let head = header("A node agent", &a.node, &format!(" --services {}", services.join(",")));
+        let head = header(
+            "A node agent",
+            &a.node,
+            &format!(" --services {}", services.join(",")),
+        );
         write(&format!("{}.yaml", a.node), format!("{head}{}", yaml(&a)?))?;
     }
     let mut g = c.gateway.clone();
     g.data_dir = format!("./{}", g.node).into();
     g.ca.join_token_file = Some(format!("./{}.token", g.node).into());
-    let head = header("The gateway", &g.node, &format!(" --services {}", g.identity));
+    let head = header(
+        "The gateway",
+        &g.node,
+        &format!(" --services {}", g.identity),
+    );
     write("gateway.yaml", format!("{head}{}", yaml(&g)?))?;
     Ok(written)
 }

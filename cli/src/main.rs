@@ -44,7 +44,12 @@ pub(crate) struct Cli {
     log_format: LogFormat,
     /// Log filter, e.g. `info` or `meshgate_agent=debug` (RUST_LOG syntax). Default `info`,
     /// `warn` with --quiet.
-    #[arg(long, global = true, env = "MESHGATE_LOG", help_heading = "Global options")]
+    #[arg(
+        long,
+        global = true,
+        env = "MESHGATE_LOG",
+        help_heading = "Global options"
+    )]
     log: Option<String>,
     /// No colour in logs and messages (so does a non-empty NO_COLOR environment variable).
     #[arg(long, global = true, help_heading = "Global options")]
@@ -197,7 +202,10 @@ fn parse() -> Result<Cli, std::process::ExitCode> {
             let informational =
                 matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion);
             let colour = !informational
-                && output::color_wanted(false, std::io::IsTerminal::is_terminal(&std::io::stderr()));
+                && output::color_wanted(
+                    false,
+                    std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                );
             let text = if colour {
                 e.render().ansi().to_string()
             } else {
@@ -314,7 +322,10 @@ mod tests {
     fn repeated_causes_are_said_once() {
         let io = std::io::Error::new(std::io::ErrorKind::AddrInUse, "Address already in use");
         let e = anyhow::Error::new(io).context("cannot bind 127.0.0.1:1: Address already in use");
-        assert_eq!(describe(&e), "cannot bind 127.0.0.1:1: Address already in use");
+        assert_eq!(
+            describe(&e),
+            "cannot bind 127.0.0.1:1: Address already in use"
+        );
         let e = anyhow::anyhow!("inner").context("outer");
         assert_eq!(describe(&e), "outer: inner");
     }

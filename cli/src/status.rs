@@ -25,7 +25,10 @@ pub(crate) async fn run(args: StatusArgs) -> anyhow::Result<()> {
     let admin = Admin::new(args.admin.admin);
     let (version, kind) = admin.version().await?;
     let (ready, body) = admin.readyz().await?;
-    let certs = admin.get("/certs").await.unwrap_or(Value::Array(Vec::new()));
+    let certs = admin
+        .get("/certs")
+        .await
+        .unwrap_or(Value::Array(Vec::new()));
     let kind = match kind {
         ProcessKind::Agent => "agent",
         ProcessKind::Gateway => "gateway",

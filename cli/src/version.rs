@@ -54,7 +54,11 @@ pub(crate) async fn run(args: VersionArgs) -> anyhow::Result<()> {
     }
     outln!("client: meshgate {CLIENT}");
     match server {
-        Some((v, k)) => outln!("server: meshgate {v} ({}) at {}", kind_name(k), admin.addr()),
+        Some((v, k)) => outln!(
+            "server: meshgate {v} ({}) at {}",
+            kind_name(k),
+            admin.addr()
+        ),
         None => outln!(
             "server: no meshgate admin API at {} (pass --admin HOST:PORT to ask another)",
             admin.addr()

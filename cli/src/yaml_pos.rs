@@ -214,8 +214,7 @@ impl YamlIndex {
                     .iter()
                     .find(|item| match &item.value {
                         Node::Map(e) => e.iter().any(|(k, v)| {
-                            k.value.0 == "name"
-                                && matches!(&v.value, Node::Scalar(s) if s == name)
+                            k.value.0 == "name" && matches!(&v.value, Node::Scalar(s) if s == name)
                         }),
                         _ => false,
                     })
@@ -265,13 +264,19 @@ auth:
         assert_eq!(at("listen.admin"), Some((3, 3)));
         assert_eq!(at("routes[1]"), Some((7, 5)));
         assert_eq!(at("routes[1].backend"), Some((8, 5)));
-        assert_eq!(at("routes[1] (users).backend.split[0].service"), Some((10, 13)));
+        assert_eq!(
+            at("routes[1] (users).backend.split[0].service"),
+            Some((10, 13))
+        );
         assert_eq!(at("auth.jwt (demo)"), Some((14, 7)));
         // as deep as the file goes
         assert_eq!(at("routes[0].backend.nothing"), Some((6, 5)));
         assert_eq!(at("nothing"), None);
         let m = |p: &str, msg: &str| idx.locate_message(p, msg).map(|p| (p.line, p.column));
-        assert_eq!(m("routes[1] (users)", "backend split weights add up to 0"), Some((8, 5)));
+        assert_eq!(
+            m("routes[1] (users)", "backend split weights add up to 0"),
+            Some((8, 5))
+        );
         assert_eq!(m("auth.jwt (demo)", "issuer: must be a URL"), Some((15, 7)));
         assert_eq!(m("", "listen.admin is not loopback"), Some((3, 3)));
         assert_eq!(m("", "no such thing"), None);

@@ -116,7 +116,10 @@ fn token_create_prints_json_for_scripts() {
         .map(String::as_str)
         .collect();
     keys.sort_unstable();
-    assert_eq!(keys, ["ca_fingerprint", "expires_at", "id", "node", "token"]);
+    assert_eq!(
+        keys,
+        ["ca_fingerprint", "expires_at", "id", "node", "token"]
+    );
     assert_eq!(v["ca_fingerprint"], report["ca_fingerprint"]);
     assert_eq!(v["node"], "node-a");
     let token = v["token"].as_str().expect("token");

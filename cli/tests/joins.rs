@@ -15,9 +15,7 @@ use std::{
 use meshgate_agent::{
     app::Agent,
     config::AgentConfig,
-    identity::{
-        IdentityConfig, IdentityError, IdentityManager, IdentityOptions, SkewedClock,
-    },
+    identity::{IdentityConfig, IdentityError, IdentityManager, IdentityOptions, SkewedClock},
 };
 use meshgate_ca::{
     server::{CaConfig, CaServer},
@@ -203,7 +201,10 @@ async fn an_agent_started_before_its_ca_becomes_ready_once_the_ca_starts() {
     assert!(waiting, "readyz is 503 while the CA cannot be reached");
     // a few attempts go by (1s, 2s, …) and the token is still unused
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(!agent.is_finished(), "the agent keeps trying instead of exiting");
+    assert!(
+        !agent.is_finished(),
+        "the agent keeps trying instead of exiting"
+    );
     assert_eq!(token_states(ca.dir.path()), ["unused"]);
 
     let server = ca.serve().await;
@@ -213,7 +214,11 @@ async fn an_agent_started_before_its_ca_becomes_ready_once_the_ca_starts() {
         .expect("task")
         .expect("agent started");
     assert_eq!(http_get(admin, "/readyz").await.0, 200);
-    assert_eq!(token_states(ca.dir.path()), ["used"], "the token was spent once");
+    assert_eq!(
+        token_states(ca.dir.path()),
+        ["used"],
+        "the token was spent once"
+    );
     assert_eq!(server.state().refused(), 0, "no attempt was refused");
     // node + web: two certificates, so exactly one join
     assert_eq!(server.state().issued(), 2);
@@ -293,9 +298,10 @@ async fn beyond_the_grace_the_node_is_told_what_to_do_and_a_new_token_brings_it_
     let server = ca.serve().await;
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = tmp.path().join("data");
-    let ids = IdentityManager::start(ca.identity("node-a", &data, Some(ca.token("node-a", &["web"]))))
-        .await
-        .expect("join");
+    let ids =
+        IdentityManager::start(ca.identity("node-a", &data, Some(ca.token("node-a", &["web"]))))
+            .await
+            .expect("join");
     let not_after = ids.node().info().expect("cert").not_after;
     drop(ids); // the node is stopped: nothing renews
     // (certificate times have whole seconds: wait until it is expired by any count)
@@ -334,7 +340,11 @@ async fn a_node_whose_clock_is_120s_behind_joins_and_serves() {
         ..IdentityOptions::default()
     };
     let slow = IdentityManager::start_with(
-        ca.identity("node-slow", &tmp.path().join("slow"), Some(ca.token("node-slow", &["users"]))),
+        ca.identity(
+            "node-slow",
+            &tmp.path().join("slow"),
+            Some(ca.token("node-slow", &["users"])),
+        ),
         behind,
     )
     .await
@@ -359,7 +369,9 @@ async fn a_node_whose_clock_is_120s_behind_joins_and_serves() {
         server: (&IdentityManager, &meshgate_agent::identity::Identity),
         client: (&IdentityManager, &meshgate_agent::identity::Identity),
     ) -> Vec<u8> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let acceptor = tokio_rustls::TlsAcceptor::from(server.0.server_config(server.1));
         let task = tokio::spawn(async move {
@@ -371,10 +383,14 @@ async fn a_node_whose_clock_is_120s_behind_joins_and_serves() {
             tls.shutdown().await.ok();
         });
         let expected = ExpectedPeer::AnyOf(vec![server.1.id.clone()]);
-        let connector = tokio_rustls::TlsConnector::from(client.0.client_config(client.1, expected));
+        let connector =
+            tokio_rustls::TlsConnector::from(client.0.client_config(client.1, expected));
         let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let mut tls = connector
-            .connect(rustls_pki_types::ServerName::try_from("peer").expect("name"), tcp)
+            .connect(
+                rustls_pki_types::ServerName::try_from("peer").expect("name"),
+                tcp,
+            )
             .await
             .expect("client handshake");
         tls.write_all(b"ping").await.expect("write");
@@ -410,10 +426,16 @@ async fn a_nodes_services_change_at_the_ca_without_deleting_its_data_dir() {
 
     // the node now runs users too: the CA refuses, and its refusal names the remedy
     // (each start gets its own admin port: a failed start may leave its admin API behind)
-    let err = Agent::start(ca.agent("node-f", tmp.path(), &["web", "users"], free_port(), Some(&token_file)))
-        .await
-        .expect_err("users is not allowed yet")
-        .to_string();
+    let err = Agent::start(ca.agent(
+        "node-f",
+        tmp.path(),
+        &["web", "users"],
+        free_port(),
+        Some(&token_file),
+    ))
+    .await
+    .expect_err("users is not allowed yet")
+    .to_string();
     assert!(
         err.contains("may not run service default/users")
             && err.contains("meshgate ca node set-services node-f web,users"),
@@ -422,11 +444,29 @@ async fn a_nodes_services_change_at_the_ca_without_deleting_its_data_dir() {
 
     // remedy 1: change the node's services at the CA
     let ca_dir = ca.dir.path().to_str().expect("utf8").to_owned();
-    let out = meshgate(&["ca", "node", "set-services", "--data-dir", &ca_dir, "node-f", "web,users"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let agent = Agent::start(ca.agent("node-f", tmp.path(), &["web", "users"], free_port(), Some(&token_file)))
-        .await
-        .expect("users allowed after set-services");
+    let out = meshgate(&[
+        "ca",
+        "node",
+        "set-services",
+        "--data-dir",
+        &ca_dir,
+        "node-f",
+        "web,users",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let agent = Agent::start(ca.agent(
+        "node-f",
+        tmp.path(),
+        &["web", "users"],
+        free_port(),
+        Some(&token_file),
+    ))
+    .await
+    .expect("users allowed after set-services");
     let held: Vec<String> = agent
         .identity()
         .identities()
@@ -434,14 +474,23 @@ async fn a_nodes_services_change_at_the_ca_without_deleting_its_data_dir() {
         .iter()
         .map(|i| i.id.to_string())
         .collect();
-    assert!(held.contains(&"spiffe://mesh.example/ns/default/svc/users".to_owned()), "{held:?}");
+    assert!(
+        held.contains(&"spiffe://mesh.example/ns/default/svc/users".to_owned()),
+        "{held:?}"
+    );
     agent.shutdown().await;
     let listed = meshgate(&["ca", "node", "list", "--data-dir", &ca_dir, "-o", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("json");
-    assert_eq!(v[0]["services"], serde_json::json!(["default/web", "default/users"]));
+    assert_eq!(
+        v[0]["services"],
+        serde_json::json!(["default/web", "default/users"])
+    );
 
     // remedy 2: a new token with the services, used although the node holds a certificate
-    write_secret(&token_file, &ca.token("node-f", &["web", "users", "billing"]));
+    write_secret(
+        &token_file,
+        &ca.token("node-f", &["web", "users", "billing"]),
+    );
     let agent = Agent::start(ca.agent(
         "node-f",
         tmp.path(),
@@ -465,7 +514,11 @@ async fn a_nodes_services_change_at_the_ca_without_deleting_its_data_dir() {
     ))
     .await
     .expect("restart");
-    assert_eq!(server.state().issued(), issued, "restarted from the data dir");
+    assert_eq!(
+        server.state().issued(),
+        issued,
+        "restarted from the data dir"
+    );
     assert_eq!(server.state().refused(), 1, "only the one refusal above");
     agent.shutdown().await;
     server.shutdown(Duration::from_millis(100)).await;
@@ -476,10 +529,26 @@ fn token_list_and_revoke_from_the_cli() {
     let ca = Ca::new(Duration::from_secs(3600), Duration::from_secs(3600));
     let dir = ca.dir.path().to_str().expect("utf8").to_owned();
     let out = meshgate(&[
-        "ca", "token", "create", "--data-dir", &dir, "--node", "node-a", "--services", "web",
-        "--print-join-command", "--ca-address", "https://ca.example:15012", "-o", "json",
+        "ca",
+        "token",
+        "create",
+        "--data-dir",
+        &dir,
+        "--node",
+        "node-a",
+        "--services",
+        "web",
+        "--print-join-command",
+        "--ca-address",
+        "https://ca.example:15012",
+        "-o",
+        "json",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let join = v["join_command"].as_str().expect("join command");
     assert!(
@@ -492,10 +561,20 @@ fn token_list_and_revoke_from_the_cli() {
     let id = v["id"].as_str().expect("id").to_owned();
     let list = meshgate(&["ca", "token", "list", "--data-dir", &dir]);
     let table = String::from_utf8_lossy(&list.stdout).into_owned();
-    assert!(table.starts_with("ID") && table.contains(&id) && table.contains("unused"), "{table}");
-    assert!(!table.contains(v["token"].as_str().expect("token")), "the secret is never listed");
+    assert!(
+        table.starts_with("ID") && table.contains(&id) && table.contains("unused"),
+        "{table}"
+    );
+    assert!(
+        !table.contains(v["token"].as_str().expect("token")),
+        "the secret is never listed"
+    );
     let out = meshgate(&["ca", "token", "revoke", "--data-dir", &dir, &id[..8]]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(token_states(ca.dir.path()), ["revoked"]);
     let out = meshgate(&["ca", "token", "revoke", "--data-dir", &dir, "zz"]);
     assert_eq!(out.status.code(), Some(1));
@@ -504,7 +583,11 @@ fn token_list_and_revoke_from_the_cli() {
     assert_eq!(String::from_utf8_lossy(&fp.stdout).trim(), ca.fingerprint);
     // the revoked token cannot join
     let err = TokenStore::new(ca.dir.path())
-        .consume(v["token"].as_str().expect("token"), "node-a", SystemTime::now())
+        .consume(
+            v["token"].as_str().expect("token"),
+            "node-a",
+            SystemTime::now(),
+        )
         .expect_err("revoked");
     assert_eq!(err, store::TokenError::Revoked);
 }

@@ -58,7 +58,8 @@ impl Drop for Guard {
 fn start_dev(data: &Path) -> (Guard, Vec<String>, u16) {
     let mut attempt = 0u32;
     loop {
-        let base = 22_000 + u16::try_from((std::process::id() + attempt * 5) % 9).unwrap_or(0) * 1_000;
+        let base =
+            22_000 + u16::try_from((std::process::id() + attempt * 5) % 9).unwrap_or(0) * 1_000;
         let mut child = bin()
             .args(["dev", "--port-base", &base.to_string(), "--data-dir"])
             .arg(data)
@@ -123,7 +124,10 @@ fn http_get(addr: &str, path: &str) -> (u16, String) {
         return (0, String::new());
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let _ = write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    );
     let mut resp = String::new();
     let _ = s.read_to_string(&mut resp);
     let status = resp
@@ -131,7 +135,10 @@ fn http_get(addr: &str, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = resp.split_once("\r\n\r\n").map(|x| x.1.to_owned()).unwrap_or_default();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -139,8 +146,18 @@ fn http_get(addr: &str, path: &str) -> (u16, String) {
 fn the_one_host_example_starts_with_its_script_and_serves_end_to_end() {
     let local = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/local");
     // the committed files are valid as they are (the placeholder fingerprint is a warning)
-    let mut args = vec!["config".to_owned(), "validate".to_owned(), "--skip-files".to_owned()];
-    for f in ["ca.yaml", "node-1.yaml", "node-2.yaml", "node-3.yaml", "gateway.yaml"] {
+    let mut args = vec![
+        "config".to_owned(),
+        "validate".to_owned(),
+        "--skip-files".to_owned(),
+    ];
+    for f in [
+        "ca.yaml",
+        "node-1.yaml",
+        "node-2.yaml",
+        "node-3.yaml",
+        "gateway.yaml",
+    ] {
         args.push(local.join(f).display().to_string());
     }
     let args_ref: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -149,12 +166,14 @@ fn the_one_host_example_starts_with_its_script_and_serves_end_to_end() {
     assert!(text(&out.stderr).contains("placeholder"));
 
     // a block of ports where every port of the layout is free
-    let ports = ["012", "108", "100", "208", "200", "308", "300", "391", "080", "001", "181", "281"];
+    let ports = [
+        "012", "108", "100", "208", "200", "308", "300", "391", "080", "001", "181", "281",
+    ];
     let block = (27..=31u16)
         .find(|b| {
-            ports.iter().all(|p| {
-                std::net::TcpListener::bind(format!("127.0.0.1:{b}{p}")).is_ok()
-            })
+            ports
+                .iter()
+                .all(|p| std::net::TcpListener::bind(format!("127.0.0.1:{b}{p}")).is_ok())
         })
         .expect("a free port block");
     let state = tempfile::tempdir().expect("tempdir");
@@ -194,7 +213,13 @@ fn the_one_host_example_starts_with_its_script_and_serves_end_to_end() {
                     .into_iter()
                     .flatten()
                     .flatten()
-                    .map(|e| format!("{}:\n{}", e.path().display(), std::fs::read_to_string(e.path()).unwrap_or_default()))
+                    .map(|e| {
+                        format!(
+                            "{}:\n{}",
+                            e.path().display(),
+                            std::fs::read_to_string(e.path()).unwrap_or_default()
+                        )
+                    })
                     .collect();
                 assert!(
                     Instant::now() < deadline,
@@ -203,7 +228,12 @@ fn the_one_host_example_starts_with_its_script_and_serves_end_to_end() {
             }
         }
     }
-    assert!(printed.iter().any(|l| l.ends_with("valid CA config for trust domain mesh.example")), "{printed:#?}");
+    assert!(
+        printed
+            .iter()
+            .any(|l| l.ends_with("valid CA config for trust domain mesh.example")),
+        "{printed:#?}"
+    );
     // north-south through the gateway, east-west through node-3's upstream listener
     let (code, body) = http_get(&format!("127.0.0.1:{block}080"), "/api/users/7");
     assert_eq!(code, 200, "{body}");
@@ -212,10 +242,16 @@ fn the_one_host_example_starts_with_its_script_and_serves_end_to_end() {
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("user 8"), "{body}");
     // what runs is valid by every check, files included
-    let files: Vec<String> = ["ca.yaml", "node-1.yaml", "node-2.yaml", "node-3.yaml", "gateway.yaml"]
-        .iter()
-        .map(|f| state.path().join(f).display().to_string())
-        .collect();
+    let files: Vec<String> = [
+        "ca.yaml",
+        "node-1.yaml",
+        "node-2.yaml",
+        "node-3.yaml",
+        "gateway.yaml",
+    ]
+    .iter()
+    .map(|f| state.path().join(f).display().to_string())
+    .collect();
     let mut args = vec!["config", "validate"];
     args.extend(files.iter().map(String::as_str));
     let out = meshgate(&args);
@@ -225,8 +261,16 @@ fn the_one_host_example_starts_with_its_script_and_serves_end_to_end() {
     let status = stop(script);
     assert!(status.success(), "{status}");
     let rest: Vec<String> = rx.try_iter().collect();
-    assert!(rest.iter().any(|l| l == "stopped"), "{rest:?} {}", errors.join().unwrap_or_default());
-    assert_eq!(http_get(&format!("127.0.0.1:{block}001"), "/readyz").0, 0, "the gateway stopped");
+    assert!(
+        rest.iter().any(|l| l == "stopped"),
+        "{rest:?} {}",
+        errors.join().unwrap_or_default()
+    );
+    assert_eq!(
+        http_get(&format!("127.0.0.1:{block}001"), "/readyz").0,
+        0,
+        "the gateway stopped"
+    );
 }
 
 #[test]
@@ -268,7 +312,9 @@ fn every_printing_command_exits_141_without_panicking_when_stdout_closes() {
     );
     let jwt_cfg = jwt_cfg.to_str().expect("utf8").to_owned();
     let commands: Vec<Vec<&str>> = vec![
-        vec!["auth", "explain", "--config", &jwt_cfg, "--route", "me", "--token", &token],
+        vec![
+            "auth", "explain", "--config", &jwt_cfg, "--route", "me", "--token", &token,
+        ],
         vec!["--help"],
         vec!["--version"],
         vec!["ca", "token", "create", "--help"],
@@ -277,7 +323,13 @@ fn every_printing_command_exits_141_without_panicking_when_stdout_closes() {
         vec!["status", "--admin", &agent_admin],
         vec!["routes", "--admin", &gw_admin],
         vec!["routes", "--admin", &gw_admin, "-o", "json"],
-        vec!["routes", "--admin", &gw_admin, "--match", "GET http://x/api/users/1"],
+        vec![
+            "routes",
+            "--admin",
+            &gw_admin,
+            "--match",
+            "GET http://x/api/users/1",
+        ],
         vec!["routes", "--config", &gateway_yaml],
         vec!["services", "--admin", &agent_admin],
         vec!["services", "--admin", &agent_admin, "-o", "json"],
@@ -286,17 +338,48 @@ fn every_printing_command_exits_141_without_panicking_when_stdout_closes() {
         vec!["certs", "--data-dir", &node_dir, "-o", "json"],
         vec!["config", "schema", "--kind", "gateway"],
         vec!["config", "validate", "--skip-files", &gateway_yaml],
-        vec!["config", "validate", "--skip-files", &gateway_yaml, "-o", "json"],
+        vec![
+            "config",
+            "validate",
+            "--skip-files",
+            &gateway_yaml,
+            "-o",
+            "json",
+        ],
         vec!["completion", "bash"],
         vec!["completion", "zsh"],
         vec!["completion", "fish"],
         vec!["apikey", "hash", "abc"],
-        vec!["ca", "init", "--trust-domain", "mesh.example", "--data-dir", &ca],
+        vec![
+            "ca",
+            "init",
+            "--trust-domain",
+            "mesh.example",
+            "--data-dir",
+            &ca,
+        ],
         vec!["ca", "fingerprint", "--data-dir", &dev_ca],
-        vec!["ca", "token", "create", "--data-dir", &dev_ca, "--node", "n1", "--print-join-command"],
+        vec![
+            "ca",
+            "token",
+            "create",
+            "--data-dir",
+            &dev_ca,
+            "--node",
+            "n1",
+            "--print-join-command",
+        ],
         vec!["ca", "token", "list", "--data-dir", &dev_ca],
         vec!["ca", "node", "list", "--data-dir", &dev_ca],
-        vec!["ca", "node", "set-services", "--data-dir", &dev_ca, "node-b", "web"],
+        vec![
+            "ca",
+            "node",
+            "set-services",
+            "--data-dir",
+            &dev_ca,
+            "node-b",
+            "web",
+        ],
     ];
     for args in &commands {
         let out = into_closed_pipe(args);
@@ -371,10 +454,13 @@ impl GatewayFixture {
     fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir(dir.path().join("tls")).expect("tls dir");
-        let cert = rcgen::generate_simple_self_signed(vec!["api.example".to_owned()])
-            .expect("cert");
+        let cert =
+            rcgen::generate_simple_self_signed(vec!["api.example".to_owned()]).expect("cert");
         std::fs::write(dir.path().join("tls/api.crt"), cert.cert.pem()).expect("crt");
-        write_secret(&dir.path().join("tls/api.key"), &cert.signing_key.serialize_pem());
+        write_secret(
+            &dir.path().join("tls/api.key"),
+            &cert.signing_key.serialize_pem(),
+        );
         let other = rcgen::generate_simple_self_signed(vec!["other".to_owned()]).expect("other");
         std::fs::write(dir.path().join("tls/other.crt"), other.cert.pem()).expect("crt");
         std::fs::write(dir.path().join("jwks.json"), r#"{"keys": []}"#).expect("jwks");
@@ -413,13 +499,18 @@ fn line_of(body: &str, needle: &str) -> usize {
 fn config_validate_refuses_what_start_up_would_each_once_at_its_line() {
     let f = GatewayFixture::new();
     let (out, _) = f.validate(&[], &[]);
-    assert!(out.status.success(), "the fixture is valid: {}", text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "the fixture is valid: {}",
+        text(&out.stderr)
+    );
     assert!(text(&out.stdout).contains("valid gateway config for node gw-1 (2 routes)"));
 
     let file = f.path().display().to_string();
     let good_fp = "ab".repeat(32);
     // (edits, the line the error must point at, what it must say, what the hint must say)
-    let cases: Vec<(Vec<(&str, &str)>, &str, &str, &str)> = vec![
+    type Case<'a> = (Vec<(&'a str, &'a str)>, &'a str, &'a str, &'a str);
+    let cases: Vec<Case<'_>> = vec![
         (
             vec![(good_fp.as_str(), "abc")],
             "fingerprint:",
@@ -463,7 +554,10 @@ fn config_validate_refuses_what_start_up_would_each_once_at_its_line() {
             "its own port",
         ),
         (
-            vec![("    match: { path: { prefix: /orders } }", "    match: { paht: { prefix: /orders } }")],
+            vec![(
+                "    match: { path: { prefix: /orders } }",
+                "    match: { paht: { prefix: /orders } }",
+            )],
             "paht",
             "unknown key `paht`",
             "did you mean `path`?",
@@ -486,7 +580,9 @@ fn config_validate_refuses_what_start_up_would_each_once_at_its_line() {
         );
         // said once, with no parser snippets or Rust Debug text
         assert_eq!(err.matches(says).count(), 1, "{err}");
-        for leak in ["-->", "line ", "Some(", "Other(", "Custom {", "os error", "Mismatch"] {
+        for leak in [
+            "-->", "line ", "Some(", "Other(", "Custom {", "os error", "Mismatch",
+        ] {
             assert!(!err.contains(leak), "{leak:?} in {err}");
         }
     }
@@ -504,10 +600,16 @@ fn config_validate_refuses_what_start_up_would_each_once_at_its_line() {
     assert!(
         err.contains(&format!("{file}:{}:", line_of(&body, "key_file:")))
             && err.contains("mode is 0644")
-            && err.contains(&format!("chmod 600 {}", f.dir.path().join("tls/api.key").display())),
+            && err.contains(&format!(
+                "chmod 600 {}",
+                f.dir.path().join("tls/api.key").display()
+            )),
         "{err}"
     );
-    assert!(err.contains(": warning: ca.fingerprint: the all-zero placeholder"), "{err}");
+    assert!(
+        err.contains(": warning: ca.fingerprint: the all-zero placeholder"),
+        "{err}"
+    );
     // -o json for CI, with the same facts
     let (out, _) = f.validate(&[(good_fp.as_str(), &zero)], &["-o", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
@@ -530,7 +632,11 @@ fn config_validate_refuses_what_start_up_would_each_once_at_its_line() {
     .expect("chmod");
     let (out, _) = f.validate(&[(good_fp.as_str(), &zero)], &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("(1 warning)"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("(1 warning)"),
+        "{}",
+        text(&out.stdout)
+    );
 }
 
 #[test]
@@ -587,7 +693,10 @@ fn inspection_commands_know_which_process_they_talk_to() {
         let out = meshgate(&["routes", "--admin", &addr]);
         assert_eq!(out.status.code(), Some(1));
         let err = text(&out.stderr);
-        assert!(err.contains("is the admin API of an agent, not a gateway"), "{err}");
+        assert!(
+            err.contains("is the admin API of an agent, not a gateway"),
+            "{err}"
+        );
     }
     // any command against the CA's gRPC port
     let out = meshgate(&["services", "--admin", &ca]);
@@ -599,7 +708,11 @@ fn inspection_commands_know_which_process_they_talk_to() {
     // a bad spelling is a usage error that says how to write it
     let out = meshgate(&["services", "--admin", "https://127.0.0.1:1"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("plain HTTP"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("plain HTTP"),
+        "{}",
+        text(&out.stderr)
+    );
 
     let out = meshgate(&["version", "--admin", &gw, "-o", "json"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -609,14 +722,22 @@ fn inspection_commands_know_which_process_they_talk_to() {
     assert_eq!(v["server"]["version"], env!("CARGO_PKG_VERSION"));
     let out = meshgate(&["status", "--admin", &agent]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).starts_with(&format!("agent at {agent}")), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).starts_with(&format!("agent at {agent}")),
+        "{}",
+        text(&out.stdout)
+    );
     stop(dev);
 }
 
 /// Runs `args` under a pseudo-terminal (util-linux `script`), so colour would be used.
 fn on_a_terminal(args: &str, env: &[(&str, &str)]) -> Option<String> {
     let mut cmd = Command::new("script");
-    cmd.args(["-qec", &format!("{} {args}", env!("CARGO_BIN_EXE_meshgate")), "/dev/null"]);
+    cmd.args([
+        "-qec",
+        &format!("{} {args}", env!("CARGO_BIN_EXE_meshgate")),
+        "/dev/null",
+    ]);
     cmd.env_remove("NO_COLOR");
     for (k, v) in env {
         cmd.env(k, v);
@@ -632,15 +753,24 @@ fn colour_only_on_a_terminal_and_never_with_no_color() {
     assert!(!text(&out.stderr).contains('\x1b'), "no colour into a pipe");
     let args = format!("config validate {}", f.path().display());
     let Some(coloured) = on_a_terminal(&args, &[]) else {
-        assert!(std::env::var_os("CI").is_none(), "CI must have util-linux script");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have util-linux script"
+        );
         eprintln!("SKIPPED colour test: `script` (util-linux) is not installed");
         return;
     };
     assert!(coloured.contains("\x1b[1;31merror"), "{coloured:?}");
     let plain = on_a_terminal(&args, &[("NO_COLOR", "1")]).expect("script");
-    assert!(plain.contains("error") && !plain.contains('\x1b'), "{plain:?}");
+    assert!(
+        plain.contains("error") && !plain.contains('\x1b'),
+        "{plain:?}"
+    );
     let plain = on_a_terminal(&format!("--no-color {args}"), &[]).expect("script");
-    assert!(plain.contains("error") && !plain.contains('\x1b'), "{plain:?}");
+    assert!(
+        plain.contains("error") && !plain.contains('\x1b'),
+        "{plain:?}"
+    );
 }
 
 #[test]
@@ -648,13 +778,33 @@ fn a_second_ctrl_c_exits_at_once() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let tmp = tempfile::tempdir().expect("tempdir");
     let ca_dir = tmp.path().join("ca");
-    let out = meshgate(&["ca", "init", "--trust-domain", "mesh.example", "--data-dir", ca_dir.to_str().expect("utf8"), "-o", "json"]);
+    let out = meshgate(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "mesh.example",
+        "--data-dir",
+        ca_dir.to_str().expect("utf8"),
+        "-o",
+        "json",
+    ]);
     assert!(out.status.success());
     let fp: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let cfg = tmp.path().join("ca.yaml");
-    std::fs::write(&cfg, "trust_domain: mesh.example\ndata_dir: ca\nlisten: 127.0.0.1:0\n").expect("write");
+    std::fs::write(
+        &cfg,
+        "trust_domain: mesh.example\ndata_dir: ca\nlisten: 127.0.0.1:0\n",
+    )
+    .expect("write");
     let mut child = bin()
-        .args(["--log-format", "json", "ca", "serve", "--config", cfg.to_str().expect("utf8")])
+        .args([
+            "--log-format",
+            "json",
+            "ca",
+            "serve",
+            "--config",
+            cfg.to_str().expect("utf8"),
+        ])
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
@@ -668,7 +818,9 @@ fn a_second_ctrl_c_exits_at_once() {
         }
     });
     let addr = loop {
-        let line = rx.recv_timeout(Duration::from_secs(30)).expect("CA started");
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("CA started");
         let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
         if let Some(a) = v["fields"]["addr"].as_str() {
             break a.to_owned();
@@ -676,7 +828,16 @@ fn a_second_ctrl_c_exits_at_once() {
     };
     // a node holds a trust-bundle stream open, so a graceful stop waits for its drain (5s)
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let token = meshgate(&["ca", "token", "create", "--data-dir", ca_dir.to_str().expect("utf8"), "--node", "n", "-q"]);
+    let token = meshgate(&[
+        "ca",
+        "token",
+        "create",
+        "--data-dir",
+        ca_dir.to_str().expect("utf8"),
+        "--node",
+        "n",
+        "-q",
+    ]);
     let node = runtime
         .block_on(meshgate_agent::identity::IdentityManager::start(
             meshgate_agent::identity::IdentityConfig {
@@ -697,7 +858,11 @@ fn a_second_ctrl_c_exits_at_once() {
             .await
             .expect("stream")
             .into_inner();
-        stream.message().await.expect("first bundle").expect("bundle");
+        stream
+            .message()
+            .await
+            .expect("first bundle")
+            .expect("bundle");
         stream
     });
     let kill = |sig: &str| {
@@ -708,7 +873,9 @@ fn a_second_ctrl_c_exits_at_once() {
     };
     kill("-INT");
     loop {
-        let line = rx.recv_timeout(Duration::from_secs(10)).expect("stopping line");
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("stopping line");
         if line.contains("press Ctrl-C again") {
             break;
         }
@@ -719,7 +886,10 @@ fn a_second_ctrl_c_exits_at_once() {
         if let Some(s) = child.try_wait().expect("wait") {
             break s;
         }
-        assert!(second.elapsed() < Duration::from_secs(4), "the second Ctrl-C did not exit at once");
+        assert!(
+            second.elapsed() < Duration::from_secs(4),
+            "the second Ctrl-C did not exit at once"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(status.code(), Some(130));

@@ -167,7 +167,11 @@ impl GatewayConfig {
                 );
             }
         }
-        if let Some(f) = auth.api_keys.as_ref().and_then(|k| k.consumers_file.as_ref()) {
+        if let Some(f) = auth
+            .api_keys
+            .as_ref()
+            .and_then(|k| k.consumers_file.as_ref())
+        {
             check_file("auth.api_keys.consumers_file", f, FileKind::Public, out);
         }
         for (i, p) in auth.introspection.iter().enumerate() {

@@ -164,7 +164,12 @@ impl AdminState {
             }];
         }
         match self.identity.get() {
-            Some(ids) => ids.problems().await.into_iter().map(|p| p.message).collect(),
+            Some(ids) => ids
+                .problems()
+                .await
+                .into_iter()
+                .map(|p| p.message)
+                .collect(),
             None => Vec::new(),
         }
     }

@@ -176,7 +176,10 @@ mod tests {
             assert_eq!(parse_address(input).expect(input), (host.to_owned(), port));
         }
         let e = parse_address("http://ca:1").expect_err("http").to_string();
-        assert!(e.contains("https://HOST:PORT") && e.contains("http://"), "{e}");
+        assert!(
+            e.contains("https://HOST:PORT") && e.contains("http://"),
+            "{e}"
+        );
         assert!(parse_address("").is_err());
     }
 
@@ -190,7 +193,10 @@ mod tests {
         );
         assert!(!is_transient(&tls));
         let text = error_chain(&tls);
-        assert!(text.contains("not valid yet") && text.contains("clock"), "{text}");
+        assert!(
+            text.contains("not valid yet") && text.contains("clock"),
+            "{text}"
+        );
         assert!(!text.contains("NotValidYet"), "{text}");
         let alert = std::io::Error::new(
             std::io::ErrorKind::InvalidData,
@@ -203,6 +209,9 @@ mod tests {
         );
         let status = tonic::Status::from_error(Box::new(alert));
         let text = error_chain(&status);
-        assert!(!text.contains("Custom {") && !text.contains("tonic::"), "{text}");
+        assert!(
+            !text.contains("Custom {") && !text.contains("tonic::"),
+            "{text}"
+        );
     }
 }

@@ -41,7 +41,8 @@ impl Clock for SkewedClock {
     fn now(&self) -> SystemTime {
         let now = SystemTime::now();
         if self.behind {
-            now.checked_sub(self.offset).unwrap_or(SystemTime::UNIX_EPOCH)
+            now.checked_sub(self.offset)
+                .unwrap_or(SystemTime::UNIX_EPOCH)
         } else {
             now + self.offset
         }
@@ -77,7 +78,10 @@ mod tests {
         };
         let slow = behind.now();
         let d = SystemTime::now().duration_since(slow).expect("behind");
-        assert!(d >= Duration::from_secs(120) && d < Duration::from_secs(130), "{d:?}");
+        assert!(
+            d >= Duration::from_secs(120) && d < Duration::from_secs(130),
+            "{d:?}"
+        );
         let t = ClockTime(Arc::new(behind)).current_time().expect("time");
         let sys = unix_time(SystemTime::now()).expect("now");
         assert!(sys.as_secs() - t.as_secs() >= 119);

@@ -175,7 +175,10 @@ impl IdentityError {
         match self {
             Self::CaUnreachable { transient, .. } => *transient,
             Self::Refused { code, .. } => {
-                matches!(code, tonic::Code::Unavailable | tonic::Code::DeadlineExceeded)
+                matches!(
+                    code,
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                )
             }
             _ => false,
         }
@@ -658,7 +661,10 @@ impl Joiner<'_> {
     /// only over a verified connection to the pinned CA, so it is spent at most once.
     async fn join_retrying(&self, token: &str) -> Result<TrustBundle, IdentityError> {
         let what = format!("joining the mesh as {}", self.cfg.node);
-        retry_transient(self.opts, &self.cfg.ca_address, &what, || self.join_once(token)).await
+        retry_transient(self.opts, &self.cfg.ca_address, &what, || {
+            self.join_once(token)
+        })
+        .await
     }
 }
 
@@ -912,8 +918,8 @@ fn accept_svid(
     let (leaf, rest) = chain
         .split_first()
         .ok_or_else(|| IdentityError::BadResponse("empty certificate chain".into()))?;
-    let at = unix_time(now)
-        .ok_or_else(|| IdentityError::Config("the clock is before 1970".into()))?;
+    let at =
+        unix_time(now).ok_or_else(|| IdentityError::Config("the clock is before 1970".into()))?;
     for usage in [Usage::Client, Usage::Server] {
         let id = verify_svid(bundle, leaf, rest, at, usage).map_err(|e| {
             IdentityError::BadResponse(format!(
@@ -1284,11 +1290,19 @@ mod tests {
         }));
         let p = cert_problem(&i, "node-a", now).expect("at risk");
         assert!(!p.expired && p.seconds_left > 0);
-        assert!(p.message.contains("renewal fails") && p.message.contains("cannot reach the CA"), "{}", p.message);
+        assert!(
+            p.message.contains("renewal fails") && p.message.contains("cannot reach the CA"),
+            "{}",
+            p.message
+        );
         // expired: always a problem, with what to do
         let i = identity_valid(now, 2 * h, Duration::ZERO);
         let p = cert_problem(&i, "node-a", now + Duration::from_secs(1)).expect("expired");
-        assert!(p.expired && p.message.contains("meshgate ca token create --node node-a"), "{}", p.message);
+        assert!(
+            p.expired && p.message.contains("meshgate ca token create --node node-a"),
+            "{}",
+            p.message
+        );
     }
 
     #[test]
