@@ -154,10 +154,11 @@ impl Agent {
             0 => 15008,
             p => p,
         };
-        let upstream_names = cfg
+        let upstream_names: Vec<String> = cfg
             .services
             .iter()
-            .flat_map(|s| s.upstreams.iter().map(|u| u.service.clone()));
+            .flat_map(|s| s.upstreams.iter().map(|u| u.service.clone()))
+            .collect();
         let mesh = Mesh::start(
             MeshSpec {
                 trust_domain: &cfg.trust_domain,

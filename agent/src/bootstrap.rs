@@ -13,7 +13,7 @@ use crate::{
     balance::BalanceConfig,
     config::{CaRef, DiscoveryConfig, TunnelConfig},
     discovery::{self, Endpoints},
-    identity::{IdentityError, IdentityManager},
+    identity::{IdentityError, IdentityManager, IdentityOptions},
     telemetry::Metrics,
     transport::hbone::Pool,
 };
@@ -95,7 +95,16 @@ impl Mesh {
                 path: path.display().to_string(),
                 source,
             })?;
-        let identity = IdentityManager::start(identity_cfg).await?;
+        // keeps trying while the CA is unreachable (the token is spent once); /readyz says what
+        // it waits for meanwhile
+        let identity = IdentityManager::start_with(
+            identity_cfg,
+            IdentityOptions {
+                status: Some(state.startup.clone()),
+                ..IdentityOptions::default()
+            },
+        )
+        .await?;
         let _ = state.identity.set(identity.clone());
         let balance = BalanceConfig {
             failures_to_eject: spec.tunnel.failures_to_eject,

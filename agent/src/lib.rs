@@ -8,7 +8,8 @@
 //! - [`http`]: the HTTP pipeline both modes run (front, filters, routes, actions, upstreams).
 //! - [`bootstrap`]: joining the mesh, shared by the agent and the gateway.
 //! - [`notify`]: systemd readiness notification (`sd_notify`) for `Type=notify` units.
-//! - [`app`]: builds a running [`app::Agent`] from an [`config::AgentConfig`].
+//! - [`app`]: builds a running [`app::Agent`] from an [`config::AgentConfig`]; [`config_check`]:
+//!   the checks `meshgate config validate` and start-up run on it.
 //!
 //! ```no_run
 //! # async fn run(cfg: meshgate_agent::config::AgentConfig) -> Result<(), Box<dyn std::error::Error>> {
@@ -23,6 +24,7 @@ pub mod app;
 pub mod balance;
 pub mod bootstrap;
 pub mod config;
+pub mod config_check;
 pub mod discovery;
 pub mod drain;
 pub mod http;

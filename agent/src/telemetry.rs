@@ -66,6 +66,7 @@ pub struct Metrics {
     authz_denials: Family<Labels, Counter>,
     connect_failures: Family<Labels, Counter>,
     cert_expiry: Family<Labels, Gauge>,
+    cert_at_risk: Family<Labels, Gauge>,
     renew_failures: Gauge,
     ready: Gauge,
     discovery_endpoints: Family<Labels, Gauge>,
@@ -105,6 +106,7 @@ impl Metrics {
             authz_denials: Family::default(),
             connect_failures: Family::default(),
             cert_expiry: Family::default(),
+            cert_at_risk: Family::default(),
             renew_failures: Gauge::default(),
             ready: Gauge::default(),
             discovery_endpoints: Family::default(),
@@ -160,6 +162,11 @@ impl Metrics {
             "meshgate_identity_cert_expiry_seconds",
             "seconds until each held certificate expires",
             m.cert_expiry.clone(),
+        );
+        registry.register(
+            "meshgate_identity_cert_at_risk",
+            "1 while a held certificate has expired, or is in the last quarter of its lifetime and renewing it fails",
+            m.cert_at_risk.clone(),
         );
         registry.register(
             "meshgate_identity_renewal_failures",
@@ -269,6 +276,13 @@ impl Metrics {
         self.cert_expiry
             .get_or_create(&vec![("spiffe_id", spiffe_id.to_owned())])
             .set(seconds);
+    }
+
+    /// Sets whether a certificate is at risk (expired, or near expiry while renewal fails).
+    pub fn set_cert_at_risk(&self, spiffe_id: &str, at_risk: bool) {
+        self.cert_at_risk
+            .get_or_create(&vec![("spiffe_id", spiffe_id.to_owned())])
+            .set(i64::from(at_risk));
     }
 
     /// Sets the renewal failure gauge.

@@ -70,6 +70,23 @@ impl fmt::Debug for ConsulConfig {
     }
 }
 
+impl ConsulConfig {
+    /// Makes the token and TLS file paths relative to `base` (the config file's directory).
+    pub fn resolve_paths(&mut self, base: &std::path::Path) {
+        if let Some(p) = &mut self.token_file {
+            crate::server::resolve(p, base);
+        }
+        if let Some(t) = &mut self.tls {
+            for p in [&mut t.ca_file, &mut t.cert_file, &mut t.key_file]
+                .into_iter()
+                .flatten()
+            {
+                crate::server::resolve(p, base);
+            }
+        }
+    }
+}
+
 /// TLS to Consul.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]

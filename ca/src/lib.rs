@@ -12,12 +12,8 @@
 //! let report = store::init(dir, "mesh.example", false, std::time::SystemTime::now())?;
 //! println!("pin {}", report.ca_fingerprint);
 //! let config = CaConfig {
-//!     trust_domain: "mesh.example".into(),
-//!     data_dir: dir.into(),
 //!     listen: "127.0.0.1:15012".parse()?,
-//!     workload_ttl: std::time::Duration::from_secs(86400),
-//!     node_ttl: std::time::Duration::from_secs(86400),
-//!     consul: None,
+//!     ..CaConfig::new("mesh.example", dir)
 //! };
 //! let server = CaServer::start(&config).await?;
 //! println!("serving on {}", server.local_addr());

@@ -59,6 +59,54 @@ pub struct CaConfig {
     /// in Consul's catalog (instead of the join token's service list).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consul: Option<crate::consul::ConsulConfig>,
+    /// How long after its node certificate expired a node may still renew it (with that
+    /// certificate, for RenewNode only): a node whose certificate ran out during a CA outage
+    /// recovers by itself when the CA returns within this. `0s` turns it off, so such a node
+    /// needs a new join token. Default 24h. The cost: a node key stolen from a node that was
+    /// stopped works for this much longer after expiry (`meshgate ca node remove` ends it).
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub expired_renewal_grace: Duration,
+}
+
+fn default_grace() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+
+impl CaConfig {
+    /// A config with every default: listen `0.0.0.0:15012`, 24h lifetimes, no Consul, a 24h
+    /// expired-renewal grace.
+    pub fn new(trust_domain: &str, data_dir: &Path) -> Self {
+        Self {
+            trust_domain: trust_domain.to_owned(),
+            data_dir: data_dir.to_owned(),
+            listen: default_listen(),
+            workload_ttl: default_ttl(),
+            node_ttl: default_ttl(),
+            consul: None,
+            expired_renewal_grace: default_grace(),
+        }
+    }
+
+    /// Makes every relative path in the config relative to `base` (the directory of the file
+    /// it was read from) instead of the working directory.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        resolve(&mut self.data_dir, base);
+        if let Some(c) = &mut self.consul {
+            c.resolve_paths(base);
+        }
+    }
+}
+
+/// `path` made relative to `base` when it is relative (and not empty); `./` steps are dropped.
+pub fn resolve(path: &mut PathBuf, base: &Path) {
+    if !path.as_os_str().is_empty() && path.is_relative() {
+        let rest: PathBuf = path
+            .components()
+            .filter(|c| !matches!(c, std::path::Component::CurDir))
+            .collect();
+        *path = base.join(rest);
+    }
 }
 
 /// Why the CA could not start.
@@ -161,15 +209,8 @@ impl CaServer {
             ),
             None => None,
         };
-        let state = Arc::new(CaState::new(
-            ca.trust_domain.clone(),
-            config.data_dir.clone(),
-            signer,
-            bundle,
-            config.workload_ttl,
-            config.node_ttl,
-            consul,
-        ));
+        // (the trust domain was checked against the CA's above)
+        let state = Arc::new(CaState::new(config, signer, bundle, consul));
 
         // the serving certificate, renewed in the background
         let slot = CertSlot::new();
@@ -202,7 +243,10 @@ impl CaServer {
         }
 
         let mut tls = tls13_server_config()
-            .with_client_cert_verifier(Arc::new(SpiffeClientVerifier::new(shared_bundle, false)))
+            .with_client_cert_verifier(Arc::new(
+                SpiffeClientVerifier::new(shared_bundle, false)
+                    .with_expired_grace(config.expired_renewal_grace),
+            ))
             .with_cert_resolver(slot);
         tls.alpn_protocols = vec![b"h2".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
@@ -237,7 +281,14 @@ impl CaServer {
                         Ok(Ok(tls)) => {
                             let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
                         }
-                        Ok(Err(e)) => warn!(peer = %peer, error = %e, "TLS handshake refused"),
+                        Ok(Err(e)) => {
+                            let reason = e
+                                .get_ref()
+                                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                                .map(crate::verify::describe_tls_error)
+                                .unwrap_or_else(|| e.to_string());
+                            warn!(peer = %peer, error = %reason, "TLS handshake refused")
+                        }
                         Err(_) => debug!(peer = %peer, "TLS handshake timed out"),
                     }
                 });

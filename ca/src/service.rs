@@ -28,7 +28,7 @@ use crate::{
     pki::CertInfo,
     signer::{self, Signer},
     spiffe::{SpiffeId, Subject},
-    store::{self, IssuedRecord, NodeRegistry, TokenStore},
+    store::{self, IssuedRecord, NodeRecord, NodeRegistry, TokenStore},
     verify::TrustBundle,
 };
 
@@ -44,29 +44,31 @@ pub struct CaState {
     pub(crate) workload_ttl: Duration,
     pub(crate) node_ttl: Duration,
     pub(crate) consul: Option<ConsulClient>,
+    /// How long after expiry a node certificate may still renew itself (0: not at all).
+    pub(crate) expired_grace: Duration,
     issued: AtomicU64,
     refused: AtomicU64,
 }
 
 impl CaState {
+    /// State for serving `config` (its trust domain, data dir, lifetimes and grace) with
+    /// `signer` and `bundle`.
     pub(crate) fn new(
-        trust_domain: String,
-        data_dir: PathBuf,
+        config: &crate::server::CaConfig,
         signer: Signer,
         bundle: TrustBundle,
-        workload_ttl: Duration,
-        node_ttl: Duration,
         consul: Option<ConsulClient>,
     ) -> Self {
         Self {
-            tokens: TokenStore::new(&data_dir),
-            nodes: NodeRegistry::new(&data_dir),
-            trust_domain,
-            data_dir,
+            expired_grace: config.expired_renewal_grace,
+            tokens: TokenStore::new(&config.data_dir),
+            nodes: NodeRegistry::new(&config.data_dir),
+            trust_domain: config.trust_domain.clone(),
+            data_dir: config.data_dir.clone(),
             signer,
             bundle: watch::channel(bundle).0,
-            workload_ttl,
-            node_ttl,
+            workload_ttl: config.workload_ttl,
+            node_ttl: config.node_ttl,
             consul,
             issued: AtomicU64::new(0),
             refused: AtomicU64::new(0),
@@ -128,8 +130,34 @@ impl CaState {
         })
     }
 
-    /// The calling node, from its verified client certificate.
+    /// The node's registry record; a node that is not registered (removed by an operator, or
+    /// joined to another CA data dir) gets nothing.
+    fn registered(&self, rpc: &str, node: &str) -> Result<NodeRecord, Status> {
+        self.nodes.get(node).ok_or_else(|| {
+            self.refuse(
+                rpc,
+                node,
+                Status::permission_denied(format!(
+                    "node {node} is not registered with this CA (it was removed, or the CA's data dir is not the one it joined): join it again with a new token from `meshgate ca token create --node {node}`"
+                )),
+            )
+        })
+    }
+
+    /// The calling node, from a verified client certificate that has not expired.
     fn caller_node<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let (node, expired) = self.caller_node_any(req)?;
+        match expired {
+            None => Ok(node),
+            Some(not_after) => Err(Status::unauthenticated(format!(
+                "the node certificate of {node} expired at {not_after}: renew it first (the agent does so on its own)"
+            ))),
+        }
+    }
+
+    /// The calling node, and when its certificate expired if it did (the TLS layer admits
+    /// certificates that expired within `expired_renewal_grace`, for RenewNode only).
+    fn caller_node_any<T>(&self, req: &Request<T>) -> Result<(String, Option<String>), Status> {
         let certs = req.peer_certs().ok_or_else(|| {
             Status::unauthenticated(
                 "this call needs a node SVID: connect with mTLS using the node certificate",
@@ -144,8 +172,22 @@ impl CaState {
             .spiffe_uri()
             .and_then(|u| SpiffeId::parse(u).ok())
             .ok_or_else(|| Status::unauthenticated("client certificate has no SPIFFE ID"))?;
+        // whole seconds, as the TLS layer counts them
+        let secs = |t: SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        };
+        let (now, not_after) = (secs(SystemTime::now()), secs(info.not_after));
+        if now > not_after.saturating_add(self.expired_grace.as_secs()) {
+            return Err(Status::unauthenticated(format!(
+                "the node certificate expired at {} and is past the CA's expired_renewal_grace",
+                store::rfc3339(info.not_after)
+            )));
+        }
+        let expired = (now > not_after).then(|| store::rfc3339(info.not_after));
         match id.subject() {
-            Subject::Node(n) if id.trust_domain() == self.trust_domain => Ok(n.clone()),
+            Subject::Node(n) if id.trust_domain() == self.trust_domain => Ok((n.clone(), expired)),
             _ => Err(Status::permission_denied(format!(
                 "{id} is not a node identity; use the node SVID for this call"
             ))),
@@ -213,11 +255,15 @@ impl CertificateAuthority for CaService {
 
     async fn renew_node(&self, req: Request<CsrRequest>) -> Result<Response<SvidResponse>, Status> {
         let s = &self.state;
-        let node = s
-            .caller_node(&req)
+        let (node, expired) = s
+            .caller_node_any(&req)
             .map_err(|e| s.refuse("RenewNode", "-", e))?;
         let csr = signer::check_csr(&req.get_ref().csr_der, &s.trust_domain)
             .map_err(|e| s.refuse("RenewNode", &node, csr_status(e)))?;
+        s.registered("RenewNode", &node)?;
+        if let Some(not_after) = &expired {
+            info!(node, not_after = %not_after, grace = %humantime::format_duration(s.expired_grace), "renewing a node certificate that expired within the grace period");
+        }
         if csr.id.subject() != &Subject::Node(node.clone()) {
             return Err(s.refuse(
                 "RenewNode",
@@ -253,6 +299,7 @@ impl CertificateAuthority for CaService {
             ));
         };
         let scope = format!("{namespace}/{service}");
+        let record = s.registered("SignWorkload", &node)?;
         match &s.consul {
             // the catalog decides: the service must be registered on this very node
             Some(consul) => match consul.catalog_service(service, Some(&node)).await {
@@ -265,7 +312,7 @@ impl CertificateAuthority for CaService {
                         "SignWorkload",
                         &node,
                         Status::permission_denied(format!(
-                            "service {service} is not registered on node {node} in Consul's catalog"
+                            "service {service} is not registered on node {node} in Consul's catalog: register it there (the agent does so for the services in its config) and try again"
                         )),
                     ));
                 }
@@ -278,16 +325,25 @@ impl CertificateAuthority for CaService {
                 }
             },
             None => {
-                let allowed = s
-                    .nodes
-                    .get(&node)
-                    .is_some_and(|r| r.services.contains(&scope));
-                if !allowed {
+                if !record.services.contains(&scope) {
+                    let mut services = record.services;
+                    let now_allowed = if services.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        services.join(", ")
+                    };
+                    services.push(scope.clone());
+                    let list: Vec<String> = services
+                        .iter()
+                        .map(|s| s.strip_prefix("default/").unwrap_or(s).to_owned())
+                        .collect();
                     return Err(s.refuse(
                         "SignWorkload",
                         &node,
                         Status::permission_denied(format!(
-                            "node {node} may not run service {scope}"
+                            "node {node} may not run service {scope} (it may run: {now_allowed}); to allow it, run on the CA host `meshgate ca node set-services {node} {}`, or give the node a new join token made with `--services {}`; its data dir can stay",
+                            list.join(","),
+                            list.join(",")
                         )),
                     ));
                 }

@@ -119,6 +119,11 @@ pub enum SignError {
     IntermediateExpired,
 }
 
+/// How far before "now" a leaf's validity starts: clock skew between the CA and its nodes of up
+/// to this much is tolerated (Vault back-dates by 30 seconds, Consul's CA by a minute; NTP-less
+/// VMs drift further, so meshgate allows five minutes).
+pub const BACKDATE: Duration = Duration::from_secs(300);
+
 /// Signs SVIDs with the intermediate key.
 pub struct Signer {
     issuer: Issuer<'static, KeyPair>,
@@ -152,9 +157,10 @@ impl Signer {
         &self.intermediate
     }
 
-    /// Signs a leaf for `id` and `public_key`, valid from `now` - 1 minute (clock skew; less for
-    /// lifetimes under 4 minutes) for
-    /// `ttl`, capped at the intermediate's expiry. Returns the chain: leaf, intermediate.
+    /// Signs a leaf for `id` and `public_key`, valid for `ttl` from `now` (capped at the
+    /// intermediate's expiry) and back-dated by [`BACKDATE`] so that a node whose clock runs
+    /// behind the CA's can use it at once (a quarter of the lifetime for lifetimes under 20
+    /// minutes). Returns the chain: leaf, intermediate.
     pub fn sign(
         &self,
         id: &SpiffeId,
@@ -167,8 +173,7 @@ impl Signer {
         }
         let not_after = (now + ttl).min(self.intermediate_not_after);
         let mut params = CertificateParams::default();
-        // backdate for clock skew: a minute, or a quarter of very short lifetimes
-        params.not_before = (now - (ttl / 4).min(Duration::from_secs(60))).into();
+        params.not_before = (now - (ttl / 4).min(BACKDATE)).into();
         params.not_after = not_after.into();
         let mut serial = crate::pki::random_bytes::<16>();
         serial[0] &= 0x7f;

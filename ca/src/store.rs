@@ -5,10 +5,14 @@
 //! Layout of `data_dir`:
 //! ```text
 //! root.crt  root.key  intermediate.crt  intermediate.key
-//! tokens/<sha256(token)>.json        unused token  (renamed to .used when consumed)
+//! tokens/<sha256(token)>.json        unused token  (renamed to .used when consumed,
+//!                                                   .revoked by `meshgate ca token revoke`)
 //! nodes/<node>.json                  services the node may obtain SVIDs for
 //! issued.log                         one JSON line per certificate issued
 //! ```
+//!
+//! A token's ID is the first 12 hex digits of its hash: `ca token list` shows it and
+//! `ca token revoke` takes it, so the secret itself is never needed again.
 
 use std::{
     fs,
@@ -33,6 +37,8 @@ use crate::{
 pub const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Intermediate lifetime: 1 year.
 pub const INTERMEDIATE_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// How far the root and intermediate are back-dated (clock skew between the CA and nodes).
+pub const CA_BACKDATE: Duration = Duration::from_secs(3600);
 
 /// Errors of the on-disk CA state.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +63,14 @@ pub enum StoreError {
     /// Bad trust domain or name.
     #[error(transparent)]
     Spiffe(#[from] SpiffeError),
+    /// An operator's request cannot be carried out; the message says why and what to do.
+    #[error("{0}")]
+    Request(String),
+    /// No node of that name has joined.
+    #[error(
+        "node {0:?} has not joined this CA (`meshgate ca node list` shows the nodes that have); a node that has not joined yet gets its services from its join token (--services)"
+    )]
+    UnknownNode(String),
     /// A stored file is not what we wrote.
     #[error("{path}: {reason}")]
     Corrupt {
@@ -109,7 +123,9 @@ fn ca_params(
     path_len: Option<u8>,
 ) -> Result<CertificateParams, StoreError> {
     let mut params = CertificateParams::default();
-    params.not_before = (now - Duration::from_secs(60)).into();
+    // CA certificates live for years: back-date them by an hour so that nodes whose clocks run
+    // behind can verify a CA created a moment ago.
+    params.not_before = (now - CA_BACKDATE).into();
     params.not_after = (now + ttl).into();
     let mut serial = pki::random_bytes::<16>();
     serial[0] &= 0x7f;
@@ -287,6 +303,9 @@ pub enum TokenError {
     /// Past its expiry.
     #[error("join token expired at {0}")]
     Expired(String),
+    /// Revoked by an operator.
+    #[error("join token was revoked")]
+    Revoked,
     /// Bound to a different node.
     #[error("join token is for node {expected:?}, not {got:?}")]
     WrongNode {
@@ -373,6 +392,7 @@ impl TokenStore {
         let data = match fs::read(&path) {
             Ok(d) => d,
             Err(_) if used.exists() => return Err(TokenError::AlreadyUsed),
+            Err(_) if self.path(token, "revoked").exists() => return Err(TokenError::Revoked),
             Err(_) => return Err(TokenError::Unknown),
         };
         let record: TokenRecord =
@@ -392,6 +412,168 @@ impl TokenStore {
             Ok(()) => Ok(record),
             Err(_) => Err(TokenError::AlreadyUsed),
         }
+    }
+}
+
+/// What became of a join token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenState {
+    /// Not used yet and not expired.
+    Unused,
+    /// Consumed by a join.
+    Used,
+    /// Not used before it expired.
+    Expired,
+    /// Revoked by an operator.
+    Revoked,
+}
+
+impl std::fmt::Display for TokenState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Unused => "unused",
+            Self::Used => "used",
+            Self::Expired => "expired",
+            Self::Revoked => "revoked",
+        })
+    }
+}
+
+/// One token as `ca token list` shows it (never the secret).
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenSummary {
+    /// First 12 hex digits of the token's SHA-256: what `ca token revoke` takes.
+    pub id: String,
+    /// The node it is for.
+    pub node: String,
+    /// Services it grants.
+    pub services: Vec<String>,
+    /// Its state at the time of listing.
+    pub state: TokenState,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339.
+    pub expires_at: String,
+}
+
+/// Length of a token ID in hex digits.
+pub const TOKEN_ID_LEN: usize = 12;
+
+impl TokenStore {
+    /// Every token ever created here (unused, used, expired, revoked), newest first.
+    pub fn list(&self, now: SystemTime) -> Result<Vec<TokenSummary>, StoreError> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(StoreError::Pki(PkiError::Io {
+                    path: self.dir.display().to_string(),
+                    source,
+                }));
+            }
+        };
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let (Some(stem), Some(ext)) = (
+                path.file_stem().and_then(|s| s.to_str()),
+                path.extension().and_then(|s| s.to_str()),
+            ) else {
+                continue;
+            };
+            let state = match ext {
+                "json" => TokenState::Unused,
+                "used" => TokenState::Used,
+                "revoked" => TokenState::Revoked,
+                _ => continue,
+            };
+            let Ok(data) = fs::read(&path) else { continue };
+            let Ok(record) = serde_json::from_slice::<TokenRecord>(&data) else {
+                continue;
+            };
+            let state = if state == TokenState::Unused && unix(now) >= record.expires_at {
+                TokenState::Expired
+            } else {
+                state
+            };
+            out.push((
+                record.created_at,
+                TokenSummary {
+                    id: stem.chars().take(TOKEN_ID_LEN).collect(),
+                    node: record.node,
+                    services: record.services,
+                    state,
+                    created_at: rfc3339(UNIX_EPOCH + Duration::from_secs(record.created_at)),
+                    expires_at: rfc3339(UNIX_EPOCH + Duration::from_secs(record.expires_at)),
+                },
+            ));
+        }
+        out.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.id.cmp(&b.1.id)));
+        Ok(out.into_iter().map(|(_, t)| t).collect())
+    }
+
+    /// Revokes the unused token whose ID (or a unique prefix of at least 6 digits) is `id`:
+    /// a join with it is refused from now on. Returns its summary.
+    pub fn revoke(&self, id: &str, now: SystemTime) -> Result<TokenSummary, StoreError> {
+        let id = id.trim().to_ascii_lowercase();
+        let bad = StoreError::Request;
+        if id.len() < 6 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad(format!(
+                "{id:?} is not a token ID: give at least 6 of the hex digits `meshgate ca token list` shows"
+            )));
+        }
+        let matches: Vec<TokenSummary> = self
+            .list(now)?
+            .into_iter()
+            .filter(|t| t.id.starts_with(&id))
+            .collect();
+        let token = match matches.as_slice() {
+            [] => {
+                return Err(bad(format!(
+                    "no token with ID {id}; `meshgate ca token list` shows them"
+                )));
+            }
+            [one] => one.clone(),
+            _ => {
+                return Err(bad(format!(
+                    "{} tokens have IDs starting with {id}: give more digits",
+                    matches.len()
+                )));
+            }
+        };
+        match token.state {
+            TokenState::Unused | TokenState::Expired => {}
+            TokenState::Used => {
+                return Err(bad(format!(
+                    "token {} was already used by node {}: to stop that node, run `meshgate ca node remove {}`",
+                    token.id, token.node, token.node
+                )));
+            }
+            TokenState::Revoked => return Ok(token),
+        }
+        let file = fs::read_dir(&self.dir)
+            .map_err(|source| PkiError::Io {
+                path: self.dir.display().to_string(),
+                source,
+            })?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.extension().is_some_and(|e| e == "json")
+                    && p.file_stem()
+                        .and_then(|s| s.to_str())
+                        .is_some_and(|s| s.starts_with(&token.id))
+            })
+            .ok_or_else(|| bad(format!("token {} changed while revoking it", token.id)))?;
+        fs::rename(&file, file.with_extension("revoked")).map_err(|source| PkiError::Io {
+            path: file.display().to_string(),
+            source,
+        })?;
+        Ok(TokenSummary {
+            state: TokenState::Revoked,
+            ..token
+        })
     }
 }
 
@@ -442,6 +624,58 @@ impl NodeRegistry {
         spiffe::validate_segment(node).ok()?;
         let data = fs::read(self.dir.join(format!("{node}.json"))).ok()?;
         serde_json::from_slice(&data).ok()
+    }
+
+    /// Replaces the services a node that has joined may obtain SVIDs for (`svc` means
+    /// `default/svc`). The CA reads the registry on every request, so this applies at once,
+    /// without a new token and without touching the node's data dir.
+    pub fn set_services(&self, node: &str, services: &[String]) -> Result<NodeRecord, StoreError> {
+        let services = services
+            .iter()
+            .map(|s| normalize_service(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let Some(mut rec) = self.get(node) else {
+            return Err(StoreError::UnknownNode(node.to_owned()));
+        };
+        rec.services = services;
+        let json = serde_json::to_vec_pretty(&rec).expect("invariant: record serializes");
+        pki::write_atomic(&self.dir.join(format!("{node}.json")), &json, 0o600)?;
+        Ok(rec)
+    }
+
+    /// Forgets a node: the CA refuses its renewals and workload requests from now on, so it
+    /// loses its identity when its current certificates expire. Returns whether it was known.
+    pub fn remove(&self, node: &str) -> Result<bool, StoreError> {
+        spiffe::validate_segment(node)?;
+        let path = self.dir.join(format!("{node}.json"));
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(StoreError::Pki(PkiError::Io {
+                path: path.display().to_string(),
+                source,
+            })),
+        }
+    }
+
+    /// Every registered node and its record, by name.
+    pub fn list(&self) -> Vec<(String, NodeRecord)> {
+        let mut out: Vec<(String, NodeRecord)> = fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let path = e.path();
+                if path.extension()? != "json" {
+                    return None;
+                }
+                let name = path.file_stem()?.to_str()?.to_owned();
+                let rec = self.get(&name)?;
+                Some((name, rec))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 }
 
@@ -557,5 +791,75 @@ mod tests {
             store.consume("mgjt_nope", "node-a", now),
             Err(TokenError::Unknown)
         );
+    }
+
+    #[test]
+    fn tokens_are_listed_without_secrets_and_revoked_by_id() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = TokenStore::new(dir.path());
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        let a = store
+            .create("node-a", &["web".into()], hour, now)
+            .expect("a");
+        let b = store
+            .create("node-b", &[], hour, now - 2 * hour)
+            .expect("b");
+        let c = store.create("node-c", &[], hour, now).expect("c");
+        store.consume(&c.token, "node-c", now).expect("used");
+        let list = store.list(now).expect("list");
+        let state = |node: &str| list.iter().find(|t| t.node == node).map(|t| t.state);
+        assert_eq!(state("node-a"), Some(TokenState::Unused));
+        assert_eq!(state("node-b"), Some(TokenState::Expired));
+        assert_eq!(state("node-c"), Some(TokenState::Used));
+        let id = list
+            .iter()
+            .find(|t| t.node == "node-a")
+            .map(|t| t.id.clone())
+            .expect("id");
+        assert_eq!(id.len(), TOKEN_ID_LEN);
+        assert!(a.token.len() > id.len() && !a.token.contains(&id));
+        let used = list
+            .iter()
+            .find(|t| t.node == "node-c")
+            .expect("c")
+            .id
+            .clone();
+        let err = store.revoke(&used, now).expect_err("used").to_string();
+        assert!(err.contains("meshgate ca node remove node-c"), "{err}");
+        assert!(store.revoke("12", now).is_err(), "too short");
+        assert_eq!(
+            store.revoke(&id[..6], now).expect("revoke").state,
+            TokenState::Revoked
+        );
+        assert_eq!(
+            store.consume(&a.token, "node-a", now),
+            Err(TokenError::Revoked)
+        );
+        let _ = b;
+    }
+
+    #[test]
+    fn node_services_change_and_nodes_can_be_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let nodes = NodeRegistry::new(dir.path());
+        let now = SystemTime::now();
+        assert!(matches!(
+            nodes.set_services("node-a", &["web".into()]),
+            Err(StoreError::UnknownNode(_))
+        ));
+        nodes
+            .register("node-a", &["default/web".into()], now)
+            .expect("register");
+        let rec = nodes
+            .set_services("node-a", &["web".into(), "prod/users".into()])
+            .expect("set");
+        assert_eq!(rec.services, ["default/web", "prod/users"]);
+        assert_eq!(nodes.get("node-a").expect("get").services, rec.services);
+        assert!(nodes.set_services("node-a", &["a/b/c".into()]).is_err());
+        assert_eq!(nodes.list().len(), 1);
+        assert!(nodes.remove("node-a").expect("remove"));
+        assert!(!nodes.remove("node-a").expect("again"));
+        assert!(nodes.get("node-a").is_none());
     }
 }

@@ -303,6 +303,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 pub struct SpiffeClientVerifier {
     bundle: SharedBundle,
     mandatory: bool,
+    expired_grace: std::time::Duration,
     algs: WebPkiSupportedAlgorithms,
 }
 
@@ -310,6 +311,7 @@ impl fmt::Debug for SpiffeClientVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SpiffeClientVerifier")
             .field("mandatory", &self.mandatory)
+            .field("expired_grace", &self.expired_grace)
             .finish()
     }
 }
@@ -320,9 +322,27 @@ impl SpiffeClientVerifier {
         Self {
             bundle,
             mandatory,
+            expired_grace: std::time::Duration::ZERO,
             algs: provider_algorithms(),
         }
     }
+
+    /// Also accepts a leaf that expired less than `grace` ago (its chain must have verified
+    /// just before it expired). Only the CA uses this, so that a node whose certificate ran out
+    /// during a CA outage can still renew it; the CA then allows such a caller nothing else.
+    pub fn with_expired_grace(mut self, grace: std::time::Duration) -> Self {
+        self.expired_grace = grace;
+        self
+    }
+}
+
+/// How long ago `leaf` expired at `now`, if it has (None for a valid or unreadable leaf).
+pub fn expired_for(leaf: &CertificateDer<'_>, now: UnixTime) -> Option<std::time::Duration> {
+    let info = CertInfo::from_der(leaf).ok()?;
+    let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(now.as_secs());
+    now.duration_since(info.not_after)
+        .ok()
+        .filter(|d| !d.is_zero())
 }
 
 impl ClientCertVerifier for SpiffeClientVerifier {
@@ -341,8 +361,29 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, TlsError> {
         let bundle = self.bundle.load();
-        verify_svid(&bundle, end_entity, intermediates, now, Usage::Client)?;
-        Ok(ClientCertVerified::assertion())
+        match verify_svid(&bundle, end_entity, intermediates, now, Usage::Client) {
+            Ok(_) => Ok(ClientCertVerified::assertion()),
+            Err(TlsError::InvalidCertificate(CertificateError::Expired))
+                if !self.expired_grace.is_zero() =>
+            {
+                let info = CertInfo::from_der(end_entity)
+                    .map_err(|_| TlsError::InvalidCertificate(CertificateError::BadEncoding))?;
+                let since = expired_for(end_entity, now).unwrap_or_default();
+                if since > self.expired_grace {
+                    return Err(TlsError::InvalidCertificate(CertificateError::Expired));
+                }
+                // the chain as it stood one second before the leaf expired
+                let before = info
+                    .not_after
+                    .checked_sub(std::time::Duration::from_secs(1))
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(UnixTime::since_unix_epoch)
+                    .ok_or(TlsError::InvalidCertificate(CertificateError::Expired))?;
+                verify_svid(&bundle, end_entity, intermediates, before, Usage::Client)?;
+                Ok(ClientCertVerified::assertion())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn verify_tls12_signature(
@@ -393,6 +434,69 @@ pub fn tls13_client_config() -> rustls::ConfigBuilder<rustls::ClientConfig, rust
     rustls::ClientConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("invariant: aws-lc-rs supports TLS 1.3")
+}
+
+/// Like [`tls13_server_config`], verifying peer certificates at the time `time` tells (tests
+/// inject a clock that runs behind or ahead).
+pub fn tls13_server_config_at(
+    time: Arc<dyn rustls::time_provider::TimeProvider>,
+) -> rustls::ConfigBuilder<rustls::ServerConfig, rustls::WantsVerifier> {
+    rustls::ServerConfig::builder_with_details(crypto_provider(), time)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("invariant: aws-lc-rs supports TLS 1.3")
+}
+
+/// Like [`tls13_client_config`], verifying peer certificates at the time `time` tells.
+pub fn tls13_client_config_at(
+    time: Arc<dyn rustls::time_provider::TimeProvider>,
+) -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier> {
+    rustls::ClientConfig::builder_with_details(crypto_provider(), time)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("invariant: aws-lc-rs supports TLS 1.3")
+}
+
+/// A TLS error in words for people: the verifier's own message rather than rustls' `Debug`
+/// form (`Other(OtherError(…))`), and what to check for clock problems.
+pub fn describe_tls_error(e: &TlsError) -> String {
+    match e {
+        TlsError::InvalidCertificate(ce) => format!(
+            "peer certificate rejected: {}",
+            describe_certificate_error(ce)
+        ),
+        TlsError::AlertReceived(alert) => match alert {
+            rustls::AlertDescription::CertificateExpired => {
+                "the peer refused our certificate: it has expired".to_owned()
+            }
+            rustls::AlertDescription::CertificateUnknown
+            | rustls::AlertDescription::BadCertificate
+            | rustls::AlertDescription::UnknownCA => "the peer refused our certificate".to_owned(),
+            rustls::AlertDescription::CertificateRequired => {
+                "the peer requires a client certificate".to_owned()
+            }
+            other => format!("the peer ended the handshake ({other:?})"),
+        },
+        TlsError::NoApplicationProtocol => {
+            "no common ALPN protocol (is this the right port?)".into()
+        }
+        other => other.to_string(),
+    }
+}
+
+fn describe_certificate_error(e: &CertificateError) -> String {
+    match e {
+        CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+            "it has expired".into()
+        }
+        CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+            "it is not valid yet: is this machine's clock behind? (check NTP)".into()
+        }
+        CertificateError::UnknownIssuer => "it is not signed by a trusted root".into(),
+        CertificateError::BadSignature => "its signature does not verify".into(),
+        CertificateError::Revoked => "it has been revoked".into(),
+        CertificateError::BadEncoding => "it cannot be parsed".into(),
+        CertificateError::Other(o) => o.0.to_string(),
+        other => format!("{other:?}").to_lowercase(),
+    }
 }
 
 fn other(msg: &str) -> TlsError {

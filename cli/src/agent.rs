@@ -1,18 +1,21 @@
-//! `meshgate agent --config agent.yaml`: run the node agent until SIGTERM/Ctrl-C, then drain;
-//! tells systemd when it is ready and when it stops (see `lifecycle`).
+//! `meshgate agent --config agent.yaml`: run the node agent until SIGTERM/Ctrl-C, then drain
+//! (a second Ctrl-C exits at once); tells systemd when it is ready and when it stops (see
+//! `lifecycle`).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use meshgate_agent::{app::Agent, config::AgentConfig};
-use tokio::signal::unix::{SignalKind, signal};
+use meshgate_agent::{app::Agent, config_check::CheckOptions};
 use tracing::info;
+
+use crate::signals::Signals;
 
 /// Arguments of `meshgate agent`.
 #[derive(Debug, Args)]
 pub(crate) struct AgentArgs {
-    /// agent.yaml; see docs/configuration.md.
+    /// agent.yaml; see docs/configuration.md. Relative paths in it are relative to its
+    /// directory.
     #[arg(long, short)]
     config: PathBuf,
     /// Use this node name instead of the config's `node` (e.g. `$(NODE_NAME)` in a Kubernetes
@@ -27,19 +30,19 @@ pub(crate) struct AgentArgs {
 }
 
 pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
-    let mut config: AgentConfig = crate::config::load_yaml(&args.config)?;
+    let mut config = crate::config::load_agent(&args.config)?;
     if let Some(node) = &args.node {
         config.node.clone_from(node);
     }
     if args.advertise.is_some() {
         config.registration.advertise = args.advertise;
     }
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+    // what `meshgate config validate` checks, before anything is bound or a token is spent
+    crate::config::refuse_errors(&args.config, config.check(CheckOptions::default()))?;
+    let mut signals = Signals::new()?;
     let agent = tokio::select! {
         a = Agent::start(config) => a.with_context(|| format!("cannot start the agent from {}", args.config.display()))?,
-        _ = term.recv() => return Ok(()),
-        _ = int.recv() => return Ok(()),
+        _ = signals.recv() => return Ok(()),
     };
     for u in agent.upstreams() {
         info!(from = %u.from, service = %u.service, listen = %u.addr, "upstream listener");
@@ -47,11 +50,9 @@ pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let life =
         crate::lifecycle::Lifecycle::start(&args.lifecycle, Some(agent.admin_addr())).await?;
     life.ready(&format!("serving; inbound {}", agent.inbound_addr()));
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    life.stopping(&mut term, &mut int).await;
+    let how = signals.recv().await;
+    signals.stopping("the agent", how);
+    life.stopping().await;
     let clean = agent.shutdown().await;
     info!(clean, "agent stopped");
     Ok(())

@@ -6,7 +6,6 @@ use std::{path::PathBuf, time::SystemTime};
 use anyhow::{Context, bail};
 use clap::Args;
 use meshgate_gateway::{
-    config::GatewayConfig,
     jwks::{FetchFailures, JwksCache},
     jwt::{Validator, decode_unverified},
 };
@@ -29,15 +28,16 @@ pub(crate) struct ExplainArgs {
     token_file: Option<PathBuf>,
 }
 
-fn line(check: &str, ok: bool, detail: &str) {
-    println!(
+fn line(check: &str, ok: bool, detail: &str) -> anyhow::Result<()> {
+    crate::outln!(
         "  {check:<10} {}  {detail}",
         if ok { "ok  " } else { "FAIL" }
     );
+    Ok(())
 }
 
 pub(crate) async fn run(args: ExplainArgs) -> anyhow::Result<()> {
-    let cfg: GatewayConfig = crate::config::load_yaml(&args.config)?;
+    let cfg = crate::config::load_gateway(&args.config)?;
     let token = match (&args.token, &args.token_file) {
         (Some(t), _) => t.clone(),
         (None, Some(f)) => {
@@ -79,17 +79,17 @@ pub(crate) async fn run(args: ExplainArgs) -> anyhow::Result<()> {
         let Some(p) = cfg.auth.jwt.iter().find(|p| &p.name == name) else {
             continue;
         };
-        println!("provider {name}");
+        crate::outln!("provider {name}");
         let alg = header["alg"].as_str().unwrap_or("(none)");
         line(
             "alg",
             p.algorithms.iter().any(|a| a == alg) && alg != "none",
             &format!("{alg}, allowed: {}", p.algorithms.join(", ")),
-        );
+        )?;
         let kid = header["kid"].as_str();
         for ignored in ["jwk", "jku", "x5u", "x5c"] {
             if header.get(ignored).is_some() {
-                println!(
+                crate::outln!(
                     "  {ignored:<10} note  present in the token header and ignored: keys come only from the JWKS"
                 );
             }
@@ -99,7 +99,7 @@ pub(crate) async fn run(args: ExplainArgs) -> anyhow::Result<()> {
                 "crit",
                 false,
                 "the token requires extensions meshgate does not implement",
-            );
+            )?;
         }
         let cache = JwksCache::new(
             p,
@@ -109,11 +109,11 @@ pub(crate) async fn run(args: ExplainArgs) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?;
         let keys = match cache.try_load().await {
             Ok(n) => {
-                line("jwks", true, &format!("{n} keys loaded"));
+                line("jwks", true, &format!("{n} keys loaded"))?;
                 cache.keys()
             }
             Err((reason, detail)) => {
-                line("jwks", false, &format!("unreachable ({reason}): {detail}"));
+                line("jwks", false, &format!("unreachable ({reason}): {detail}"))?;
                 cache.keys()
             }
         };
@@ -125,7 +125,7 @@ pub(crate) async fn run(args: ExplainArgs) -> anyhow::Result<()> {
                 kid.unwrap_or("(none)"),
                 keys.kids().join(", ")
             ),
-        );
+        )?;
         let leeway = p.leeway.as_secs();
         match (&p.issuer, claims.get("iss").and_then(Value::as_str)) {
             (Some(want), got) => line(
@@ -138,7 +138,7 @@ pub(crate) async fn run(args: ExplainArgs) -> anyhow::Result<()> {
                 true,
                 &format!("{} (not checked)", got.unwrap_or("missing")),
             ),
-        }
+        }?;
         let auds: Vec<String> = match claims.get("aud") {
             Some(Value::String(s)) => vec![s.clone()],
             Some(Value::Array(a)) => a
@@ -148,13 +148,13 @@ pub(crate) async fn run(args: ExplainArgs) -> anyhow::Result<()> {
             _ => Vec::new(),
         };
         if p.audiences.is_empty() {
-            line("aud", true, "not checked");
+            line("aud", true, "not checked")?;
         } else {
             line(
                 "aud",
                 auds.iter().any(|a| p.audiences.contains(a)),
                 &format!("{:?} (wants one of {:?})", auds, p.audiences),
-            );
+            )?;
         }
         match claims.get("exp").and_then(Value::as_u64) {
             Some(exp) => line(
@@ -167,7 +167,7 @@ pub(crate) async fn run(args: ExplainArgs) -> anyhow::Result<()> {
                 ),
             ),
             None => line("exp", !p.require_exp, "missing"),
-        }
+        }?;
         if let Some(nbf) = claims.get("nbf").and_then(Value::as_u64) {
             line(
                 "nbf",
@@ -177,7 +177,7 @@ pub(crate) async fn run(args: ExplainArgs) -> anyhow::Result<()> {
                     nbf.abs_diff(now),
                     if nbf > now { "from now" } else { "ago" }
                 ),
-            );
+            )?;
         }
         let validator = Validator::new(p).map_err(|e| anyhow::anyhow!("{e}"))?;
         match validator.validate(&token, &keys, now) {
@@ -186,18 +186,18 @@ pub(crate) async fn run(args: ExplainArgs) -> anyhow::Result<()> {
                     "signature",
                     true,
                     &format!("verified with kid {}", v.kid.as_deref().unwrap_or("(none)")),
-                );
-                println!(
+                )?;
+                crate::outln!(
                     "  result     VALID for provider {name} (sub {})",
                     v.claim_as_header_value("sub").unwrap_or_default()
                 );
                 any = true;
             }
-            Err(e) => println!("  result     INVALID: {e}"),
+            Err(e) => crate::outln!("  result     INVALID: {e}"),
         }
     }
     if !any {
-        std::process::exit(1);
+        return Err(crate::Reported.into());
     }
     Ok(())
 }

@@ -7,7 +7,10 @@ use meshgate_agent::identity::list_certs;
 use meshgate_ca::store::rfc3339;
 use serde::Serialize;
 
-use crate::output::{Output, human_left, print_table};
+use crate::{
+    outln,
+    output::{Output, human_left, print_json, print_table},
+};
 
 /// Arguments of `meshgate certs`.
 #[derive(Debug, Args)]
@@ -31,6 +34,12 @@ struct Row {
 }
 
 pub(crate) fn run(args: CertsArgs) -> anyhow::Result<()> {
+    if args.data_dir.join("root.key").exists() || args.data_dir.join("intermediate.key").exists() {
+        anyhow::bail!(
+            "{} is a CA's data dir, not a node's: `meshgate certs` lists what an agent or gateway holds (its `data_dir`); `meshgate ca token list` and `meshgate ca node list` show the CA's side",
+            args.data_dir.display()
+        );
+    }
     let now = SystemTime::now();
     let rows: Vec<Row> = list_certs(&args.data_dir)?
         .into_iter()
@@ -44,10 +53,10 @@ pub(crate) fn run(args: CertsArgs) -> anyhow::Result<()> {
         })
         .collect();
     match args.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+        Output::Json => print_json(&rows)?,
         Output::Table => {
             if rows.is_empty() {
-                println!(
+                outln!(
                     "no certificates in {} (has the node joined?)",
                     args.data_dir.display()
                 );
@@ -74,7 +83,7 @@ pub(crate) fn run(args: CertsArgs) -> anyhow::Result<()> {
                     "TIME LEFT",
                 ],
                 &table,
-            );
+            )?;
         }
     }
     Ok(())

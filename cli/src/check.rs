@@ -216,7 +216,7 @@ fn print(report: &Report, output: Output) -> anyhow::Result<()> {
             ]
         })
         .collect();
-    print_table(&["RESULT", "CHECK", "TARGET", "DETAIL"], &rows);
+    print_table(&["RESULT", "CHECK", "TARGET", "DETAIL"], &rows)?;
     let problems: Vec<&Finding> = report
         .findings
         .iter()

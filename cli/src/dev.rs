@@ -15,8 +15,13 @@ use meshgate_ca::{
 };
 use meshgate_gateway::{app::GatewayApp, config::GatewayConfig};
 use serde_json::json;
-use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
+
+// Every line dev prints goes through `outln!`: a closed stdout (`meshgate dev | head`) ends dev
+// quietly (status 141) instead of panicking.
+macro_rules! println {
+    ($($arg:tt)*) => { $crate::outln!($($arg)*) };
+}
 
 /// Arguments of `meshgate dev`.
 #[derive(Debug, Args)]
@@ -27,6 +32,10 @@ pub(crate) struct DevArgs {
     /// Keep state here instead of a temporary directory removed on exit.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Also write the configs dev runs (ca.yaml, node-a.yaml, node-b.yaml, gateway.yaml) into
+    /// DIR, as a starting point for a real deployment.
+    #[arg(long, value_name = "DIR")]
+    print_configs: Option<PathBuf>,
     #[command(flatten)]
     backends: DevBackends,
 }
@@ -97,7 +106,7 @@ impl DevBackends {
 }
 
 /// The demo REST service: `GET /users/{id}`, `DELETE /admin/{what}`, `GET /health`.
-async fn demo_service(
+pub(crate) async fn demo_service(
     addr: SocketAddr,
     version: &'static str,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
@@ -174,6 +183,7 @@ fn port(base: u16, offset: u16) -> anyhow::Result<SocketAddr> {
 
 pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     let b = args.port_base;
+    crate::dev_setup::check_ports(b)?;
     let tmp;
     let root = match &args.data_dir {
         Some(d) => d.clone(),
@@ -187,15 +197,11 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     if !ca_dir.join("root.crt").exists() {
         store::init(&ca_dir, td, false, SystemTime::now())?;
     }
-    let ca = CaServer::start(&CaConfig {
-        trust_domain: td.into(),
-        data_dir: ca_dir.clone(),
+    let ca_cfg = CaConfig {
         listen: port(b, 12)?,
-        workload_ttl: Duration::from_secs(24 * 3600),
-        node_ttl: Duration::from_secs(24 * 3600),
-        consul: None,
-    })
-    .await?;
+        ..CaConfig::new(td, &ca_dir)
+    };
+    let ca = CaServer::start(&ca_cfg).await?;
     let tokens = TokenStore::new(&ca_dir);
     let token = |node: &str, services: &[&str]| -> anyhow::Result<PathBuf> {
         let t = tokens.create(
@@ -238,6 +244,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         "registration": args.backends.registration(),
         "drain_timeout": "2s",
     }))?;
+    let node_a_cfg = node_a.clone();
     let a = Agent::start(node_a).await.context("starting node-a")?;
     let web_upstream = port(b, 91)?;
     let node_b: AgentConfig = serde_json::from_value(json!({
@@ -251,6 +258,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         "registration": args.backends.registration(),
         "drain_timeout": "2s",
     }))?;
+    let node_b_cfg = node_b.clone();
     let nb = Agent::start(node_b).await.context("starting node-b")?;
     // edge auth for the demo: an ES256 signing key whose JWKS the gateway holds inline, a
     // demo token signed with it, and a demo API key (only its hash goes into the config)
@@ -308,12 +316,24 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         "discovery": args.backends.discovery(json!({"users": [a.inbound_addr()], "users-canary": [a.inbound_addr()]})),
         "drain_timeout": "2s",
     }))?;
+    let gw_cfg_copy = gw_cfg.clone();
     let gw = GatewayApp::start(gw_cfg)
         .await
         .context("starting the gateway")?;
     args.backends
         .wait_for_endpoints(gw.admin_addr(), &["users", "users-canary"])
         .await?;
+    if let Some(dir) = &args.print_configs {
+        let written = crate::dev_setup::write_configs(
+            dir,
+            &crate::dev_setup::DevConfigs {
+                ca: &ca_cfg,
+                agents: vec![&node_a_cfg, &node_b_cfg],
+                gateway: &gw_cfg_copy,
+            },
+        )?;
+        info!(files = %written.join(" "), "wrote the configs dev runs");
+    }
 
     let g = gateway_http;
     println!(
@@ -381,23 +401,19 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         "  for i in 1 2 3 4; do curl -s -o /dev/null -w '%{{http_code}}\\n' http://{g}/api/limited/7; done   # expect 429"
     );
     println!();
-    println!(
-        "Inspect: meshgate routes --admin {} | meshgate services --admin {} | meshgate endpoints users --admin {}",
-        gw.admin_addr(),
-        nb.admin_addr(),
-        nb.admin_addr()
-    );
-    println!("ready");
-    use std::io::Write as _;
-    let _ = std::io::stdout().flush();
-
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    println!("Inspect (one command per line):");
+    println!("  meshgate routes --admin {}", gw.admin_addr());
+    println!("  meshgate services --admin {}", nb.admin_addr());
+    println!("  meshgate endpoints users --admin {}", nb.admin_addr());
+    if let Some(hint) = crate::dev_setup::path_hint() {
+        println!("  ({hint})");
     }
-    info!("stopping");
+    println!("ready");
+    crate::output::flush()?;
+
+    let mut signals = crate::signals::Signals::new()?;
+    let how = signals.recv().await;
+    signals.stopping("dev", how);
     gw.shutdown().await;
     nb.shutdown().await;
     a.shutdown().await;

@@ -1,19 +1,22 @@
 //! `meshgate gateway --config gateway.yaml`: run the gateway; reload on SIGHUP or when the file
-//! changes (validate first, keep the old config on error); drain on SIGTERM/Ctrl-C. Reports
-//! ready / reloading / stopping to systemd (see `lifecycle`).
+//! changes (validate first, keep the old config on error); drain on SIGTERM/Ctrl-C (a second
+//! Ctrl-C exits at once). Reports ready / reloading / stopping to systemd (see `lifecycle`).
 
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::Args;
+use meshgate_agent::config_check::CheckOptions;
 use meshgate_gateway::{app::GatewayApp, config::GatewayConfig};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
 
+use crate::signals::Signals;
+
 /// Arguments of `meshgate gateway`.
 #[derive(Debug, Args)]
 pub(crate) struct GatewayArgs {
-    /// gateway.yaml; see docs/gateway.md.
+    /// gateway.yaml; see docs/gateway.md. Relative paths in it are relative to its directory.
     #[arg(long, short)]
     config: PathBuf,
     /// How often to look at the config file for changes (0 turns watching off; SIGHUP still works).
@@ -31,9 +34,9 @@ fn fingerprint(path: &std::path::Path) -> Option<Vec<u8>> {
     std::fs::read(path).ok()
 }
 
-/// Reads the file and applies `--node`.
+/// Reads the file (paths relative to it) and applies `--node`.
 fn load(path: &std::path::Path, node: Option<&String>) -> anyhow::Result<GatewayConfig> {
-    let mut cfg: GatewayConfig = crate::config::load_yaml(path)?;
+    let mut cfg = crate::config::load_gateway(path)?;
     if let Some(node) = node {
         cfg.node.clone_from(node);
     }
@@ -67,13 +70,13 @@ async fn reload(app: &GatewayApp, path: &std::path::Path, node: Option<&String>)
 
 pub(crate) async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     let cfg = load(&args.config, args.node.as_ref())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+    // what `meshgate config validate` checks, before anything is bound or a token is spent
+    crate::config::refuse_errors(&args.config, cfg.check(CheckOptions::default()))?;
+    let mut signals = Signals::new()?;
     let mut hup = signal(SignalKind::hangup())?;
     let app = tokio::select! {
         a = GatewayApp::start(cfg) => a.with_context(|| format!("cannot start the gateway from {}", args.config.display()))?,
-        _ = term.recv() => return Ok(()),
-        _ = int.recv() => return Ok(()),
+        _ = signals.recv() => return Ok(()),
     };
     let life = crate::lifecycle::Lifecycle::start(&args.lifecycle, Some(app.admin_addr())).await?;
     let listening: Vec<String> = [("https", app.https_addr()), ("http", app.http_addr())]
@@ -88,10 +91,9 @@ pub(crate) async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     } else {
         args.watch_interval
     });
-    loop {
+    let how = loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            how = signals.recv() => break how,
             _ = hup.recv() => {
                 seen = fingerprint(&args.config);
                 life.reloading();
@@ -108,8 +110,9 @@ pub(crate) async fn run(args: GatewayArgs) -> anyhow::Result<()> {
                 }
             }
         }
-    }
-    life.stopping(&mut term, &mut int).await;
+    };
+    signals.stopping("the gateway", how);
+    life.stopping().await;
     let clean = app.shutdown().await;
     info!(clean, "gateway stopped");
     Ok(())

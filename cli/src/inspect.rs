@@ -1,5 +1,5 @@
-//! `meshgate services` and `meshgate endpoints SERVICE`: what a running agent knows, read from
-//! its admin API (`/endpoints`).
+//! `meshgate services` and `meshgate endpoints SERVICE`: what a running agent (or gateway)
+//! knows, read from its admin API (`/endpoints`).
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -7,17 +7,21 @@ use anyhow::{Context, bail};
 use clap::Args;
 use serde_json::Value;
 
-use crate::output::{Output, print_table};
+use crate::{
+    admin_client::{Admin, AdminAddr},
+    outln,
+    output::{Output, print_json, print_table},
+};
 
-/// Where the agent's admin API is.
+/// Where the admin API is.
 #[derive(Debug, Args)]
 pub(crate) struct AdminArgs {
-    /// The agent's admin address.
-    #[arg(long, env = "MESHGATE_ADMIN", default_value = "127.0.0.1:15000")]
-    admin: SocketAddr,
+    /// The agent's or gateway's admin address: HOST:PORT or http://HOST:PORT.
+    #[arg(long, env = "MESHGATE_ADMIN", default_value = crate::admin_client::DEFAULT_ADMIN)]
+    pub(crate) admin: AdminAddr,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t)]
-    output: Output,
+    pub(crate) output: Output,
 }
 
 /// Arguments of `meshgate endpoints`.
@@ -59,7 +63,7 @@ fn freshness(svc: &Value) -> &'static str {
 
 /// `meshgate services`.
 pub(crate) async fn services(args: AdminArgs) -> anyhow::Result<()> {
-    let v = admin_get(args.admin, "/endpoints").await?;
+    let v = Admin::new(args.admin).get("/endpoints").await?;
     let list = v.as_array().cloned().unwrap_or_default();
     if args.output == Output::Json {
         let rows: Vec<Value> = list
@@ -77,11 +81,11 @@ pub(crate) async fn services(args: AdminArgs) -> anyhow::Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        print_json(&rows)?;
         return Ok(());
     }
     if list.is_empty() {
-        println!("the agent calls no services (no upstreams configured)");
+        outln!("it calls no services (no upstreams or route backends configured)");
         return Ok(());
     }
     let rows: Vec<Vec<String>> = list
@@ -107,20 +111,20 @@ pub(crate) async fn services(args: AdminArgs) -> anyhow::Result<()> {
             "LAST UPDATE",
         ],
         &rows,
-    );
+    )?;
     Ok(())
 }
 
 /// `meshgate endpoints SERVICE`.
 pub(crate) async fn endpoints(args: EndpointsArgs) -> anyhow::Result<()> {
-    let v = admin_get(args.admin.admin, "/endpoints").await?;
+    let v = Admin::new(args.admin.admin).get("/endpoints").await?;
     let Some(svc) = v
         .as_array()
         .and_then(|l| l.iter().find(|s| s["service"] == args.service.as_str()))
         .cloned()
     else {
         bail!(
-            "the agent does not call {:?}; `meshgate services` lists what it calls",
+            "it does not call {:?}; `meshgate services` lists what it calls",
             args.service
         );
     };
@@ -141,10 +145,10 @@ pub(crate) async fn endpoints(args: EndpointsArgs) -> anyhow::Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        print_json(&rows)?;
         return Ok(());
     }
-    println!(
+    outln!(
         "{}: source {}, {}, last update {}{}",
         args.service,
         s(&svc["source"]),
@@ -156,7 +160,7 @@ pub(crate) async fn endpoints(args: EndpointsArgs) -> anyhow::Result<()> {
             .unwrap_or_default()
     );
     if eps.is_empty() {
-        println!("no endpoints");
+        outln!("no endpoints");
         return Ok(());
     }
     let rows: Vec<Vec<String>> = eps
@@ -178,6 +182,6 @@ pub(crate) async fn endpoints(args: EndpointsArgs) -> anyhow::Result<()> {
     print_table(
         &["ADDRESS", "HEALTH", "RTT MS", "IN FLIGHT", "FAILURES"],
         &rows,
-    );
+    )?;
     Ok(())
 }

@@ -27,7 +27,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioIo;
 use meshgate_agent::notify::Notifier;
-use tokio::{net::TcpListener, signal::unix::Signal, task::JoinHandle};
+use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::{debug, info, warn};
 
 /// How long the health listener waits for the admin API before answering 503.
@@ -43,7 +43,7 @@ pub(crate) struct LifecycleArgs {
     pub(crate) health_listen: Option<SocketAddr>,
     /// After SIGTERM, keep serving this long while reporting not-ready (on --health-listen and
     /// to systemd), so load balancers and Kubernetes stop sending new connections first; then
-    /// drain. A second SIGTERM or Ctrl-C skips the rest of the delay. Default 0s.
+    /// drain. A second SIGTERM or Ctrl-C exits at once. Default 0s.
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration, env = "MESHGATE_DRAIN_DELAY")]
     pub(crate) drain_delay: Duration,
 }
@@ -103,9 +103,9 @@ impl Lifecycle {
         self.notify("reloading", Notifier::reloading);
     }
 
-    /// The first SIGTERM arrived: `STOPPING=1`, `/readyz` 503, then the drain delay (cut short
-    /// by another signal on `term` or `int`).
-    pub(crate) async fn stopping(&self, term: &mut Signal, int: &mut Signal) {
+    /// The first SIGTERM arrived: `STOPPING=1`, `/readyz` 503, then the drain delay (a second
+    /// signal exits at once, see `signals`).
+    pub(crate) async fn stopping(&self) {
         self.notify("stopping", |n| n.stopping("draining"));
         if let Some(h) = &self.health {
             h.draining.store(true, Ordering::SeqCst);
@@ -114,11 +114,7 @@ impl Lifecycle {
             return;
         }
         info!(delay = %humantime::format_duration(self.drain_delay), "not ready; still serving for the drain delay");
-        tokio::select! {
-            () = tokio::time::sleep(self.drain_delay) => {}
-            _ = term.recv() => info!("second signal: drain delay cut short"),
-            _ = int.recv() => info!("second signal: drain delay cut short"),
-        }
+        tokio::time::sleep(self.drain_delay).await;
     }
 }
 

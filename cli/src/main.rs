@@ -1,34 +1,64 @@
 //! `meshgate`: the one binary. It parses the command line, sets up logging and wires the crates
 //! together; the work happens in `meshgate-ca` and `meshgate-agent`.
+//!
+//! Conventions every command follows: output on stdout, logs and errors on stderr; exit 0 on
+//! success, 1 on error, 2 for a usage error, 141 when stdout was closed early (`| head`), 130
+//! after a second Ctrl-C; `NO_COLOR` or `--no-color` turn colour off; `--quiet` keeps only
+//! what a script needs.
 
+mod admin_client;
 mod agent;
 mod auth_explain;
 mod ca;
 mod certs;
 mod check;
 mod config;
+mod demo;
 mod dev;
+mod dev_setup;
 mod gateway;
 mod inspect;
 mod lifecycle;
 mod output;
+#[cfg(test)]
+mod reference;
 mod routes;
+mod signals;
+mod status;
+mod version;
+mod yaml_pos;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use std::io::Write as _;
+
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
 
 /// meshgate: a sidecar-less service mesh with a gateway mode.
 ///
-/// Quick start: `meshgate ca init --trust-domain mesh.example --data-dir ./ca`, then
-/// `meshgate ca serve --config ca.yaml` and `meshgate ca token create --data-dir ./ca --node node-a`.
+/// Quick start: `meshgate dev` runs everything on 127.0.0.1. For a real deployment:
+/// `meshgate ca init --trust-domain mesh.example --data-dir ./ca`, then
+/// `meshgate ca serve --config ca.yaml` and
+/// `meshgate ca token create --data-dir ./ca --node node-a --print-join-command`.
 #[derive(Debug, Parser)]
 #[command(name = "meshgate", version, about, long_about = None, propagate_version = true)]
-struct Cli {
+pub(crate) struct Cli {
     /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "MESHGATE_LOG_FORMAT")]
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "MESHGATE_LOG_FORMAT", help_heading = "Global options")]
     log_format: LogFormat,
-    /// Log filter, e.g. `info` or `meshgate_agent=debug` (RUST_LOG syntax).
-    #[arg(long, global = true, default_value = "info", env = "MESHGATE_LOG")]
-    log: String,
+    /// Log filter, e.g. `info` or `meshgate_agent=debug` (RUST_LOG syntax). Default `info`,
+    /// `warn` with --quiet.
+    #[arg(
+        long,
+        global = true,
+        env = "MESHGATE_LOG",
+        help_heading = "Global options"
+    )]
+    log: Option<String>,
+    /// No colour in logs and messages (so does a non-empty NO_COLOR environment variable).
+    #[arg(long, global = true, help_heading = "Global options")]
+    no_color: bool,
+    /// Print only what a script needs: errors, and the one value a command produces.
+    #[arg(short, long, global = true, help_heading = "Global options")]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -45,7 +75,7 @@ enum Command {
     Dev(dev::DevArgs),
     /// Run the node agent: mTLS tunnels between services, intentions, admin API.
     Agent(agent::AgentArgs),
-    /// The certificate authority: create it, serve it, make join tokens.
+    /// The certificate authority: create it, serve it, make join tokens, manage nodes.
     Ca(ca::CaArgs),
     /// List the certificates a node holds in its data dir.
     Certs(certs::CertsArgs),
@@ -59,6 +89,9 @@ enum Command {
     Apikey(ApikeyArgs),
     /// Validate config files and print their JSON Schema.
     Config(config::ConfigArgs),
+    /// A running agent or gateway: its kind, version, readiness (with what to do when not
+    /// ready) and certificates. Exit 1 when not ready.
+    Status(status::StatusArgs),
     /// The services a running agent calls: source, freshness, endpoint counts.
     Services(inspect::AdminArgs),
     /// The endpoints of one service as a running agent sees them.
@@ -66,6 +99,12 @@ enum Command {
     /// Verify a running deployment: CA reachable and pinned, certificates, discovery, routes,
     /// clock skew, key file modes. Names each problem with what to do; exit 1 if any.
     Check(check::CheckArgs),
+    /// This client's version, and the version and kind of the process --admin points at.
+    Version(version::VersionArgs),
+    /// Serve the demo REST service of `meshgate dev` (GET /users/ID, GET /health) on its own.
+    Demo(demo::DemoArgs),
+    /// Print a shell completion script: `meshgate completion bash > /etc/bash_completion.d/meshgate`.
+    Completion(CompletionArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -97,13 +136,32 @@ enum ApikeyCommand {
     },
 }
 
+#[derive(Debug, clap::Args)]
+struct CompletionArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    shell: clap_complete::Shell,
+}
+
+/// An error that was already reported on stderr (e.g. by `config validate`): exit 1 quietly.
+#[derive(Debug)]
+pub(crate) struct Reported;
+
+impl std::fmt::Display for Reported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("reported above")
+    }
+}
+
+impl std::error::Error for Reported {}
+
 fn init_logging(cli: &Cli) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal as _;
+    let default = if cli.quiet { "warn" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_new(cli.log.as_deref().unwrap_or(default))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(output::color())
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Json => builder.json().init(),
@@ -111,9 +169,78 @@ fn init_logging(cli: &Cli) {
     }
 }
 
+/// The clap command with every environment value hidden from help (help must not print a
+/// token or an address someone exported), as both `--help` and the CLI reference use it.
+pub(crate) fn command() -> clap::Command {
+    fn hide(cmd: clap::Command) -> clap::Command {
+        let cmd = cmd.mut_args(|a| a.hide_env_values(true));
+        let names: Vec<String> = cmd
+            .get_subcommands()
+            .map(|s| s.get_name().to_owned())
+            .collect();
+        names
+            .into_iter()
+            .fold(cmd, |c, n| c.mut_subcommand(n, hide))
+    }
+    hide(Cli::command()).term_width(100)
+}
+
+/// "outer: inner", dropping a cause whose text the previous part already contains (thiserror
+/// messages often embed their source, which `{:#}` would print twice).
+fn describe(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        if parts.last().is_none_or(|l| !l.contains(&msg)) {
+            parts.push(msg);
+        }
+    }
+    parts.join(": ")
+}
+
+fn parse() -> Result<Cli, std::process::ExitCode> {
+    let matches = match command().try_get_matches() {
+        Ok(m) => m,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let code = e.exit_code();
+            let informational =
+                matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion);
+            let colour = !informational
+                && output::color_wanted(
+                    false,
+                    std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                );
+            let text = if colour {
+                e.render().ansi().to_string()
+            } else {
+                e.render().to_string()
+            };
+            if e.use_stderr() {
+                let _ = write!(std::io::stderr(), "{text}");
+            } else if let Err(err) = output::write_bytes(text.as_bytes())
+                && err.downcast_ref::<output::StdoutClosed>().is_some()
+            {
+                return Err(std::process::ExitCode::from(output::EXIT_STDOUT_CLOSED));
+            }
+            return Err(std::process::ExitCode::from(
+                u8::try_from(code).unwrap_or(2),
+            ));
+        }
+    };
+    Cli::from_arg_matches(&matches).map_err(|e| {
+        let _ = write!(std::io::stderr(), "{}", e.render());
+        std::process::ExitCode::from(2)
+    })
+}
+
 fn main() -> std::process::ExitCode {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let cli = Cli::parse();
+    let cli = match parse() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    output::init(cli.no_color, cli.quiet);
     init_logging(&cli);
     if matches!(
         cli.command,
@@ -136,7 +263,10 @@ fn main() -> std::process::ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "error: cannot start the async runtime: {e}"
+            );
             return std::process::ExitCode::FAILURE;
         }
     };
@@ -147,6 +277,7 @@ fn main() -> std::process::ExitCode {
             Command::Ca(args) => ca::run(args).await,
             Command::Certs(args) => certs::run(args),
             Command::Services(args) => inspect::services(args).await,
+            Command::Status(args) => status::run(args).await,
             Command::Gateway(args) => gateway::run(args).await,
             Command::Routes(args) => routes::run(args).await,
             Command::Config(args) => config::run(args),
@@ -168,18 +299,60 @@ fn main() -> std::process::ExitCode {
                     !key.is_empty(),
                     "no key given (pass it as an argument or on stdin)"
                 );
-                println!("{}", meshgate_gateway::apikey::hash_key(&key));
+                outln!("{}", meshgate_gateway::apikey::hash_key(&key));
                 Ok(())
             }
             Command::Endpoints(args) => inspect::endpoints(args).await,
             Command::Check(args) => check::run(args).await,
+            Command::Version(args) => version::run(args).await,
+            Command::Demo(args) => demo::run(args).await,
+            Command::Completion(CompletionArgs { shell }) => {
+                let mut script = Vec::new();
+                clap_complete::generate(shell, &mut command(), "meshgate", &mut script);
+                output::write_bytes(&script)
+            }
         }
     });
+    // stop background tasks before the process exits
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<output::StdoutClosed>().is_some() => {
+            std::process::ExitCode::from(output::EXIT_STDOUT_CLOSED)
+        }
+        Err(e) if e.downcast_ref::<Reported>().is_some() => std::process::ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            let text = describe(&e);
+            // multi-line errors (config diagnostics) carry their own `error:` labels
+            let text = if text.contains(": error: ") || text.contains(": warning: ") {
+                text
+            } else {
+                format!("{}: {text}", output::paint(output::Paint::Error, "error"))
+            };
+            let _ = writeln!(std::io::stderr(), "{text}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_causes_are_said_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::AddrInUse, "Address already in use");
+        let e = anyhow::Error::new(io).context("cannot bind 127.0.0.1:1: Address already in use");
+        assert_eq!(
+            describe(&e),
+            "cannot bind 127.0.0.1:1: Address already in use"
+        );
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(describe(&e), "outer: inner");
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        command().debug_assert();
     }
 }

@@ -1,6 +1,18 @@
-//! Output formats shared by every inspecting command: a table for people, JSON for scripts.
+//! Output shared by every command: a table or JSON on stdout, colour and quietness settings, and
+//! the one rule for a closed stdout.
+//!
+//! Nothing here panics when stdout goes away (`meshgate routes | head -1`): every write returns
+//! [`StdoutClosed`] on a broken pipe, commands pass it up with `?`, and `main` exits quietly with
+//! status 141 (128 + SIGPIPE, what a shell reports for a program killed by SIGPIPE).
+
+use std::{
+    fmt,
+    io::{IsTerminal as _, Write as _},
+    sync::OnceLock,
+};
 
 use clap::ValueEnum;
+use serde::Serialize;
 
 /// `-o table|json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -12,8 +24,131 @@ pub(crate) enum Output {
     Json,
 }
 
+/// Exit status when stdout closed before everything was written: 128 + SIGPIPE (13).
+pub(crate) const EXIT_STDOUT_CLOSED: u8 = 141;
+
+/// The reader of stdout went away (EPIPE). Not an error to report: `main` exits with
+/// [`EXIT_STDOUT_CLOSED`] and prints nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StdoutClosed;
+
+impl fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("stdout was closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// Settings every command reads: set once in `main`.
+#[derive(Debug, Clone, Copy, Default)]
+struct Settings {
+    color: bool,
+    quiet: bool,
+}
+
+static SETTINGS: OnceLock<Settings> = OnceLock::new();
+
+/// Whether colour may be used: not with `--no-color`, not when `NO_COLOR` is set to anything
+/// non-empty (<https://no-color.org>), and only on a terminal.
+pub(crate) fn color_wanted(no_color_flag: bool, terminal: bool) -> bool {
+    let env_off = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    !no_color_flag && !env_off && terminal
+}
+
+/// Records `--no-color`/`NO_COLOR` and `--quiet` for the whole process.
+pub(crate) fn init(no_color: bool, quiet: bool) {
+    let color = color_wanted(no_color, std::io::stderr().is_terminal());
+    let _ = SETTINGS.set(Settings { color, quiet });
+}
+
+fn settings() -> Settings {
+    SETTINGS.get().copied().unwrap_or_default()
+}
+
+/// `--quiet`: print only what a script needs (or nothing on success).
+pub(crate) fn quiet() -> bool {
+    settings().quiet
+}
+
+/// Whether stderr output may carry ANSI colour.
+pub(crate) fn color() -> bool {
+    settings().color
+}
+
+/// The kinds of highlighted words in messages.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Paint {
+    /// `error`
+    Error,
+    /// `warning`
+    Warning,
+    /// `hint`
+    Hint,
+}
+
+/// `word` in the colour of `paint` when colour is on, else as is.
+pub(crate) fn paint(paint: Paint, word: &str) -> String {
+    if !color() {
+        return word.to_owned();
+    }
+    let code = match paint {
+        Paint::Error => "1;31",
+        Paint::Warning => "1;33",
+        Paint::Hint => "36",
+    };
+    format!("\x1b[{code}m{word}\x1b[0m")
+}
+
+/// Writes `args` and a newline to stdout; a closed stdout is [`StdoutClosed`].
+pub(crate) fn write_line(args: fmt::Arguments<'_>) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(args)
+        .and_then(|()| out.write_all(b"\n"))
+        .map_err(stdout_error)
+}
+
+/// Writes raw bytes to stdout and flushes; a closed stdout is [`StdoutClosed`].
+pub(crate) fn write_bytes(bytes: &[u8]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)
+        .and_then(|()| out.flush())
+        .map_err(stdout_error)
+}
+
+/// Flushes stdout (before waiting for a long time, e.g. `dev` after its banner).
+pub(crate) fn flush() -> anyhow::Result<()> {
+    std::io::stdout().lock().flush().map_err(stdout_error)
+}
+
+fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        anyhow::Error::new(StdoutClosed)
+    } else {
+        anyhow::Error::new(e).context("cannot write to stdout")
+    }
+}
+
+/// `println!` that never panics: a closed stdout returns [`StdoutClosed`] from the enclosing
+/// function (which must return `anyhow::Result`).
+#[macro_export]
+macro_rules! outln {
+    () => {
+        $crate::output::write_line(format_args!(""))?
+    };
+    ($($arg:tt)*) => {
+        $crate::output::write_line(format_args!($($arg)*))?
+    };
+}
+
+/// Pretty JSON on stdout.
+pub(crate) fn print_json(v: &impl Serialize) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(v)?;
+    write_line(format_args!("{text}"))
+}
+
 /// Prints rows as left-aligned columns under `headers`.
-pub(crate) fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+pub(crate) fn print_table(headers: &[&str], rows: &[Vec<String>]) -> anyhow::Result<()> {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -29,12 +164,15 @@ pub(crate) fn print_table(headers: &[&str], rows: &[Vec<String>]) {
                 s.push_str(&format!("{cell:<w$}  "));
             }
         }
-        println!("{}", s.trim_end());
+        s.trim_end().to_owned()
     };
-    line(headers.to_vec());
+    let mut text = line(headers.to_vec());
+    text.push('\n');
     for row in rows {
-        line(row.iter().map(String::as_str).collect());
+        text.push_str(&line(row.iter().map(String::as_str).collect()));
+        text.push('\n');
     }
+    write_bytes(text.as_bytes())
 }
 
 /// A duration as people read it: `23h59m`, `4m10s`, `expired`.
@@ -69,5 +207,14 @@ mod tests {
         ] {
             assert_eq!(human_left(Duration::from_secs(secs)), want);
         }
+    }
+
+    #[test]
+    fn broken_pipe_is_its_own_error() {
+        let e = stdout_error(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+        assert!(e.downcast_ref::<StdoutClosed>().is_some());
+        let e = stdout_error(std::io::Error::from(std::io::ErrorKind::StorageFull));
+        assert!(e.downcast_ref::<StdoutClosed>().is_none());
+        assert!(format!("{e:#}").starts_with("cannot write to stdout"));
     }
 }

@@ -1,15 +1,16 @@
 //! `meshgate routes`: the gateway's route table, and which route a request would take.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::path::PathBuf;
 
 use clap::Args;
-use meshgate_gateway::{
-    app::{explain, routes_json},
-    config::GatewayConfig,
-};
+use meshgate_gateway::app::{explain, routes_json};
 use serde_json::Value;
 
-use crate::output::{Output, print_table};
+use crate::{
+    admin_client::{Admin, AdminAddr, ProcessKind},
+    outln,
+    output::{Output, print_json, print_table},
+};
 
 /// Arguments of `meshgate routes`.
 #[derive(Debug, Args)]
@@ -17,9 +18,9 @@ pub(crate) struct RoutesArgs {
     /// Read routes from this gateway.yaml instead of a running gateway.
     #[arg(long, short)]
     config: Option<PathBuf>,
-    /// The running gateway's admin address.
-    #[arg(long, env = "MESHGATE_ADMIN", default_value = "127.0.0.1:15000")]
-    admin: SocketAddr,
+    /// The running gateway's admin address: HOST:PORT or http://HOST:PORT.
+    #[arg(long, env = "MESHGATE_ADMIN", default_value = crate::admin_client::DEFAULT_ADMIN)]
+    admin: AdminAddr,
     /// Which route would take this request, e.g. 'GET https://api.example/v2/users/7'.
     #[arg(long = "match", value_name = "METHOD URL")]
     matches: Option<String>,
@@ -92,11 +93,18 @@ fn describe_backend(r: &Value) -> String {
 pub(crate) async fn run(args: RoutesArgs) -> anyhow::Result<()> {
     let local = match &args.config {
         Some(p) => {
-            let cfg: GatewayConfig = crate::config::load_yaml(p)?;
-            Some(cfg.compile()?)
+            let cfg = crate::config::load_gateway(p)?;
+            Some(
+                cfg.compile()
+                    .map_err(|e| crate::config::semantic_error(p, &e.to_string()))?,
+            )
         }
         None => None,
     };
+    let admin = Admin::new(args.admin.clone());
+    if local.is_none() {
+        admin.expect(ProcessKind::Gateway, "routes").await?;
+    }
     if let Some(spec) = &args.matches {
         let (method, url) = spec
             .trim()
@@ -119,16 +127,16 @@ pub(crate) async fn run(args: RoutesArgs) -> anyhow::Result<()> {
                 for (k, v) in &headers {
                     q.push_str(&format!("&header={}", enc(&format!("{k}:{v}"))));
                 }
-                crate::inspect::admin_get(args.admin, &q).await?
+                admin.get(&q).await?
             }
         };
         if args.output == Output::Json {
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            print_json(&v)?;
             return Ok(());
         }
         match v["chosen"].as_str() {
-            Some(r) => println!("{method} {url} -> route {r}"),
-            None => println!("{method} {url} -> no route (404)"),
+            Some(r) => outln!("{method} {url} -> route {r}"),
+            None => outln!("{method} {url} -> no route (404)"),
         }
         let rows: Vec<Vec<String>> = v["candidates"]
             .as_array()
@@ -142,15 +150,15 @@ pub(crate) async fn run(args: RoutesArgs) -> anyhow::Result<()> {
                 ]
             })
             .collect();
-        print_table(&["ROUTE", "WHY"], &rows);
+        print_table(&["ROUTE", "WHY"], &rows)?;
         return Ok(());
     }
     let table = match &local {
         Some(c) => routes_json(&c.table),
-        None => crate::inspect::admin_get(args.admin, "/routes").await?,
+        None => admin.get("/routes").await?,
     };
     if args.output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&table)?);
+        print_json(&table)?;
         return Ok(());
     }
     let rows: Vec<Vec<String>> = table
@@ -168,7 +176,7 @@ pub(crate) async fn run(args: RoutesArgs) -> anyhow::Result<()> {
             ]
         })
         .collect();
-    print_table(&["#", "ROUTE", "MATCH", "BACKEND"], &rows);
+    print_table(&["#", "ROUTE", "MATCH", "BACKEND"], &rows)?;
     Ok(())
 }
 

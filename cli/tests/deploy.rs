@@ -352,6 +352,7 @@ async fn test_ca(dir: &Path, ttl: Duration) -> meshgate_ca::server::CaServer {
         workload_ttl: ttl,
         node_ttl: ttl,
         consul: None,
+        expired_renewal_grace: Duration::ZERO,
     })
     .await
     .expect("ca")

@@ -209,11 +209,13 @@ fn three_node_lab_isolates_services_and_fails_over() {
             .output()
             .expect("token");
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-        std::fs::write(
-            dir.join(format!("{node}.token")),
-            v["token"].as_str().expect("token"),
+        let token_file = dir.join(format!("{node}.token"));
+        std::fs::write(&token_file, v["token"].as_str().expect("token")).expect("token file");
+        std::fs::set_permissions(
+            &token_file,
+            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
         )
-        .expect("token file");
+        .expect("chmod token");
     }
 
     // users on nodes 2 and 3, bound to their own loopback only

@@ -945,8 +945,6 @@ impl Validator {
             ));
         }
         if matches!(source, KeySource::HmacOnly)
-            && algorithms.len() > 0
-            && wants_hmac
             && algorithms
                 .iter()
                 .any(|a| a.family() != AlgorithmFamily::Hmac)

@@ -13,7 +13,8 @@
 //!   (scopes, claims, groups), identity injection and rate limits ([`ratelimit`]).
 //! - [`filters`]: each edge policy as a pipeline filter; [`compile`]: config -> the pipeline
 //!   (per route: its chain and its action, [`proxy`]).
-//! - [`config`], [`app`] (start, reload, drain).
+//! - [`config`], [`config_check`] (what `meshgate config validate` checks), [`app`] (start,
+//!   reload, drain).
 //!
 //! It holds no socket code: listeners, TLS and tunnels live in `meshgate-agent`.
 
@@ -22,6 +23,7 @@ pub mod app;
 pub mod auth;
 pub mod compile;
 pub mod config;
+pub mod config_check;
 pub mod cors;
 pub mod filters;
 pub mod hygiene;

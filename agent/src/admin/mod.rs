@@ -1,5 +1,11 @@
 //! The admin API on loopback (default 127.0.0.1:15000): `/healthz`, `/readyz`, `/metrics`
-//! (Prometheus text), `/config`, `/certs`, `/endpoints` (JSON). Read-only; the CLI reads it.
+//! (Prometheus text), `/version`, `/config`, `/certs`, `/endpoints` (JSON). Read-only; the CLI
+//! reads it.
+//!
+//! `/readyz` is 200 only while certificates are held, listeners are bound, the process is not
+//! draining and no certificate is at risk (expired, or in its last quarter with renewal
+//! failing); otherwise 503 with one line per reason. `/version` names the build and the kind of
+//! process (`agent` or `gateway`), so the CLI can tell when it was pointed at the wrong one.
 
 use std::{
     convert::Infallible,
@@ -20,7 +26,15 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tracing::warn;
 
-use crate::{discovery::Endpoints, drain::Drain, identity::IdentityManager, telemetry::Metrics};
+use crate::{
+    discovery::Endpoints,
+    drain::Drain,
+    identity::{IdentityManager, StartupStatus},
+    telemetry::Metrics,
+};
+
+/// This build's version, as `/version` reports it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// What the admin API reads.
 #[derive(Debug)]
@@ -39,6 +53,9 @@ pub struct AdminState {
     pub drain: Drain,
     /// Extra read-only endpoints a composition adds (the gateway's `/routes`).
     pub extension: OnceLock<Arc<dyn AdminExtension>>,
+    /// What identity start-up waits for (the CA, a renewal); pass it to
+    /// `IdentityManager::start_with` in `IdentityOptions::status` and `/readyz` shows it.
+    pub startup: Arc<StartupStatus>,
 }
 
 impl AdminState {
@@ -52,8 +69,26 @@ impl AdminState {
             endpoints: OnceLock::new(),
             drain,
             extension: OnceLock::new(),
+            startup: Arc::new(StartupStatus::default()),
         }
     }
+
+    /// `agent` or `gateway`: a gateway's effective config has `routes`.
+    pub fn kind(&self) -> &'static str {
+        if self.config.load().get("routes").is_some() {
+            "gateway"
+        } else {
+            "agent"
+        }
+    }
+}
+
+/// `/version`.
+#[derive(Debug, Serialize)]
+struct VersionView {
+    name: &'static str,
+    version: &'static str,
+    kind: &'static str,
 }
 
 impl AdminState {
@@ -158,20 +193,44 @@ impl AdminState {
 
     async fn metrics_text(&self) -> String {
         if let Some(ids) = self.identity.get() {
+            let problems = ids.problems().await;
             for c in self.certs().await {
                 self.metrics.set_cert_expiry(
                     &c.spiffe_id,
                     i64::try_from(c.time_left_seconds).unwrap_or(i64::MAX),
                 );
+                self.metrics.set_cert_at_risk(
+                    &c.spiffe_id,
+                    problems.iter().any(|p| p.spiffe_id == c.spiffe_id),
+                );
             }
             self.metrics.set_renew_failures(ids.status().renew_failures);
         }
-        self.metrics.set_ready(self.is_ready());
+        let ready = self.not_ready_reasons().await.is_empty();
+        self.metrics.set_ready(ready);
         self.metrics.encode()
     }
 
-    fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst) && !self.drain.is_draining()
+    /// Why the process is not ready, one line each; empty when it is.
+    pub async fn not_ready_reasons(&self) -> Vec<String> {
+        if self.drain.is_draining() {
+            return vec!["draining".into()];
+        }
+        if !self.ready.load(Ordering::SeqCst) {
+            return vec![match self.startup.get() {
+                Some(line) => format!("starting: {line}"),
+                None => "waiting for certificates and listeners".into(),
+            }];
+        }
+        match self.identity.get() {
+            Some(ids) => ids
+                .problems()
+                .await
+                .into_iter()
+                .map(|p| p.message)
+                .collect(),
+            None => Vec::new(),
+        }
     }
 }
 
@@ -208,17 +267,23 @@ async fn route(req: Request<Incoming>, state: Arc<AdminState>) -> Response<Full<
     }
     match req.uri().path() {
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
-        "/readyz" if state.is_ready() => respond(StatusCode::OK, "text/plain", "ready\n"),
-        "/readyz" if state.drain.is_draining() => respond(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "not ready: draining\n",
-        ),
-        "/readyz" => respond(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "not ready: waiting for certificates and listeners\n",
-        ),
+        "/readyz" => {
+            let reasons = state.not_ready_reasons().await;
+            if reasons.is_empty() {
+                respond(StatusCode::OK, "text/plain", "ready\n")
+            } else {
+                let body: String = reasons
+                    .iter()
+                    .map(|r| format!("not ready: {r}\n"))
+                    .collect();
+                respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", body)
+            }
+        }
+        "/version" => json(&VersionView {
+            name: "meshgate",
+            version: VERSION,
+            kind: state.kind(),
+        }),
         "/metrics" => respond(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -240,7 +305,7 @@ async fn route(req: Request<Incoming>, state: Arc<AdminState>) -> Response<Full<
             None => respond(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found; try /healthz /readyz /metrics /config /certs /endpoints\n",
+                "not found; try /healthz /readyz /metrics /version /config /certs /endpoints\n",
             ),
         },
     }

@@ -18,10 +18,15 @@ pub type CaClient = CertificateAuthorityClient<Channel>;
 /// Splits `https://host:port` (scheme optional, port default 15012).
 pub(crate) fn parse_address(addr: &str) -> Result<(String, u16), IdentityError> {
     let rest = addr.strip_prefix("https://").unwrap_or(addr);
-    if rest.contains("://") {
+    if let Some((scheme, _)) = rest.split_once("://") {
         return Err(IdentityError::Config(format!(
-            "CA address {addr:?} must be https://HOST:PORT"
+            "CA address {addr:?} uses {scheme}://: the CA speaks gRPC over TLS only, so write https://HOST:PORT (default port 15012)"
         )));
+    }
+    if rest.trim().is_empty() {
+        return Err(IdentityError::Config(
+            "CA address is empty: write https://HOST:PORT of `meshgate ca serve`".into(),
+        ));
     }
     let rest = rest.trim_end_matches('/');
     let uri: Uri = format!("https://{rest}")
@@ -64,6 +69,7 @@ pub async fn connect(addr: &str, tls: ClientConfig) -> Result<CaClient, Identity
         .await
         .map_err(|e| IdentityError::CaUnreachable {
             address: addr.to_owned(),
+            transient: is_transient(&e),
             reason: error_chain(&e),
         })?;
     Ok(CertificateAuthorityClient::new(channel))
@@ -77,16 +83,80 @@ fn authority(host: &str, port: u16) -> String {
     }
 }
 
-/// "outer: inner: innermost", skipping repeats.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut parts: Vec<String> = vec![e.to_string()];
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let msg = s.to_string();
-        if parts.last().is_none_or(|l| !l.contains(&msg)) {
+/// The TLS error inside `e`, if one of its causes is (or wraps) a rustls error.
+fn tls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    if let Some(t) = e.downcast_ref::<rustls::Error>() {
+        return Some(t);
+    }
+    // an io::Error's source() skips the error it wraps: look inside it
+    e.downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+}
+
+/// A TLS failure that reached us only as text (hyper and h2 turn some I/O errors into
+/// strings): the alert a peer sent, in words.
+fn tls_text(msg: &str) -> Option<String> {
+    let alert = msg.split("received fatal alert: ").nth(1)?;
+    let alert = alert.split_whitespace().next().unwrap_or(alert);
+    Some(match alert {
+        "CertificateExpired" => "the peer refused our certificate: it has expired".into(),
+        "BadCertificate" | "CertificateUnknown" | "UnknownCA" => {
+            "the peer refused our certificate".into()
+        }
+        "CertificateRequired" => "the peer requires a client certificate".into(),
+        other => format!("the peer ended the TLS handshake ({other})"),
+    })
+}
+
+/// Whether a connection failure may go away by itself (refused, reset, timed out, name not
+/// resolved yet) rather than being a certificate or protocol problem that retrying cannot fix.
+pub(crate) fn is_transient(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if tls_error(err).is_some() || tls_text(&err.to_string()).is_some() {
+            return false;
+        }
+        cur = err.source();
+    }
+    true
+}
+
+/// "outer: inner: innermost", skipping repeats, generic wrappers ("transport error",
+/// "client error (Connect)") and rustls' `Debug` forms: what a person needs to read.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string();
+        let is_tls = tls_error(err).is_some() || tls_text(&text).is_some();
+        let msg = match (tls_error(err), tls_text(&text)) {
+            (Some(t), _) => meshgate_ca::verify::describe_tls_error(t),
+            (None, Some(alert)) => alert,
+            // tonic's Status prints its source in Debug form; its message is what it says
+            (None, None) => match err.downcast_ref::<tonic::Status>() {
+                Some(status) => status.message().to_owned(),
+                // "Connection refused (os error 111)": the number says nothing more
+                None => match text.find(" (os error ") {
+                    Some(i) if text.ends_with(')') => text[..i].to_owned(),
+                    _ => text,
+                },
+            },
+        };
+        let generic = matches!(
+            msg.as_str(),
+            "transport error" | "client error (Connect)" | "error trying to connect" | ""
+        );
+        if !generic && parts.last().is_none_or(|l| !l.contains(&msg)) {
             parts.push(msg);
         }
-        cur = s.source();
+        if is_tls {
+            break;
+        }
+        cur = err.source();
+    }
+    if parts.is_empty() {
+        return e.to_string();
     }
     parts.join(": ")
 }
@@ -105,6 +175,43 @@ mod tests {
         ] {
             assert_eq!(parse_address(input).expect(input), (host.to_owned(), port));
         }
-        assert!(parse_address("http://ca:1").is_err());
+        let e = parse_address("http://ca:1").expect_err("http").to_string();
+        assert!(
+            e.contains("https://HOST:PORT") && e.contains("http://"),
+            "{e}"
+        );
+        assert!(parse_address("").is_err());
+    }
+
+    #[test]
+    fn error_chains_read_like_sentences() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(is_transient(&refused));
+        let tls = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidYet),
+        );
+        assert!(!is_transient(&tls));
+        let text = error_chain(&tls);
+        assert!(
+            text.contains("not valid yet") && text.contains("clock"),
+            "{text}"
+        );
+        assert!(!text.contains("NotValidYet"), "{text}");
+        let alert = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "received fatal alert: CertificateExpired",
+        );
+        assert!(!is_transient(&alert));
+        assert_eq!(
+            error_chain(&alert),
+            "the peer refused our certificate: it has expired"
+        );
+        let status = tonic::Status::from_error(Box::new(alert));
+        let text = error_chain(&status);
+        assert!(
+            !text.contains("Custom {") && !text.contains("tonic::"),
+            "{text}"
+        );
     }
 }

@@ -111,6 +111,7 @@ impl TestCa {
             workload_ttl: ttl,
             node_ttl: ttl,
             consul,
+            expired_renewal_grace: Duration::from_secs(24 * 3600),
         };
         let server = CaServer::start(&config).await.expect("ca serve");
         Self {
