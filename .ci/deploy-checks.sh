@@ -97,7 +97,7 @@ for m in manifests:
             with tempfile.TemporaryDirectory() as d:
                 path = os.path.join(d, key)
                 open(path, "w").write(text)
-                r = subprocess.run([meshgate, "config", "validate", path], capture_output=True, text=True)
+                r = subprocess.run([meshgate, "config", "validate", "--skip-files", path], capture_output=True, text=True)
                 where = f"{m}: ConfigMap {doc['metadata']['name']} key {key}"
                 if r.returncode != 0:
                     print(f"{where}: {r.stderr.strip()}"); ok = False
@@ -111,7 +111,7 @@ echo "== hadolint deploy/Dockerfile"
 
 echo "== meshgate config validate (examples)"
 while IFS= read -r f; do
-  "$meshgate" config validate "$f" || fail "meshgate config validate $f"
+  "$meshgate" config validate --skip-files "$f" || fail "meshgate config validate $f"
 done < <(find deploy/examples -name '*.yaml' | sort)
 while IFS= read -r f; do
   haproxy -c -q -f "$f" && echo "ok  $f" || fail "haproxy -c $f"

@@ -402,6 +402,7 @@ impl GatewayApp {
         };
         let gw_metrics = Arc::new(GatewayMetrics::default());
         let failures = FetchFailures::default();
+        let mut stores = RateStores::memory();
         let metrics = Arc::new(Metrics::with_extra(|r| {
             gw_metrics.register(r);
             r.register(
@@ -409,8 +410,12 @@ impl GatewayApp {
                 "JWKS fetches that failed, by provider and reason (dns, tcp, tls, http_status, bad_json, io)",
                 failures.clone(),
             );
+            r.register(
+                "meshgate_gateway_jwt_checks",
+                "JWT checks by provider and result (verified: signature checked; cache_hit: a token verified before, its exp/nbf checked again)",
+                stores.jwt_checks.clone(),
+            );
         }));
-        let mut stores = RateStores::memory();
         if let Some(r) = &cfg.auth.rate_limit_store {
             stores.redis = Some(
                 RedisStore::connect(r)

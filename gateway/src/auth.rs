@@ -5,16 +5,21 @@
 //! rate limit is applied. Decisions are plain data; the only I/O is a JWKS refetch on an unknown
 //! `kid`.
 
-use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
+use prometheus_client::metrics::{counter::Counter, family::Family};
 use meshgate_agent::http::respond::Problem;
 use serde::{Deserialize, Serialize};
 
 use crate::{
     apikey::{self, ApiKeyConfig, KeyStore},
     jwks::JwksCache,
-    jwt::{JwtProviderConfig, Validator, VerifiedToken},
+    jwt::{JwtProviderConfig, KeySet, Validator, VerifiedToken},
     ratelimit::{self, KeySource, MemoryStore, RateLimitPolicy},
     ratelimit_redis::{RedisConfig, RedisStore},
 };
@@ -153,6 +158,7 @@ pub struct Principal {
 #[derive(Debug)]
 pub struct Auth {
     providers: BTreeMap<String, (Validator, Arc<JwksCache>, JwtProviderConfig)>,
+    tokens: TokenCache,
     keys: Option<(KeyStore, ApiKeyConfig)>,
     introspectors: BTreeMap<String, crate::introspect::Introspector>,
     headers: IdentityHeaders,
@@ -161,13 +167,20 @@ pub struct Auth {
     stores: RateStores,
 }
 
-/// Where rate-limit state lives: always a memory store; a Redis store when configured.
+/// JWT checks by provider and result (`verified`: the signature was checked; `cache_hit`: a
+/// token verified before was accepted from the cache).
+pub type JwtChecks = Family<Vec<(&'static str, String)>, Counter>;
+
+/// State that outlives a config reload: rate-limit stores (always a memory store; a Redis store
+/// when configured) and the JWT check counters.
 #[derive(Debug, Clone)]
 pub struct RateStores {
     /// The in-memory store (used when there is no Redis).
     pub memory: Arc<MemoryStore>,
     /// The shared store.
     pub redis: Option<RedisStore>,
+    /// `meshgate_gateway_jwt_checks_total{provider, result}`.
+    pub jwt_checks: JwtChecks,
 }
 
 impl RateStores {
@@ -176,7 +189,88 @@ impl RateStores {
         Self {
             memory: Arc::new(MemoryStore::new()),
             redis: None,
+            jwt_checks: JwtChecks::default(),
         }
+    }
+}
+
+/// Most verified tokens kept.
+const TOKEN_CACHE_ENTRIES: usize = 10_000;
+
+/// A token verified before: kept until its `exp`, keyed by a hash of the provider and the
+/// whole token.
+#[derive(Debug, Clone)]
+struct CachedToken {
+    token: VerifiedToken,
+    /// The key set it was verified with (by address): a refresh that keeps its `kid` keeps
+    /// the entry; one that drops it (or a key without `kid`) ends it.
+    keys: usize,
+}
+
+/// Verified tokens, so a token is verified once until it expires. `exp` and `nbf` are still
+/// checked against the clock on every hit, and an entry whose key left the provider's key set
+/// is dropped.
+#[derive(Debug, Default)]
+struct TokenCache {
+    entries: Mutex<HashMap<[u8; 32], CachedToken>>,
+}
+
+fn token_hash(provider: &str, token: &str) -> [u8; 32] {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    ctx.update(provider.as_bytes());
+    ctx.update(&[0]);
+    ctx.update(token.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+impl TokenCache {
+    fn get(&self, hash: &[u8; 32], keys: &Arc<KeySet>) -> Option<VerifiedToken> {
+        let mut entries = self.entries.lock().expect("invariant: cache lock not poisoned");
+        let hit = entries.get_mut(hash)?;
+        let now_keys = Arc::as_ptr(keys) as usize;
+        if hit.keys != now_keys {
+            match hit.token.kid.as_deref() {
+                Some(kid) if keys.has_kid(kid) => hit.keys = now_keys,
+                _ => {
+                    entries.remove(hash);
+                    return None;
+                }
+            }
+        }
+        Some(hit.token.clone())
+    }
+
+    fn insert(&self, hash: [u8; 32], token: &VerifiedToken, keys: &Arc<KeySet>, now: u64) {
+        let mut entries = self.entries.lock().expect("invariant: cache lock not poisoned");
+        if entries.len() >= TOKEN_CACHE_ENTRIES {
+            // expired entries first; if the cache is still full, start over
+            entries.retain(|_, e| {
+                e.token
+                    .claims
+                    .get("exp")
+                    .and_then(serde_json::Value::as_u64)
+                    .is_some_and(|exp| exp > now)
+            });
+            if entries.len() >= TOKEN_CACHE_ENTRIES {
+                entries.clear();
+            }
+        }
+        entries.insert(
+            hash,
+            CachedToken {
+                token: token.clone(),
+                keys: Arc::as_ptr(keys) as usize,
+            },
+        );
+    }
+
+    fn remove(&self, hash: &[u8; 32]) {
+        self.entries
+            .lock()
+            .expect("invariant: cache lock not poisoned")
+            .remove(hash);
     }
 }
 
@@ -263,6 +357,7 @@ impl Auth {
         }
         Ok(Self {
             providers,
+            tokens: TokenCache::default(),
             keys,
             introspectors,
             headers: cfg.identity_headers.clone(),
@@ -383,11 +478,42 @@ impl Auth {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_secs())
                     .unwrap_or(0);
-                let mut result = validator.validate(&token, &cache.keys(), now);
+                let hash = token_hash(name, &token);
+                let count = |result: &str| {
+                    self.stores
+                        .jwt_checks
+                        .get_or_create(&vec![
+                            ("provider", name.clone()),
+                            ("result", result.to_owned()),
+                        ])
+                        .inc();
+                };
+                let keys = cache.keys();
+                let cached = self.tokens.get(&hash, &keys).map(|t| {
+                    let r = validator.check_time(&t, now).map(|()| t);
+                    if r.is_err() {
+                        self.tokens.remove(&hash);
+                    }
+                    r
+                });
+                let mut result = match cached {
+                    Some(r) => {
+                        count("cache_hit");
+                        r
+                    }
+                    None => {
+                        count("verified");
+                        validator.validate(&token, &keys, now)
+                    }
+                };
                 if result.as_ref().is_err_and(|e| e.is_unknown_kid())
                     && cache.refetch_for_unknown_kid().await
                 {
+                    count("verified");
                     result = validator.validate(&token, &cache.keys(), now);
+                }
+                if let Ok(t) = &result {
+                    self.tokens.insert(hash, t, &cache.keys(), now);
                 }
                 match result {
                     Ok(t) => {

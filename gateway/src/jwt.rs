@@ -1106,6 +1106,12 @@ impl Validator {
         })
     }
 
+    /// Checks `exp` and `nbf` of a token verified earlier against `now_unix` (with the leeway):
+    /// what a cached verification must still pass on every use.
+    pub fn check_time(&self, token: &VerifiedToken, now_unix: u64) -> Result<(), JwtError> {
+        self.check_times(&token.claims, now_unix)
+    }
+
     /// Claim headers to add upstream for a verified token (`claims_to_headers`), skipping claims
     /// that are absent or not representable (see [`VerifiedToken::claim_as_header_value`]).
     pub fn claim_headers(&self, token: &VerifiedToken) -> Vec<(HeaderName, HeaderValue)> {
