@@ -602,6 +602,10 @@ fn ha_lab_two_gateways_behind_haproxy_survive_stop_crash_and_node_loss() {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
         let path = dir.join(format!("{node}.token"));
         write(&path, v["token"].as_str().expect("token"));
+        // a join token is a secret: the agent refuses one others can read
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod token");
         path
     };
     let ca_ref = |node: &str, services: &str| {
