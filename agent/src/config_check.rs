@@ -92,6 +92,9 @@ impl Default for CheckOptions {
 pub enum FileKind {
     /// A key, token or password: mode 0600 expected (0640 is accepted with a warning).
     Secret,
+    /// A single-use, short-lived join token: 0600 expected, but a looser mode is a warning,
+    /// not a refusal (it is spent at the first join, and scripts write it with the umask).
+    JoinToken,
     /// A certificate, bundle or list anyone may read.
     Public,
 }
@@ -136,7 +139,18 @@ pub fn check_file(path: &str, file: &Path, kind: FileKind, out: &mut Vec<Finding
         return false;
     }
     let mode = meta.permissions().mode() & 0o777;
-    if kind == FileKind::Secret && mode & 0o007 != 0 {
+    if kind == FileKind::JoinToken && mode & 0o077 != 0 {
+        out.push(
+            Finding::warning(
+                path,
+                format!(
+                    "{} holds a join token and its mode is {mode:04o}: others on this machine can read it until it is used",
+                    file.display()
+                ),
+            )
+            .hint(format!("chmod 600 {}", file.display())),
+        );
+    } else if kind == FileKind::Secret && mode & 0o007 != 0 {
         out.push(
             Finding::error(
                 path,
@@ -262,7 +276,7 @@ pub fn check_ca_ref(
             );
         }
         Some(file) => {
-            check_file("ca.join_token_file", file, FileKind::Secret, out);
+            check_file("ca.join_token_file", file, FileKind::JoinToken, out);
         }
     }
 }
@@ -554,27 +568,27 @@ mod tests {
             paths(&f),
             vec![
                 ("ca.address", Severity::Error),
-                ("ca.join_token_file", Severity::Error),
                 ("services[0].upstreams[0].listen", Severity::Error),
                 ("services[0].upstreams[0].service", Severity::Error),
                 ("ca.fingerprint", Severity::Warning),
+                ("ca.join_token_file", Severity::Warning),
             ],
             "{f:#?}"
         );
         assert!(
-            f[1].hint
+            f[4].hint
                 .as_deref()
                 .is_some_and(|h| h.starts_with("chmod 600"))
         );
-        assert!(f[2].message.contains("listen.admin"), "{}", f[2].message);
+        assert!(f[1].message.contains("listen.admin"), "{}", f[1].message);
         assert!(
-            f[4].hint
+            f[3].hint
                 .as_deref()
                 .is_some_and(|h| h.contains("meshgate ca fingerprint"))
         );
         // the same config without file checks: the mode problem is not looked at
         let f = c.check(CheckOptions { files: false });
-        assert!(!paths(&f).contains(&("ca.join_token_file", Severity::Error)));
+        assert!(!paths(&f).contains(&("ca.join_token_file", Severity::Warning)));
     }
 
     #[test]
