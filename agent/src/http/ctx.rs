@@ -28,6 +28,9 @@ pub struct ConnInfo {
     pub client_cert: Option<Arc<CertificateDer<'static>>>,
     /// The verified SPIFFE ID of a mesh peer (tunnel connections only).
     pub peer_id: Option<SpiffeId>,
+    /// For a workload peer: its service name and SPIFFE ID as text, computed once per
+    /// connection (intentions look at them for every request).
+    pub peer_workload: Option<(Arc<str>, Arc<str>)>,
     /// For requests nested in a tunnel CONNECT stream: the service that stream was opened to
     /// (the requests may not name another one).
     pub bound_service: Option<Arc<str>>,
@@ -36,6 +39,17 @@ pub struct ConnInfo {
 }
 
 impl ConnInfo {
+    /// Sets the verified mesh peer (and, for a workload, its service and ID text).
+    pub fn set_peer(&mut self, id: Option<SpiffeId>) {
+        self.peer_workload = id.as_ref().and_then(|id| match id.subject() {
+            meshgate_ca::spiffe::Subject::Workload { service, .. } => {
+                Some((Arc::from(service.as_str()), Arc::from(id.to_string().as_str())))
+            }
+            _ => None,
+        });
+        self.peer_id = id;
+    }
+
     /// A connection from `peer`, plain, without certificates.
     pub fn plain(peer: SocketAddr) -> Self {
         Self {
@@ -43,6 +57,7 @@ impl ConnInfo {
             tls: false,
             client_cert: None,
             peer_id: None,
+            peer_workload: None,
             bound_service: None,
             hold: None,
         }

@@ -711,13 +711,14 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, security: Security, front: &Fr
             let mut info = ConnInfo::plain(peer);
             info.tls = true;
             if mesh {
-                info.peer_id = leaf
-                    .as_ref()
-                    .and_then(|l| meshgate_ca::pki::CertInfo::from_der(l).ok())
-                    .and_then(|i| {
-                        i.spiffe_uri()
-                            .and_then(|u| meshgate_ca::spiffe::SpiffeId::parse(u).ok())
-                    });
+                info.set_peer(
+                    leaf.as_ref()
+                        .and_then(|l| meshgate_ca::pki::CertInfo::from_der(l).ok())
+                        .and_then(|i| {
+                            i.spiffe_uri()
+                                .and_then(|u| meshgate_ca::spiffe::SpiffeId::parse(u).ok())
+                        }),
+                );
                 if !h2 {
                     debug!(src.addr = %peer, "mesh peer did not negotiate h2; closed");
                     return;

@@ -256,16 +256,10 @@ impl Pipeline {
         let method = parts.method.clone();
         let mut route: Option<Arc<Route>> = None;
         let outcome = self.run(&cfg, &mut parts, body, &mut ctx, &mut route).await;
-        if ctx.request_id.is_empty() {
-            ctx.request_id = Ctx::new_request_id();
-        }
         let resp = match outcome {
             Ok(r) => r,
             Err(Early::Response(r)) => r,
-            Err(Early::Problem(p)) => {
-                ctx.local_reason = Some(p.slug());
-                p.respond(&ctx.request_id, ctx.grpc)
-            }
+            Err(Early::Problem(p)) => local_answer(&mut ctx, &p),
         };
         let resp = self.finish(&cfg, route.as_deref(), &mut ctx, resp).await;
         let status = resp.status().as_u16();
@@ -447,7 +441,8 @@ impl Pipeline {
         for (k, v) in std::mem::take(&mut ctx.response_headers) {
             parts.headers.append(k, v);
         }
-        if !parts.headers.contains_key("x-request-id")
+        if !ctx.request_id.is_empty()
+            && !parts.headers.contains_key("x-request-id")
             && let Ok(v) = HeaderValue::from_str(&ctx.request_id)
         {
             parts.headers.insert("x-request-id", v);
@@ -456,10 +451,19 @@ impl Pipeline {
     }
 }
 
+/// The answer for a local problem; a request id is made here if no filter set one (a node
+/// agent's pipeline has no hygiene filter, and its proxied answers need none).
+fn local_answer(ctx: &mut Ctx, p: &Problem) -> Response<Body> {
+    if ctx.request_id.is_empty() {
+        ctx.request_id = Ctx::new_request_id();
+    }
+    ctx.local_reason = Some(p.slug());
+    p.respond(&ctx.request_id, ctx.grpc)
+}
+
 /// Replaces a response head with a local problem's and returns the problem's body.
 fn local(ctx: &mut Ctx, p: Problem, parts: &mut http::response::Parts) -> Body {
-    ctx.local_reason = Some(p.slug());
-    let (np, nb) = p.respond(&ctx.request_id, ctx.grpc).into_parts();
+    let (np, nb) = local_answer(ctx, &p).into_parts();
     *parts = np;
     nb
 }

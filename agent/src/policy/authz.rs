@@ -113,8 +113,8 @@ pub struct Decision {
     /// The index into the config's rules of the deciding rule; `None` when the default applied.
     pub rule: Option<usize>,
     /// Human-readable explanation, e.g. `rule #1 (web -> users deny DELETE /admin/*)` or
-    /// `default deny`.
-    pub reason: String,
+    /// `default deny` (shared: deciding allocates nothing).
+    pub reason: std::sync::Arc<str>,
 }
 
 impl Decision {
@@ -141,6 +141,7 @@ pub enum AuthzError {
 #[derive(Debug, Clone)]
 pub struct Policy {
     default: Action,
+    default_reason: std::sync::Arc<str>,
     rules: Vec<Rule>,
 }
 
@@ -215,7 +216,7 @@ struct Rule {
     /// Precomputed specificity score.
     score: u8,
     /// Precomputed `rule #i (…)` text for decisions.
-    describe: String,
+    describe: std::sync::Arc<str>,
 }
 
 impl Rule {
@@ -315,7 +316,7 @@ fn compile_rule(index: usize, rc: &RuleConfig) -> Result<Rule, AuthzError> {
         methods,
         paths,
         score,
-        describe,
+        describe: describe.into(),
     })
 }
 
@@ -332,6 +333,7 @@ impl Policy {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Policy {
             default: cfg.default,
+            default_reason: format!("default {}", cfg.default).into(),
             rules,
         })
     }
@@ -388,7 +390,7 @@ impl Policy {
             None => Decision {
                 action: self.default,
                 rule: None,
-                reason: format!("default {}", self.default),
+                reason: self.default_reason.clone(),
             },
         }
     }
@@ -621,16 +623,16 @@ mod tests {
                 path: "/admin/x",
             },
         );
-        assert_eq!(d.reason, "rule #1 (web -> users deny DELETE /admin/*)");
+        assert_eq!(&*d.reason, "rule #1 (web -> users deny DELETE /admin/*)");
         assert_eq!(
-            p.check_connection(&from, &to).reason,
+            &*p.check_connection(&from, &to).reason,
             "rule #0 (web -> users allow)"
         );
         let other = Peer {
             service: "billing",
             spiffe_id: &web,
         };
-        assert_eq!(p.check_connection(&other, &to).reason, "default deny");
+        assert_eq!(&*p.check_connection(&other, &to).reason, "default deny");
         assert_eq!(p.default_action(), Action::Deny);
     }
 

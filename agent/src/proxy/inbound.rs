@@ -19,7 +19,7 @@ use std::{collections::HashMap, future::Future, pin::Pin, sync::Arc, time::Durat
 use http::{HeaderValue, Method, Request, Response, StatusCode, request, response};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use meshgate_ca::spiffe::{SpiffeId, Subject};
+use meshgate_ca::spiffe::SpiffeId;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
@@ -84,13 +84,9 @@ pub fn front_limits(t: &TunnelConfig) -> FrontLimits {
     }
 }
 
-/// The verified caller of a stream, when it is a workload.
-fn workload_peer(conn: &ConnInfo) -> Option<(String, String)> {
-    let id = conn.peer_id.as_ref()?;
-    match id.subject() {
-        Subject::Workload { service, .. } => Some((service.clone(), id.to_string())),
-        _ => None,
-    }
+/// The verified caller of a stream, when it is a workload: (service, SPIFFE ID).
+fn workload_peer(conn: &ConnInfo) -> Option<(Arc<str>, Arc<str>)> {
+    conn.peer_workload.clone()
 }
 
 /// Marks every local answer of the node pipeline with [`LOCAL_HEADER`].
@@ -334,7 +330,7 @@ impl InboundHandler {
         let (admitted, reason) = match local.protocol {
             Protocol::Http | Protocol::Grpc => (
                 ctx.policy.admits_http(&p, &t),
-                "no rule allows this source".to_owned(),
+                std::sync::Arc::from("no rule allows this source"),
             ),
             Protocol::Tcp => {
                 let d = ctx.policy.check_connection(&p, &t);
@@ -480,7 +476,7 @@ mod tests {
 
     fn conn(peer: Option<&str>) -> Arc<ConnInfo> {
         let mut c = ConnInfo::plain("127.0.0.1:1".parse().expect("addr"));
-        c.peer_id = peer.map(|p| SpiffeId::parse(p).expect("id"));
+        c.set_peer(peer.map(|p| SpiffeId::parse(p).expect("id")));
         Arc::new(c)
     }
 
