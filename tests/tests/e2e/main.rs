@@ -11,3 +11,4 @@ mod gw_harness;
 mod ha_lab;
 mod harness;
 mod identity;
+mod mesh;
