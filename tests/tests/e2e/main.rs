@@ -3,6 +3,7 @@
 
 mod agent;
 mod auth;
+mod clients;
 mod consul;
 mod consul_standin;
 mod dns;
@@ -12,3 +13,4 @@ mod ha_lab;
 mod harness;
 mod identity;
 mod mesh;
+mod paths;
