@@ -8,6 +8,7 @@ mod consul;
 mod consul_standin;
 mod dns;
 mod gateway;
+mod grpc;
 mod gw_harness;
 mod ha_lab;
 mod harness;
