@@ -750,11 +750,13 @@ async fn sniff(tcp: &TcpStream, limits: &FrontLimits) -> Option<Proto> {
     let started = Instant::now();
     let mut budget = limits.idle_timeout;
     loop {
-        let ready = tokio::time::timeout(budget, tcp.readable()).await;
-        if ready.is_err() {
-            return None;
-        }
-        match tcp.peek(&mut buf).await {
+        // the deadline covers the peek itself: readiness can be reported before any byte is
+        // there, and a peek then waits for data with no limit of its own
+        let peeked = match tokio::time::timeout(budget, tcp.peek(&mut buf)).await {
+            Ok(r) => r,
+            Err(_) => return None,
+        };
+        match peeked {
             Ok(0) => return None,
             Ok(n) => {
                 if buf[..n] != PREFACE[..n] {
