@@ -267,3 +267,13 @@ impl PyServer {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 }
+
+/// A boxed body that can stream (request bodies made of generated chunks).
+pub(crate) type Boxed = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+/// A whole body as a [`Boxed`] one.
+pub(crate) fn full(s: String) -> Boxed {
+    Full::new(Bytes::from(s))
+        .map_err(|never| match never {})
+        .boxed()
+}

@@ -3,6 +3,7 @@
 
 mod agent;
 mod auth;
+mod bodies;
 mod clients;
 mod consul;
 mod consul_standin;

@@ -733,7 +733,7 @@ pub(crate) struct ChildProc {
 }
 
 impl ChildProc {
-    /// Spawns `cmd` and reads stdout lines until one starts with `ready_prefix` (at most 30 s).
+    /// Spawns `cmd` and reads stdout lines until one contains `ready_prefix` (at most 30 s).
     pub(crate) async fn spawn(mut cmd: tokio::process::Command, ready_prefix: &str) -> Self {
         use tokio::io::AsyncBufReadExt;
         cmd.stdout(std::process::Stdio::piped())
@@ -745,11 +745,12 @@ impl ChildProc {
         let mut banner = Vec::new();
         let found = tokio::time::timeout(Duration::from_secs(30), async {
             while let Ok(Some(l)) = lines.next_line().await {
-                let ready = l.starts_with(ready_prefix);
-                banner.push(l);
-                if ready {
+                // libtest may print "test NAME ... " in front of the line
+                if let Some(at) = l.find(ready_prefix) {
+                    banner.push(l[at..].to_owned());
                     return true;
                 }
+                banner.push(l);
             }
             false
         })
