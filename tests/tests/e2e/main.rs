@@ -8,6 +8,7 @@ mod clients;
 mod consul;
 mod consul_standin;
 mod dns;
+mod edge;
 mod gateway;
 mod grpc;
 mod gw_harness;
