@@ -15,5 +15,6 @@ mod gw_harness;
 mod ha_lab;
 mod harness;
 mod identity;
+mod load;
 mod mesh;
 mod paths;

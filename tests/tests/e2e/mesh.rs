@@ -879,3 +879,36 @@ fn gateway_process() {
         app.shutdown().await;
     });
 }
+
+/// A client TLS config for the mesh inbound port with the SVID of `service` held by
+/// `identity` (whose data dir is `dir`): a caller with a valid mesh identity, ALPN h2.
+pub(crate) async fn mesh_client_config(
+    identity: &meshgate_agent::identity::IdentityManager,
+    dir: &tempfile::TempDir,
+    service: &str,
+) -> rustls::ClientConfig {
+    use meshgate_ca::{
+        tls::CertSlot,
+        verify::{ExpectedPeer, SpiffeServerVerifier, tls13_client_config},
+    };
+    let svid = identity
+        .workload("default", service)
+        .await
+        .expect("workload certificate");
+    let key = rcgen::KeyPair::from_pem(
+        &std::fs::read_to_string(dir.path().join(format!("data/svids/default/{service}.key")))
+            .expect("workload key"),
+    )
+    .expect("key");
+    let slot = CertSlot::new();
+    slot.set(svid.chain(), key.serialize_der()).expect("slot");
+    let mut cfg = tls13_client_config()
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(SpiffeServerVerifier::new(
+            identity.bundle(),
+            ExpectedPeer::AnyNode,
+        )))
+        .with_client_cert_resolver(slot);
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg
+}
