@@ -15,6 +15,7 @@ mod gw_harness;
 mod ha_lab;
 mod harness;
 mod identity;
+mod jwt_cache;
 mod load;
 mod mesh;
 mod paths;
