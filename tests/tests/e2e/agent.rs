@@ -360,7 +360,6 @@ fn client_with(
 
 #[tokio::test]
 async fn inbound_port_refuses_what_it_must() {
-    let ca = TestCa::start(TD).await;
     let echo = EchoService::start().await;
     let p = Pair::start(echo.port, Protocol::Tcp, allow_web()).await;
     let (a, b, ca) = (p.a(), p.b(), &p.0.ca);

@@ -515,13 +515,24 @@ async fn the_next_request_succeeds_after_the_local_service_restarts() {
             );
         }
     }
+    drop(conns);
+    assert!(
+        mesh.shutdown().await,
+        "the gateway and agents drained in time"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_that_closes_idle_connections_after_1s_never_causes_an_error() {
     let (port, closed) = closes_idle_after_1s().await;
     let mesh = TestMesh::new()
-        .agent(AgentSpec::new("node-b").service(ServiceSpec::http("users", port)))
+        .agent(
+            AgentSpec::new("node-b")
+                .service(ServiceSpec::http("users", port))
+                // the agent keeps idle connections longer than the service does (3s, the
+                // default): the service, not the agent, closes them
+                .configure(|c| c.tunnel.local_idle_timeout = Duration::from_secs(3)),
+        )
         .agent(AgentSpec::new("node-a").service(ServiceSpec::tcp("web", 1).calls("users")))
         .intention(Intention::allow("web", "users"))
         .intention(Intention::allow("gateway", "users"))
@@ -584,7 +595,7 @@ async fn flood(
         body.send_reset(h2::Reason::CANCEL);
         drop(resp);
         sent += 1;
-        if sent % 64 == 0 {
+        if sent.is_multiple_of(64) {
             tokio::task::yield_now().await;
             if conn.is_finished() {
                 break;

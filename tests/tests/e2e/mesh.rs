@@ -27,7 +27,7 @@ use std::{
 };
 
 use meshgate_agent::{
-    config::{AgentConfig, Protocol, ServiceConfig, TunnelConfig, UpstreamConfig},
+    config::{AgentConfig, Protocol, ServiceConfig, UpstreamConfig},
     policy::authz::{Action, AuthzConfig, RuleConfig},
 };
 use meshgate_gateway::{
@@ -95,7 +95,6 @@ impl ServiceSpec {
 pub(crate) struct AgentSpec {
     node: String,
     services: Vec<ServiceSpec>,
-    tunnel: Option<TunnelConfig>,
     tweaks: Vec<AgentTweak>,
 }
 
@@ -105,7 +104,6 @@ impl AgentSpec {
         Self {
             node: node.into(),
             services: Vec::new(),
-            tunnel: None,
             tweaks: Vec::new(),
         }
     }
@@ -113,12 +111,6 @@ impl AgentSpec {
     /// Adds a local service.
     pub(crate) fn service(mut self, s: ServiceSpec) -> Self {
         self.services.push(s);
-        self
-    }
-
-    /// Replaces the tunnel tuning.
-    pub(crate) fn tunnel(mut self, t: TunnelConfig) -> Self {
-        self.tunnel = Some(t);
         self
     }
 
@@ -528,9 +520,6 @@ impl TestMesh {
                     });
                     cfg.discovery.static_endpoints.insert(c.clone(), addrs);
                 }
-            }
-            if let Some(t) = spec.tunnel {
-                cfg.tunnel = t;
             }
             for t in spec.tweaks {
                 t(&mut cfg);
