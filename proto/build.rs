@@ -2,7 +2,10 @@
 //! FileDescriptorSet and `tonic-prost-build` generates messages and client/server code from it.
 use std::{env, path::PathBuf};
 
-const PROTOS: &[&str] = &["proto/meshgate/ca/v1/ca.proto"];
+const PROTOS: &[&str] = &[
+    "proto/meshgate/ca/v1/ca.proto",
+    "proto/meshgate/test/v1/echo.proto",
+];
 const INCLUDES: &[&str] = &["proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

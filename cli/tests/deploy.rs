@@ -965,7 +965,12 @@ fn every_example_config_validates() {
     );
     for f in &files {
         // the files they name (keys, tokens, certificates) exist only on their target hosts
-        let out = meshgate(&["config", "validate", "--skip-files", f.to_str().expect("utf8")]);
+        let out = meshgate(&[
+            "config",
+            "validate",
+            "--skip-files",
+            f.to_str().expect("utf8"),
+        ]);
         assert!(
             out.status.success(),
             "{}: {}",

@@ -1,6 +1,7 @@
 //! Route lookup cost at 10, 1,000 and 10,000 routes: the index must keep it flat.
 //!
 //! `cargo bench -p meshgate-gateway --bench routes`
+#![allow(missing_docs)] // criterion's macros generate undocumented functions
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use http::HeaderMap;

@@ -12,8 +12,8 @@ use std::{
 };
 
 use http::{HeaderMap, HeaderName, HeaderValue};
-use prometheus_client::metrics::{counter::Counter, family::Family};
 use meshgate_agent::http::respond::Problem;
+use prometheus_client::metrics::{counter::Counter, family::Family};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -227,7 +227,10 @@ fn token_hash(provider: &str, token: &str) -> [u8; 32] {
 
 impl TokenCache {
     fn get(&self, hash: &[u8; 32], keys: &Arc<KeySet>) -> Option<VerifiedToken> {
-        let mut entries = self.entries.lock().expect("invariant: cache lock not poisoned");
+        let mut entries = self
+            .entries
+            .lock()
+            .expect("invariant: cache lock not poisoned");
         let hit = entries.get_mut(hash)?;
         let now_keys = Arc::as_ptr(keys) as usize;
         if hit.keys != now_keys {
@@ -243,7 +246,10 @@ impl TokenCache {
     }
 
     fn insert(&self, hash: [u8; 32], token: &VerifiedToken, keys: &Arc<KeySet>, now: u64) {
-        let mut entries = self.entries.lock().expect("invariant: cache lock not poisoned");
+        let mut entries = self
+            .entries
+            .lock()
+            .expect("invariant: cache lock not poisoned");
         if entries.len() >= TOKEN_CACHE_ENTRIES {
             // expired entries first; if the cache is still full, start over
             entries.retain(|_, e| {
@@ -541,7 +547,11 @@ impl Auth {
                         .unwrap_or(8192);
                     return Err(Problem::HeadersTooLarge { limit });
                 }
-                let reason = last.map_or_else(|| "missing token".to_owned(), |e| e.to_string());
+                // no token at all is "missing" (a bare challenge), whichever way it was noticed
+                let reason = match last {
+                    None | Some(crate::jwt::JwtError::Missing) => "missing token".to_owned(),
+                    Some(e) => e.to_string(),
+                };
                 failure = Some(unauthorized("Bearer", &reason));
             }
         }

@@ -2,6 +2,7 @@
 //!
 //! - [`ca::v1`]: the certificate authority API (`JoinNode`, `RenewNode`, `SignWorkload`,
 //!   `TrustBundle`), served by `meshgate ca serve` and called by every agent and gateway.
+//! - [`test::v1`]: `Echo`, the four gRPC call kinds, for end-to-end tests only (not an API).
 
 /// The certificate authority API.
 pub mod ca {
@@ -9,6 +10,15 @@ pub mod ca {
     pub mod v1 {
         #![allow(missing_docs, unreachable_pub)]
         tonic::include_proto!("meshgate.ca.v1");
+    }
+}
+
+/// Services used only by tests.
+pub mod test {
+    /// Version 1 of the test services: `Echo` (unary, server-, client- and bidi-streaming).
+    pub mod v1 {
+        #![allow(missing_docs, unreachable_pub)]
+        tonic::include_proto!("meshgate.test.v1");
     }
 }
 

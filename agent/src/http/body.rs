@@ -444,7 +444,9 @@ impl HttpBody for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.finished || (self.grpc_deadline.is_none() && self.inner.is_end_stream())
+        // an inner body that has ended has nothing left for the deadline to cut short: a gRPC
+        // trailers-only answer must stay one HEADERS frame with END_STREAM
+        self.finished || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -493,6 +495,20 @@ mod tests {
             .map(|p| Ok(Frame::data(Bytes::from_static(p.as_bytes()))))
             .collect();
         StreamBody::new(futures_util::stream::iter(frames)).boxed()
+    }
+
+    #[tokio::test]
+    async fn an_empty_grpc_answer_stays_ended_under_a_deadline() {
+        let b = ResponseBody::new(
+            http_body_util::Empty::<Bytes>::new()
+                .map_err(|e| match e {})
+                .boxed(),
+        )
+        .grpc_deadline(Some(Instant::now() + Duration::from_secs(60)));
+        assert!(
+            b.is_end_stream(),
+            "a trailers-only gRPC answer is sent as one HEADERS frame, not HEADERS + empty DATA"
+        );
     }
 
     #[tokio::test]

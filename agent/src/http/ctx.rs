@@ -42,9 +42,10 @@ impl ConnInfo {
     /// Sets the verified mesh peer (and, for a workload, its service and ID text).
     pub fn set_peer(&mut self, id: Option<SpiffeId>) {
         self.peer_workload = id.as_ref().and_then(|id| match id.subject() {
-            meshgate_ca::spiffe::Subject::Workload { service, .. } => {
-                Some((Arc::from(service.as_str()), Arc::from(id.to_string().as_str())))
-            }
+            meshgate_ca::spiffe::Subject::Workload { service, .. } => Some((
+                Arc::from(service.as_str()),
+                Arc::from(id.to_string().as_str()),
+            )),
             _ => None,
         });
         self.peer_id = id;

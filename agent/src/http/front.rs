@@ -751,11 +751,13 @@ async fn sniff(tcp: &TcpStream, limits: &FrontLimits) -> Option<Proto> {
     let started = Instant::now();
     let mut budget = limits.idle_timeout;
     loop {
-        let ready = tokio::time::timeout(budget, tcp.readable()).await;
-        if ready.is_err() {
-            return None;
-        }
-        match tcp.peek(&mut buf).await {
+        // the deadline covers the peek itself: readiness can be reported before any byte is
+        // there, and a peek then waits for data with no limit of its own
+        let peeked = match tokio::time::timeout(budget, tcp.peek(&mut buf)).await {
+            Ok(r) => r,
+            Err(_) => return None,
+        };
+        match peeked {
             Ok(0) => return None,
             Ok(n) => {
                 if buf[..n] != PREFACE[..n] {
@@ -823,7 +825,15 @@ where
             let conn = b.serve_connection(TokioIo::new(watched), svc);
             let mut conn = std::pin::pin!(conn);
             let end = tokio::select! {
-                r = conn.as_mut() => { log_end(&info, front.name, r.err()); return; }
+                r = conn.as_mut() => {
+                    match r.err() {
+                        // h2's own guard (streams reset before they were accepted) fired
+                        // before ours could see them: the same attack, counted the same way
+                        Some(e) if h2_reset_flood(&e) => flooded(&info, front),
+                        e => log_end(&info, front.name, e),
+                    }
+                    return;
+                }
                 () = front.drain.started() => None,
                 e = watchdog(&state, &limits) => Some(e),
             };
@@ -886,6 +896,22 @@ where
 fn flooded(info: &ConnInfo, front: &Front) {
     front.metrics.reset_flood(front.name);
     warn!(src.addr = %info.peer, peer.identity = info.peer_id.as_ref().map(ToString::to_string).unwrap_or_default(), listener = front.name, "peer cancelled streams faster than it let them complete; connection cut off");
+}
+
+/// Whether hyper ended an HTTP/2 connection because the h2 library sent GOAWAY
+/// ENHANCE_YOUR_CALM itself: the peer reset more streams than it allows before they were even
+/// handed to us (HEADERS followed at once by RST_STREAM, the rapid-reset attack).
+fn h2_reset_flood(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<h2::Error>() {
+            return h.is_go_away()
+                && !h.is_remote()
+                && h.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM);
+        }
+        source = s.source();
+    }
+    false
 }
 
 fn log_end(info: &ConnInfo, name: &str, e: Option<hyper::Error>) {

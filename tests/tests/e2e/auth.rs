@@ -26,21 +26,21 @@ use crate::{
 };
 
 const TD: &str = "mesh.example";
-const ISS: &str = "https://issuer.test";
+pub(crate) const ISS: &str = "https://issuer.test";
 
 fn b64url(bytes: &[u8]) -> String {
     meshgate_ca::pki::base64url(bytes)
 }
 
-struct SigningKey {
+pub(crate) struct SigningKey {
     raw: Option<Arc<RsaKeyPair>>,
     key: EncodingKey,
-    jwk: Value,
+    pub(crate) jwk: Value,
     alg: Algorithm,
     kid: String,
 }
 
-fn rsa(kid: &str) -> SigningKey {
+pub(crate) fn rsa(kid: &str) -> SigningKey {
     let pair = RsaKeyPair::generate(KeySize::Rsa2048).expect("rsa");
     let pem = meshgate_ca::pki::pem_block("PRIVATE KEY", pair.as_der().expect("pkcs8").as_ref());
     let c = PublicKeyComponents::<Vec<u8>>::from(pair.public_key());
@@ -53,7 +53,7 @@ fn rsa(kid: &str) -> SigningKey {
     }
 }
 
-fn ec(kid: &str) -> SigningKey {
+pub(crate) fn ec(kid: &str) -> SigningKey {
     let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).expect("ec");
     let point = pair.public_key().as_ref().to_vec();
     let pem =
@@ -136,27 +136,27 @@ fn now() -> u64 {
         .as_secs()
 }
 
-fn token(k: &SigningKey, claims: Value) -> String {
+pub(crate) fn token(k: &SigningKey, claims: Value) -> String {
     let mut h = Header::new(k.alg);
     h.kid = Some(k.kid.clone());
     jsonwebtoken::encode(&h, &claims, &k.key).expect("sign")
 }
 
-fn claims(sub: &str, exp_in: i64) -> Value {
+pub(crate) fn claims(sub: &str, exp_in: i64) -> Value {
     let t = now() as i64;
     json!({"iss": ISS, "aud": "api", "sub": sub, "exp": t + exp_in, "iat": t, "scope": "read write", "email": format!("{sub}@example.com")})
 }
 
-/// A JWKS server on loopback; `down` makes it answer 500.
-struct Jwks {
-    url: String,
+/// A JWKS server on loopback; `down` makes it answer 500, `fetches` counts requests.
+pub(crate) struct Jwks {
+    pub(crate) url: String,
     doc: Arc<Mutex<String>>,
-    down: Arc<AtomicBool>,
-    fetches: Arc<AtomicUsize>,
+    pub(crate) down: Arc<AtomicBool>,
+    pub(crate) fetches: Arc<AtomicUsize>,
 }
 
 impl Jwks {
-    async fn start(keys: &[&SigningKey]) -> Self {
+    pub(crate) async fn start(keys: &[&SigningKey]) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -205,7 +205,7 @@ impl Jwks {
         }
     }
 
-    fn set(&self, keys: &[&SigningKey]) {
+    pub(crate) fn set(&self, keys: &[&SigningKey]) {
         *self.doc.lock().expect("lock") =
             json!({"keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()}).to_string();
     }

@@ -2,69 +2,94 @@
 
 use std::time::{Duration, Instant};
 
+use meshgate_gateway::{config::Limits, routes::BackendConfig};
 use serde_json::json;
 
 use crate::{
     gw_harness::{Backend, Conn, TestGateway, plain, tls},
-    harness::{TestAgent, TestCa},
+    mesh::{AgentSpec, GatewaySpec, Intention, Mesh, RouteSpec, ServiceSpec, TestMesh},
 };
 
-const TD: &str = "mesh.example";
-
 struct Stack {
-    _ca: TestCa,
-    _node: TestAgent,
-    gw: TestGateway,
+    mesh: Mesh,
     v1: Backend,
     canary: Backend,
     v2: Backend,
 }
 
-fn routes() -> serde_json::Value {
-    json!([
-        {"name": "users-v2-header", "match": {"hosts": ["api.example"], "path": {"prefix": "/users"}, "headers": {"Accept-Version": "2"}}, "backend": {"service": "users-v2"}},
-        {"name": "users-v2-subdomain", "match": {"hosts": ["v2.api.example"], "path": {"prefix": "/users"}}, "backend": {"service": "users-v2"}},
-        {"name": "users-v2-path", "match": {"hosts": ["api.example"], "path": {"prefix": "/v2/users"}}, "rewrite": {"prefix": "/users"}, "backend": {"service": "users-v2"}},
-        {"name": "users", "match": {"hosts": ["api.example"], "path": {"prefix": "/users"}},
-         "backend": {"split": [{"service": "users", "weight": 90}, {"service": "users-canary", "weight": 10}], "pin": {"header": "X-Canary", "cookie": "canary"}}},
-        {"name": "upload", "match": {"path": {"exact": "/upload"}, "methods": ["POST"]}, "max_body": 1024, "content_types": ["application/json"], "backend": {"service": "users"}},
-        {"name": "slow", "match": {"path": {"prefix": "/slow"}}, "timeout": "1s", "backend": {"service": "users"}},
-        {"name": "down", "match": {"path": {"prefix": "/down"}}, "backend": {"service": "nobody"}},
-        {"name": "cors", "match": {"path": {"prefix": "/cors"}}, "cors": {"allow_origins": ["https://app.example"], "allow_headers": ["Content-Type"]}, "backend": {"service": "users"}},
-        {"name": "transform", "match": {"path": {"prefix": "/t"}},
-         "transforms": {"request_headers": {"set": {"X-From-Gateway": "yes"}}, "response_json": {"remove": ["secret"], "rename": {"service": "svc"}}},
-         "backend": {"service": "users"}},
-    ])
+impl Stack {
+    fn gw(&self) -> &TestGateway {
+        self.mesh.gw()
+    }
+}
+
+fn routes() -> Vec<RouteSpec> {
+    vec![
+        RouteSpec::new("users-v2-header")
+            .hosts(&["api.example"])
+            .prefix("/users")
+            .header("Accept-Version", "2")
+            .to("users-v2"),
+        RouteSpec::new("users-v2-subdomain")
+            .hosts(&["v2.api.example"])
+            .prefix("/users")
+            .to("users-v2"),
+        RouteSpec::new("users-v2-path")
+            .hosts(&["api.example"])
+            .prefix("/v2/users")
+            .extra(json!({"rewrite": {"prefix": "/users"}}))
+            .to("users-v2"),
+        RouteSpec::new("users")
+            .hosts(&["api.example"])
+            .prefix("/users")
+            .split(
+                &[("users", 90), ("users-canary", 10)],
+                Some(("X-Canary", "canary")),
+            ),
+        RouteSpec::new("upload")
+            .exact("/upload")
+            .methods(&["POST"])
+            .extra(json!({"max_body": 1024, "content_types": ["application/json"]}))
+            .to("users"),
+        RouteSpec::new("slow")
+            .prefix("/slow")
+            .timeout(Duration::from_secs(1))
+            .to("users"),
+        RouteSpec::new("down").prefix("/down").to("nobody"),
+        RouteSpec::new("cors")
+            .prefix("/cors")
+            .extra(json!({"cors": {"allow_origins": ["https://app.example"], "allow_headers": ["Content-Type"]}}))
+            .to("users"),
+        RouteSpec::new("transform")
+            .prefix("/t")
+            .extra(json!({"transforms": {"request_headers": {"set": {"X-From-Gateway": "yes"}}, "response_json": {"remove": ["secret"], "rename": {"service": "svc"}}}}))
+            .to("users"),
+    ]
 }
 
 async fn stack() -> Stack {
-    let ca = TestCa::start(TD).await;
     let (v1, canary, v2) = (
         Backend::start("users").await,
         Backend::start("users-canary").await,
         Backend::start("users-v2").await,
     );
-    let node = ca
-        .agent("node-b", json!({
-            "services": [
-                {"name": "users", "port": v1.port, "protocol": "http"},
-                {"name": "users-canary", "port": canary.port, "protocol": "http"},
-                {"name": "users-v2", "port": v2.port, "protocol": "http"},
-            ],
-            "authz": {"default": "deny", "rules": [{"from": "gateway", "to": "*", "action": "allow"}]},
-        }))
-        .await;
-    let b = node.inbound().to_string();
-    let gw = ca
-        .gateway(json!({
-            "routes": routes(),
-            "discovery": {"static": {"users": [b], "users-canary": [b], "users-v2": [b], "nobody": ["127.0.0.1:9"]}},
-        }))
+    let gateway = routes()
+        .into_iter()
+        .fold(GatewaySpec::new(), GatewaySpec::route);
+    let mesh = TestMesh::new()
+        .agent(
+            AgentSpec::new("node-b")
+                .service(ServiceSpec::http("users", v1.port))
+                .service(ServiceSpec::http("users-canary", canary.port))
+                .service(ServiceSpec::http("users-v2", v2.port)),
+        )
+        .intention(Intention::allow("gateway", "*"))
+        .endpoint("nobody", "127.0.0.1:9".parse().expect("addr"))
+        .gateway(gateway)
+        .start()
         .await;
     Stack {
-        _ca: ca,
-        _node: node,
-        gw,
+        mesh,
         v1,
         canary,
         v2,
@@ -80,7 +105,7 @@ async fn https_h1_and_h2_reach_services_through_the_mesh() {
     let s = stack().await;
     for h2 in [false, true] {
         let got = tls(
-            &s.gw,
+            s.gw(),
             h2,
             "GET",
             "api.example",
@@ -95,7 +120,7 @@ async fn https_h1_and_h2_reach_services_through_the_mesh() {
         assert!(got.headers.contains_key("x-request-id"));
     }
     let got = plain(
-        s.gw.http(),
+        s.gw().http(),
         "GET",
         "api.example",
         "/users/1",
@@ -127,7 +152,7 @@ async fn https_h1_and_h2_reach_services_through_the_mesh() {
 #[tokio::test]
 async fn errors_are_problem_json_with_the_right_status() {
     let s = stack().await;
-    let gw = s.gw.http();
+    let gw = s.gw().http();
     let got = plain(gw, "GET", "other.example", "/nope", &[], b"").await;
     assert_eq!(got.status, 404);
     assert_eq!(got.headers["content-type"], "application/problem+json");
@@ -219,7 +244,7 @@ async fn errors_are_problem_json_with_the_right_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn splits_pins_and_versions() {
     let s = stack().await;
-    let mut conn = Conn::open(s.gw.http()).await;
+    let mut conn = Conn::open(s.gw().http()).await;
     let mut canary = 0;
     for _ in 0..2000 {
         let got = conn.get("api.example", "/users/1", &[]).await;
@@ -277,7 +302,7 @@ async fn splits_pins_and_versions() {
 async fn spoofed_identity_headers_never_reach_the_service() {
     let s = stack().await;
     let got = plain(
-        s.gw.http(),
+        s.gw().http(),
         "GET",
         "api.example",
         "/users/1",
@@ -315,7 +340,7 @@ async fn spoofed_identity_headers_never_reach_the_service() {
 #[tokio::test]
 async fn cors_is_answered_and_enforced_at_the_gateway() {
     let s = stack().await;
-    let gw = s.gw.http();
+    let gw = s.gw().http();
     let before = s.v1.count();
     let pre = plain(
         gw,
@@ -378,7 +403,7 @@ async fn cors_is_answered_and_enforced_at_the_gateway() {
 #[tokio::test]
 async fn transforms_apply_both_ways() {
     let s = stack().await;
-    let got = plain(s.gw.http(), "GET", "api.example", "/t/x", &[], b"").await;
+    let got = plain(s.gw().http(), "GET", "api.example", "/t/x", &[], b"").await;
     assert_eq!(got.status, 200);
     let v = got.json();
     assert_eq!(v["svc"], "users", "{v}");
@@ -402,7 +427,7 @@ async fn transforms_apply_both_ways() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_under_load_loses_nothing_and_invalid_configs_are_refused() {
     let s = std::sync::Arc::new(stack().await);
-    let addr = s.gw.http();
+    let addr = s.gw().http();
     let mut loaders = tokio::task::JoinSet::new();
     for _ in 0..4 {
         loaders.spawn(async move {
@@ -422,18 +447,23 @@ async fn reload_under_load_loses_nothing_and_invalid_configs_are_refused() {
         for i in 0..20 {
             let weight = if i % 2 == 0 { 50 } else { 90 };
             let r = gw
-                .gw
+                .gw()
                 .reload_with(|c| {
-                    c["routes"][3]["backend"]["split"][0]["weight"] = json!(weight);
-                    c["routes"][3]["backend"]["split"][1]["weight"] = json!(100 - weight);
+                    let BackendConfig::Split { split, .. } = &mut c.routes[3].backend else {
+                        panic!("route 3 is the users split");
+                    };
+                    split[0].weight = weight;
+                    split[1].weight = 100 - weight;
                 })
                 .await;
             if r.is_ok() {
                 ok += 1;
             }
             let bad = gw
-                .gw
-                .reload_with(|c| c["routes"][3]["backend"] = json!({"service": "not-in-discovery"}))
+                .gw()
+                .reload_with(|c| {
+                    c.routes[3].backend = BackendConfig::Service("not-in-discovery".into())
+                })
                 .await;
             assert!(bad.is_err(), "an invalid config must be refused");
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -453,15 +483,20 @@ async fn reload_under_load_loses_nothing_and_invalid_configs_are_refused() {
 #[tokio::test]
 async fn a_slow_request_head_gets_408_and_redirects_go_to_https() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let ca = TestCa::start(TD).await;
-    let gw = ca
-        .gateway(json!({
-            "limits": {"header_read_timeout": "300ms"},
-            "redirect_https": true,
-            "routes": [{"name": "any", "backend": {"service": "users"}}],
-            "discovery": {"static": {"users": ["127.0.0.1:9"]}},
-        }))
+    let mesh = TestMesh::new()
+        .endpoint("users", "127.0.0.1:9".parse().expect("addr"))
+        .gateway(
+            GatewaySpec::new()
+                .limits(Limits {
+                    header_read_timeout: Duration::from_millis(300),
+                    ..Limits::default()
+                })
+                .configure(|c| c.redirect_https = true)
+                .route(RouteSpec::new("any").to("users")),
+        )
+        .start()
         .await;
+    let gw = mesh.gw();
     let mut s = tokio::net::TcpStream::connect(gw.http())
         .await
         .expect("connect");
@@ -490,7 +525,6 @@ async fn a_slow_request_head_gets_408_and_redirects_go_to_https() {
 
 #[tokio::test]
 async fn https_certificates_are_chosen_by_sni() {
-    let ca = TestCa::start(TD).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut tls_list = Vec::new();
     let mut ders = Vec::new();
@@ -506,16 +540,22 @@ async fn https_certificates_are_chosen_by_sni() {
         );
         std::fs::write(&c, cert.pem()).expect("crt");
         std::fs::write(&k, key.serialize_pem()).expect("key");
-        tls_list.push(json!({"cert_file": c, "key_file": k}));
+        tls_list.push(meshgate_agent::http::front::CertFiles {
+            cert_file: c,
+            key_file: k,
+        });
         ders.push(cert.der().clone());
     }
-    let gw = ca
-        .gateway(json!({
-            "tls": tls_list,
-            "routes": [{"name": "any", "backend": {"service": "users"}}],
-            "discovery": {"static": {"users": ["127.0.0.1:9"]}},
-        }))
+    let mesh = TestMesh::new()
+        .endpoint("users", "127.0.0.1:9".parse().expect("addr"))
+        .gateway(
+            GatewaySpec::new()
+                .configure(move |c| c.tls = tls_list)
+                .route(RouteSpec::new("any").to("users")),
+        )
+        .start()
         .await;
+    let gw = mesh.gw();
     for (sni, want) in [
         ("api.example", 0),
         ("www.shop.example", 1),

@@ -116,10 +116,27 @@ pub(crate) struct TestGateway {
     pub(crate) app: meshgate_gateway::app::GatewayApp,
     pub(crate) _dir: TempDir,
     pub(crate) cert: rustls_pki_types::CertificateDer<'static>,
-    pub(crate) config: serde_json::Value,
+    pub(crate) config: meshgate_gateway::config::GatewayConfig,
 }
 
 impl TestGateway {
+    /// Starts a gateway from a typed config whose files live in `dir`.
+    pub(crate) async fn start(
+        config: meshgate_gateway::config::GatewayConfig,
+        dir: TempDir,
+        cert: rustls_pki_types::CertificateDer<'static>,
+    ) -> Self {
+        let app = meshgate_gateway::app::GatewayApp::start(config.clone())
+            .await
+            .expect("gateway start");
+        TestGateway {
+            app,
+            _dir: dir,
+            cert,
+            config,
+        }
+    }
+
     pub(crate) fn http(&self) -> SocketAddr {
         self.app.http_addr().expect("http listener")
     }
@@ -128,23 +145,35 @@ impl TestGateway {
         self.app.https_addr().expect("https listener")
     }
 
-    /// Writes `config` (with `change` applied) as YAML-compatible JSON and reloads it.
+    /// One metric sample from the gateway's /metrics (0 when absent).
+    pub(crate) async fn metric(&self, series: &str) -> f64 {
+        crate::harness::metric_at(self.app.admin_addr(), series).await
+    }
+
+    /// Reloads the config as started with `change` applied.
     pub(crate) async fn reload_with(
         &self,
-        change: impl FnOnce(&mut serde_json::Value),
+        change: impl FnOnce(&mut meshgate_gateway::config::GatewayConfig),
     ) -> Result<(), String> {
         let mut c = self.config.clone();
         change(&mut c);
-        let cfg: meshgate_gateway::config::GatewayConfig =
-            serde_json::from_value(c).map_err(|e| e.to_string())?;
-        self.app.reload(cfg).await.map_err(|e| e.to_string())
+        self.app.reload(c).await.map_err(|e| e.to_string())
     }
 }
 
 impl TestCa {
-    /// A gateway named `gw` (identity `gateway`) with http and https listeners on port 0 and a
-    /// certificate for api.example, *.api.example and localhost. `spec` adds or replaces keys.
-    pub(crate) async fn gateway(&self, spec: serde_json::Value) -> TestGateway {
+    /// The config every test gateway starts from: node `gw` (identity `gateway`) with http and
+    /// https listeners on port 0 and a self-signed certificate for api.example,
+    /// *.api.example and localhost; `spec` adds or replaces top-level keys. Returns the typed
+    /// config, the directory holding its files and the certificate.
+    pub(crate) fn gateway_base(
+        &self,
+        spec: serde_json::Value,
+    ) -> (
+        meshgate_gateway::config::GatewayConfig,
+        TempDir,
+        rustls_pki_types::CertificateDer<'static>,
+    ) {
         let dir = tempfile::tempdir().expect("tempdir");
         let key = rcgen::KeyPair::generate().expect("key");
         let params = rcgen::CertificateParams::new(vec![
@@ -171,16 +200,14 @@ impl TestCa {
             cfg[k] = v.clone();
         }
         let parsed: meshgate_gateway::config::GatewayConfig =
-            serde_json::from_value(cfg.clone()).expect("gateway config");
-        let app = meshgate_gateway::app::GatewayApp::start(parsed)
-            .await
-            .expect("gateway start");
-        TestGateway {
-            app,
-            _dir: dir,
-            cert: cert.der().clone(),
-            config: cfg,
-        }
+            serde_json::from_value(cfg).expect("gateway config");
+        (parsed, dir, cert.der().clone())
+    }
+
+    /// A gateway from [`TestCa::gateway_base`] with `spec` applied.
+    pub(crate) async fn gateway(&self, spec: serde_json::Value) -> TestGateway {
+        let (cfg, dir, cert) = self.gateway_base(spec);
+        TestGateway::start(cfg, dir, cert).await
     }
 }
 

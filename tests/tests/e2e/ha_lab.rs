@@ -238,7 +238,7 @@ impl Lab {
             }
             sleep(Duration::from_millis(200));
         }
-        panic!("{what} never became ready; logs in {}", self.dir.display());
+        panic!("{what} never became ready; its logs:\n{}", self.logs());
     }
 
     /// The last lines of every process log, for failure messages.
@@ -602,7 +602,7 @@ fn ha_lab_two_gateways_behind_haproxy_survive_stop_crash_and_node_loss() {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
         let path = dir.join(format!("{node}.token"));
         write(&path, v["token"].as_str().expect("token"));
-        // a join token is a secret: the agent refuses one others can read
+        // a join token is a secret: keep it 0600, as operators should
         use std::os::unix::fs::PermissionsExt as _;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             .expect("chmod token");

@@ -231,15 +231,20 @@ impl TestAgent {
 
     /// One metric sample from /metrics (0 when absent).
     pub(crate) async fn metric(&self, series: &str) -> f64 {
-        let (_, text) = self.admin("/metrics").await;
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix(series)
-                    .and_then(|rest| rest.strip_prefix(' '))
-            })
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
+        metric_at(self.agent.admin_addr(), series).await
     }
+}
+
+/// One metric sample from the /metrics of the admin API at `admin` (0 when absent).
+pub(crate) async fn metric_at(admin: std::net::SocketAddr, series: &str) -> f64 {
+    let (_, text) = http_get(admin, "/metrics").await;
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 impl TestCa {

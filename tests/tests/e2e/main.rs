@@ -3,11 +3,19 @@
 
 mod agent;
 mod auth;
+mod bodies;
+mod clients;
 mod consul;
 mod consul_standin;
 mod dns;
+mod edge;
 mod gateway;
+mod grpc;
 mod gw_harness;
 mod ha_lab;
 mod harness;
 mod identity;
+mod jwt_cache;
+mod load;
+mod mesh;
+mod paths;
