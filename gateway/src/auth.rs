@@ -692,6 +692,19 @@ impl Auth {
         }
     }
 
+    /// Whether rate-limit policy `name` keys on who the caller is (consumer, API key, a JWT
+    /// claim), so it can only run after authentication. Policies keyed on the client address,
+    /// a header or the route run before it: unauthenticated attempts count too (a brute-force
+    /// guard), and the gateway's own 401s carry the RateLimit headers.
+    pub fn rate_limit_needs_principal(&self, name: &str) -> bool {
+        self.limits.get(name).is_some_and(|p| {
+            matches!(
+                p.key,
+                KeySource::Consumer | KeySource::ApiKey | KeySource::Claim { .. }
+            )
+        })
+    }
+
     /// Applies rate-limit policy `name`: Ok(headers to add to the response) or a 429 problem.
     pub async fn rate_limit(
         &self,

@@ -166,10 +166,19 @@ pub(crate) fn pipeline(
         if !r.content_types.is_empty() {
             chain.push(Arc::new(ContentTypes::new(&r.content_types)));
         }
+        // a limit keyed on the caller's identity runs after authentication; one keyed on the
+        // client address, a header or the route runs before it (see rate_limit_needs_principal)
+        let limit = r
+            .rate_limit
+            .as_ref()
+            .map(|l| (auth.rate_limit_needs_principal(l), l));
+        if let Some((false, l)) = limit {
+            chain.push(Arc::new(RateLimitFilter::new(auth.clone(), l, name)));
+        }
         if let Some(a) = &r.auth {
             chain.push(Arc::new(AuthFilter::new(auth.clone(), a.clone())));
         }
-        if let Some(l) = &r.rate_limit {
+        if let Some((true, l)) = limit {
             chain.push(Arc::new(RateLimitFilter::new(auth.clone(), l, name)));
         }
         if let Some(t) = &r.transforms {

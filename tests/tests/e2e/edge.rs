@@ -74,7 +74,8 @@ async fn local_401_429_and_502_carry_cors_and_ratelimit_headers() {
         "{:?}",
         got.headers
     );
-    // no token: the gateway's own 401, readable by the browser
+    // no token: the gateway's own 401, readable by the browser; the per-IP limit runs before
+    // authentication (unauthenticated attempts count), so its headers are there too
     let got = plain(gw, "GET", "api.example", "/api/x", &origin, b"").await;
     assert_eq!(got.status, 401, "{}", got.body);
     assert_eq!(
@@ -84,10 +85,20 @@ async fn local_401_429_and_502_carry_cors_and_ratelimit_headers() {
         got.headers
     );
     assert!(header(&got, "x-request-id").is_some(), "{:?}", got.headers);
+    assert!(
+        header(&got, "ratelimit").is_some_and(|v| v.contains("per-ip") && v.contains("r=1")),
+        "{:?}",
+        got.headers
+    );
+    assert!(
+        header(&got, "ratelimit-policy").is_some_and(|v| v.contains("q=2")),
+        "{:?}",
+        got.headers
+    );
 
     let bearer = format!("Bearer {}", token(&key, claims("alice", 300)));
     let auth = [("origin", ORIGIN), ("authorization", bearer.as_str())];
-    for i in 0..2 {
+    for i in 0..1 {
         let got = plain(gw, "GET", "api.example", "/api/x", &auth, b"").await;
         assert_eq!(got.status, 200, "request {i}: {}", got.body);
         assert_eq!(header(&got, "access-control-allow-origin"), Some(ORIGIN));
@@ -127,8 +138,8 @@ async fn local_401_429_and_502_carry_cors_and_ratelimit_headers() {
     assert!((1..=60).contains(&retry), "Retry-After {retry}");
     assert_eq!(
         backend.count(),
-        2,
-        "only the two allowed requests reached the service"
+        1,
+        "only the one allowed, authenticated request reached the service"
     );
 }
 
