@@ -670,8 +670,10 @@ impl LocalService {
                         continue;
                     }
                     let err = e.into_error();
-                    // a reused connection the service closed as we sent: nothing was answered
-                    let stale = reused && (err.is_incomplete_message() || err.is_canceled());
+                    // a reused connection the service closed or reset as we sent: nothing was
+                    // answered (a bodiless request is sent again on a fresh connection)
+                    let stale =
+                        reused && (err.is_incomplete_message() || err.is_canceled() || died(&err));
                     if stale && template.is_some() && attempt < 2 {
                         debug!(dst.service = %self.name, "pooled connection was closed by the service; sending again on a fresh one");
                         continue;
@@ -743,6 +745,24 @@ impl LocalService {
             refused: true,
         })
     }
+}
+
+/// Whether a hyper error is the connection dying underneath (reset, broken pipe).
+fn died(e: &hyper::Error) -> bool {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::UnexpectedEof
+            );
+        }
+        src = s.source();
+    }
+    false
 }
 
 /// Puts an HTTP/1.1 connection back into the idle list once its response body is done.
