@@ -32,6 +32,11 @@ use std::io::Write as _;
 
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
 
+/// mimalloc: per-request allocations are a visible share of the data plane's work, and
+/// glibc's malloc is the slowest part of it (see docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// meshgate: a sidecar-less service mesh with a gateway mode.
 ///
 /// Quick start: `meshgate dev` runs everything on 127.0.0.1. For a real deployment:

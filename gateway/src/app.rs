@@ -358,6 +358,7 @@ fn fixed_fields(c: &GatewayConfig) -> Vec<(&'static str, serde_json::Value)> {
         ("listen", j(&c.listen)),
         ("tls", j(&c.tls)),
         ("tls_min_version", j(&c.tls_min_version)),
+        ("tls_reload_interval", j(&c.tls_reload_interval.as_millis())),
         ("client_auth", j(&c.client_auth)),
         ("discovery", j(&c.discovery)),
         ("tunnel", j(&c.tunnel)),
@@ -400,6 +401,12 @@ impl GatewayApp {
             ),
             None => None,
         };
+        let mut tasks = Vec::new();
+        // renewed certificate files (certbot, cert-manager) are served without a restart
+        let https_tls = https_tls.map(|(acceptor, certs)| {
+            tasks.push(certs.spawn_watch(cfg.tls_reload_interval));
+            acceptor
+        });
         let gw_metrics = Arc::new(GatewayMetrics::default());
         let failures = FetchFailures::default();
         let mut stores = RateStores::memory();
@@ -463,7 +470,7 @@ impl GatewayApp {
             client: MeshClient::new(me, mesh.endpoints, mesh.pool, metrics.clone()),
             connect_timeout: cfg.tunnel.connect_timeout,
         };
-        let mut tasks = mesh.tasks;
+        tasks.extend(mesh.tasks);
         let https_port = https.as_ref().map(|(_, a)| a.port());
         let mut caches = Caches::default();
         let (compiled, fresh) = caches.compile(&cfg, &stores, &failures, &upstreams, https_port)?;

@@ -128,6 +128,9 @@ pub(crate) fn pipeline(
     if cfg.redirect_https {
         pre.push(Arc::new(RedirectHttps { https_port }));
     }
+    if let Some(h) = &cfg.hsts {
+        pre.push(Arc::new(crate::filters::hsts::Hsts::new(h)));
+    }
     if let Some(c) = &global_cors {
         pre.push(Arc::new(CorsFilter::global(c.clone())));
     }

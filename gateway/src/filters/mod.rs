@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod cors;
+pub mod hsts;
 pub mod hygiene;
 pub mod limits;
 pub mod rate_limit;
