@@ -13,6 +13,8 @@ mod ca;
 mod certs;
 mod check;
 mod config;
+#[cfg(test)]
+mod config_reference;
 mod demo;
 mod dev;
 mod dev_setup;
@@ -20,7 +22,6 @@ mod gateway;
 mod inspect;
 mod lifecycle;
 mod output;
-#[cfg(test)]
 mod reference;
 mod routes;
 mod signals;

@@ -122,13 +122,13 @@ pub struct RouteConfig {
     /// (`application/json`); empty means any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub content_types: Vec<String>,
-    /// CORS for this route (replaces the gateway-wide `cors`); checked by `crate::config`.
+    /// CORS for this route (replaces the gateway-wide `cors`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cors: Option<crate::cors::CorsConfig>,
-    /// Header and JSON body transforms; checked by `crate::config`.
+    /// Header and JSON body transforms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transforms: Option<crate::transform::TransformConfig>,
-    /// Authentication and authorization this route requires; checked by `crate::config`.
+    /// Authentication and authorization this route requires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<crate::auth::RouteAuth>,
     /// Name of the rate-limit policy (in `auth.rate_limits`) applied to this route.
@@ -311,7 +311,7 @@ pub struct PinConfig {
 #[serde(deny_unknown_fields)]
 pub struct RewriteConfig {
     /// Replaces the part of the path matched by the route's `prefix` (or `exact` path, or a
-    /// template's literal leading segments); see [`rewrite_path`]. Needs a `match.path`.
+    /// template's literal leading segments). Needs a `match.path`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix: Option<String>,
     /// Replaces the Host (`users.internal` or `users.internal:8080`).
