@@ -71,6 +71,7 @@ pub enum GatewayError {
 #[derive(Debug, Default)]
 pub struct GatewayMetrics {
     reloads: Family<Vec<(&'static str, String)>, Counter>,
+    tls_reloads: Family<Vec<(&'static str, &'static str)>, Counter>,
     requests: Arc<RequestMetrics>,
 }
 
@@ -87,6 +88,18 @@ impl GatewayMetrics {
             "config reloads by result (ok, invalid)",
             self.reloads.clone(),
         );
+        registry.register(
+            "meshgate_gateway_tls_reloads",
+            "loads of changed TLS certificate files by result (ok, error: the old certificates keep serving)",
+            self.tls_reloads.clone(),
+        );
+    }
+
+    /// Counts a load of changed TLS files.
+    pub fn tls_reload(&self, ok: bool) {
+        self.tls_reloads
+            .get_or_create(&vec![("result", if ok { "ok" } else { "error" })])
+            .inc();
     }
 
     /// Counts a reload.
@@ -402,12 +415,13 @@ impl GatewayApp {
             None => None,
         };
         let mut tasks = Vec::new();
+        let gw_metrics = Arc::new(GatewayMetrics::default());
         // renewed certificate files (certbot, cert-manager) are served without a restart
         let https_tls = https_tls.map(|(acceptor, certs)| {
-            tasks.push(certs.spawn_watch(cfg.tls_reload_interval));
+            let m = gw_metrics.clone();
+            tasks.push(certs.spawn_watch(cfg.tls_reload_interval, move |ok| m.tls_reload(ok)));
             acceptor
         });
-        let gw_metrics = Arc::new(GatewayMetrics::default());
         let failures = FetchFailures::default();
         let mut stores = RateStores::memory();
         let metrics = Arc::new(Metrics::with_extra(|r| {

@@ -247,24 +247,34 @@ impl Certificates {
         Ok(true)
     }
 
-    /// Checks the files every `every` and serves renewed certificates; logs each outcome once.
-    pub fn spawn_watch(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+    /// Checks the files every `every` and serves renewed certificates; logs each outcome once
+    /// and tells `outcome` about every load attempt (`true`: new certificates served).
+    pub fn spawn_watch(
+        self: &Arc<Self>,
+        every: Duration,
+        outcome: impl Fn(bool) + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move {
-            let mut failing = false;
+            let mut failing: Option<String> = None;
             loop {
                 tokio::time::sleep(every).await;
                 match me.reload_if_changed() {
                     Ok(true) => {
-                        failing = false;
+                        failing = None;
+                        outcome(true);
                         tracing::info!("TLS certificates reloaded from their files");
                     }
                     Ok(false) => {}
                     Err(e) => {
-                        if !failing {
-                            warn!(error = %e, "TLS certificate files changed but cannot be used; the current certificates keep serving");
+                        // a half-written renewal fails until its last file lands: counted each
+                        // time, logged once per distinct reason
+                        outcome(false);
+                        let why = e.to_string();
+                        if failing.as_deref() != Some(why.as_str()) {
+                            warn!(error = %why, "TLS certificate files changed but cannot be used; the current certificates keep serving");
                         }
-                        failing = true;
+                        failing = Some(why);
                     }
                 }
             }
