@@ -352,7 +352,7 @@ mod tests {
                 )),
             ),
         ] {
-            for f in fields(&schema.unwrap()) {
+            for f in fields(&schema.expect("schema as JSON")) {
                 if f.description.is_empty() {
                     missing.push(format!("{file}: {}", f.path));
                 }
