@@ -22,6 +22,7 @@ mod gateway;
 mod inspect;
 mod lifecycle;
 mod output;
+#[cfg(test)]
 mod reference;
 mod routes;
 mod signals;
