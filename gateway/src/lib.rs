@@ -34,4 +34,5 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod ratelimit_redis;
 pub mod routes;
+pub mod transcode;
 pub mod transform;
