@@ -114,6 +114,37 @@ impl GatewayConfig {
                         );
                     }
                 }
+                BackendConfig::Aggregate(a) => {
+                    for (j, c) in a.calls.iter().enumerate() {
+                        if let Some(s) = &c.service {
+                            backends.push((
+                                format!("routes[{i}].backend.aggregate.calls[{j}].service"),
+                                s.clone(),
+                            ));
+                        }
+                    }
+                }
+                BackendConfig::OpenApi(_) => {}
+            }
+            if let Some(t) = &r.transcode
+                && let Some(set) = &t.descriptor_set
+            {
+                check_file(
+                    &format!("routes[{i}].transcode.descriptor_set"),
+                    set,
+                    FileKind::Public,
+                    &mut out,
+                );
+            }
+            if let Some(sc) = &r.request_schema
+                && let Some(f) = &sc.file
+            {
+                check_file(
+                    &format!("routes[{i}].request_schema.file"),
+                    f,
+                    FileKind::Public,
+                    &mut out,
+                );
             }
         }
         check_resolvable(&self.discovery, &backends, &mut out);
