@@ -177,8 +177,8 @@ pub fn placeholders(path: &str) -> Vec<&str> {
     out
 }
 
-/// `path` with each `{name}` replaced by its value, percent-encoded for a path segment or
-/// query value.
+/// `path` with each `{name}` replaced by its value (a template capture, as sent: decoded
+/// first, then percent-encoded so it is safe as a path segment or a query value).
 pub fn fill(path: &str, params: &[(String, String)]) -> String {
     const ENC: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
         .remove(b'-')
@@ -196,7 +196,8 @@ pub fn fill(path: &str, params: &[(String, String)]) -> String {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
             .unwrap_or_default();
-        out.push_str(&percent_encoding::utf8_percent_encode(v, ENC).to_string());
+        let v = percent_encoding::percent_decode_str(v).decode_utf8_lossy();
+        out.push_str(&percent_encoding::utf8_percent_encode(&v, ENC).to_string());
         rest = &rest[i + j + 1..];
     }
     out.push_str(rest);
@@ -417,8 +418,8 @@ mod tests {
     #[test]
     fn placeholders_fill_and_encode() {
         assert_eq!(placeholders("/u/{id}/x?y={q}"), ["id", "q"]);
-        let p = [("id".to_owned(), "a b/c".to_owned()), ("q".into(), "é".into())];
-        assert_eq!(fill("/u/{id}/x?y={q}", &p), "/u/a%20b%2Fc/x?y=%C3%A9");
+        let p = [("id".to_owned(), "a%20b/c".to_owned()), ("q".into(), "é&x".into())];
+        assert_eq!(fill("/u/{id}/x?y={q}", &p), "/u/a%20b%2Fc/x?y=%C3%A9%26x");
         assert_eq!(fill("/plain", &p), "/plain");
     }
 

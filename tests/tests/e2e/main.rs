@@ -3,6 +3,7 @@
 
 mod agent;
 mod auth;
+mod bff;
 mod bodies;
 mod clients;
 mod consul;
