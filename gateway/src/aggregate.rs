@@ -106,7 +106,10 @@ pub struct CallConfig {
 impl AggregateConfig {
     /// The mesh services the calls use.
     pub fn services(&self) -> Vec<String> {
-        self.calls.iter().filter_map(|c| c.service.clone()).collect()
+        self.calls
+            .iter()
+            .filter_map(|c| c.service.clone())
+            .collect()
     }
 
     /// Checks names, placeholders (against the route template's `params`) and backends.
@@ -125,7 +128,9 @@ impl AggregateConfig {
                 return Err(format!("{at}: name must be non-empty [A-Za-z0-9_-]"));
             }
             if c.name == "errors" {
-                return Err(format!("{at}: the name errors is reserved for the failure list"));
+                return Err(format!(
+                    "{at}: the name errors is reserved for the failure list"
+                ));
             }
             if self.calls[..i].iter().any(|o| o.name == c.name) {
                 return Err(format!("{at}: duplicate name"));
@@ -291,10 +296,7 @@ impl Aggregate {
         let timed_out = || {
             fail(
                 504,
-                format!(
-                    "did not answer within {} ms",
-                    timeout.as_millis()
-                ),
+                format!("did not answer within {} ms", timeout.as_millis()),
             )
         };
         let work = async {
@@ -302,13 +304,26 @@ impl Aggregate {
                 .proxy
                 .forward(&*call.upstream, req, &mut child)
                 .await
-                .map_err(|p| fail(p.status().as_u16(), format!("{} ({})", p.slug(), call.upstream.name())))?;
+                .map_err(|p| {
+                    fail(
+                        p.status().as_u16(),
+                        format!("{} ({})", p.slug(), call.upstream.name()),
+                    )
+                })?;
             let status = resp.status();
             let bytes = collect_capped(resp.into_body(), self.max_response)
                 .await
-                .map_err(|_| fail(502, format!("the answer failed or exceeded {} bytes", self.max_response)))?;
+                .map_err(|_| {
+                    fail(
+                        502,
+                        format!("the answer failed or exceeded {} bytes", self.max_response),
+                    )
+                })?;
             if !status.is_success() {
-                return Err(fail(status.as_u16(), format!("answered {}", status.as_u16())));
+                return Err(fail(
+                    status.as_u16(),
+                    format!("answered {}", status.as_u16()),
+                ));
             }
             serde_json::from_slice::<serde_json::Value>(&bytes)
                 .map_err(|_| fail(502, "the answer is not JSON".into()))
@@ -374,7 +389,11 @@ impl RouteAction for Aggregate {
                     .map(|c| self.one(c, &parts, &params, shared)),
             )
             .await;
-            let names: Vec<&str> = self.calls.iter().map(|c| c.upstream.name().as_ref()).collect();
+            let names: Vec<&str> = self
+                .calls
+                .iter()
+                .map(|c| c.upstream.name().as_ref())
+                .collect();
             ctx.upstream = Some(Arc::from(names.join(",").as_str()));
             let mut merged = serde_json::Map::new();
             let mut failures = Vec::new();
@@ -418,7 +437,10 @@ mod tests {
     #[test]
     fn placeholders_fill_and_encode() {
         assert_eq!(placeholders("/u/{id}/x?y={q}"), ["id", "q"]);
-        let p = [("id".to_owned(), "a%20b/c".to_owned()), ("q".into(), "é&x".into())];
+        let p = [
+            ("id".to_owned(), "a%20b/c".to_owned()),
+            ("q".into(), "é&x".into()),
+        ];
         assert_eq!(fill("/u/{id}/x?y={q}", &p), "/u/a%20b%2Fc/x?y=%C3%A9%26x");
         assert_eq!(fill("/plain", &p), "/plain");
     }
@@ -454,6 +476,11 @@ mod tests {
         }
         let mut both = call("a", "/");
         both.service = None;
-        assert!(cfg(vec![both]).validate(&params).unwrap_err().contains("exactly one"));
+        assert!(
+            cfg(vec![both])
+                .validate(&params)
+                .unwrap_err()
+                .contains("exactly one")
+        );
     }
 }

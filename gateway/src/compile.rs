@@ -236,10 +236,12 @@ pub(crate) fn pipeline(
         let action: Arc<dyn RouteAction> = match &r.backend {
             BackendConfig::Aggregate(a) => {
                 let params: Vec<String> = match &r.r#match.path {
-                    Some(crate::routes::PathMatch::Template(t)) => crate::aggregate::placeholders(t)
-                        .into_iter()
-                        .map(str::to_owned)
-                        .collect(),
+                    Some(crate::routes::PathMatch::Template(t)) => {
+                        crate::aggregate::placeholders(t)
+                            .into_iter()
+                            .map(str::to_owned)
+                            .collect()
+                    }
                     _ => Vec::new(),
                 };
                 a.validate(&params)

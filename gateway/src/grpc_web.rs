@@ -117,7 +117,8 @@ impl RouteAction for GrpcWeb {
 
     fn call<'a>(&'a self, req: Request<Body>, ctx: &'a mut Ctx) -> ActionFuture<'a> {
         Box::pin(async move {
-            let Some(call) = web_call(req.headers()).or_else(|| ctx.extensions.get::<WebCall>().copied())
+            let Some(call) =
+                web_call(req.headers()).or_else(|| ctx.extensions.get::<WebCall>().copied())
             else {
                 return self.inner.call(req, ctx).await;
             };
@@ -153,7 +154,10 @@ impl RouteAction for GrpcWeb {
             } else {
                 body
             };
-            let resp = self.inner.call(Request::from_parts(parts, body), ctx).await?;
+            let resp = self
+                .inner
+                .call(Request::from_parts(parts, body), ctx)
+                .await?;
             Ok(encode_response(resp, call.text))
         })
     }
@@ -168,7 +172,9 @@ fn encode_response(resp: Response<Body>, text: bool) -> Response<Body> {
     if !is_grpc {
         return Response::from_parts(parts, body);
     }
-    parts.headers.insert(header::CONTENT_TYPE, content_type(text));
+    parts
+        .headers
+        .insert(header::CONTENT_TYPE, content_type(text));
     parts.headers.remove(header::CONTENT_LENGTH);
     parts.headers.remove(header::TRAILER);
     let body = WebEncode {
@@ -262,7 +268,11 @@ struct Base64Decode {
 fn decode_groups(carry: &mut Vec<u8>, input: &[u8], last: bool) -> Result<Vec<u8>, NotBase64> {
     carry.extend(input.iter().copied().filter(|b| !b.is_ascii_whitespace()));
     let mut out = Vec::with_capacity(carry.len() / 4 * 3);
-    let whole = if last { carry.len() } else { carry.len() / 4 * 4 };
+    let whole = if last {
+        carry.len()
+    } else {
+        carry.len() / 4 * 4
+    };
     if last && whole % 4 != 0 {
         return Err(NotBase64);
     }
@@ -324,9 +334,15 @@ mod tests {
             web_call(&m)
         };
         assert_eq!(h("application/grpc-web"), Some(WebCall { text: false }));
-        assert_eq!(h("application/grpc-web+proto"), Some(WebCall { text: false }));
+        assert_eq!(
+            h("application/grpc-web+proto"),
+            Some(WebCall { text: false })
+        );
         assert_eq!(h("application/grpc-web-text"), Some(WebCall { text: true }));
-        assert_eq!(h("Application/GRPC-Web-Text+proto; charset=x"), Some(WebCall { text: true }));
+        assert_eq!(
+            h("Application/GRPC-Web-Text+proto; charset=x"),
+            Some(WebCall { text: true })
+        );
         assert_eq!(h("application/grpc"), None);
         assert_eq!(h("application/grpc-webx"), None);
     }
@@ -338,7 +354,10 @@ mod tests {
         t.insert("grpc-message", HeaderValue::from_static("ok"));
         let f = trailers_frame(&t);
         assert_eq!(f[0], 0x80);
-        assert_eq!(u32::from_be_bytes([f[1], f[2], f[3], f[4]]) as usize, f.len() - 5);
+        assert_eq!(
+            u32::from_be_bytes([f[1], f[2], f[3], f[4]]) as usize,
+            f.len() - 5
+        );
         assert_eq!(&f[5..], b"grpc-status: 0\r\ngrpc-message: ok\r\n");
         // split anywhere, padded segments back to back
         let enc = "AAAAAAQKAmhp".to_owned() + "gAAAAA8=";

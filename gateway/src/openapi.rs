@@ -75,7 +75,10 @@ pub fn from_config(cfg: &GatewayConfig, info: Option<&OpenApiConfig>) -> Result<
             None => None,
         });
         schemas.push(match &r.request_schema {
-            Some(s) => Some(s.document().map_err(|m| at(format!("request_schema: {m}")))?),
+            Some(s) => Some(
+                s.document()
+                    .map_err(|m| at(format!("request_schema: {m}")))?,
+            ),
             None => None,
         });
     }
@@ -124,7 +127,9 @@ fn scheme_names(a: &RouteAuth, auth: &AuthConfig) -> Vec<Value> {
 
 fn api_key_scheme(l: &crate::apikey::KeyLocation) -> String {
     match l {
-        crate::apikey::KeyLocation::Header { name } => format!("api-key-header-{}", name.to_ascii_lowercase()),
+        crate::apikey::KeyLocation::Header { name } => {
+            format!("api-key-header-{}", name.to_ascii_lowercase())
+        }
         crate::apikey::KeyLocation::Query { name } => format!("api-key-query-{name}"),
     }
 }
@@ -266,7 +271,11 @@ impl Gen<'_> {
         self.schemas.insert(key.clone(), json!({}));
         let mut props = Map::new();
         for f in m.fields() {
-            let name = if names { f.name().to_owned() } else { f.json_name().to_owned() };
+            let name = if names {
+                f.name().to_owned()
+            } else {
+                f.json_name().to_owned()
+            };
             let s = self.field_schema(&f, names);
             props.insert(name, s);
         }
@@ -305,8 +314,12 @@ impl Gen<'_> {
             Kind::Double | Kind::Float => {
                 json!({"oneOf": [{"type": "number"}, {"type": "string", "enum": ["NaN", "Infinity", "-Infinity"]}]})
             }
-            Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => json!({"type": "integer", "format": "int32"}),
-            Kind::Uint32 | Kind::Fixed32 => json!({"type": "integer", "format": "int32", "minimum": 0}),
+            Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => {
+                json!({"type": "integer", "format": "int32"})
+            }
+            Kind::Uint32 | Kind::Fixed32 => {
+                json!({"type": "integer", "format": "int32", "minimum": 0})
+            }
             Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => {
                 json!({"type": ["string", "integer"], "format": "int64", "description": "a 64-bit integer: a string on output, a string or a number on input"})
             }
@@ -339,13 +352,20 @@ impl Gen<'_> {
         let methods: Vec<String> = if r.r#match.methods.is_empty() {
             ANY_METHODS.iter().map(|m| (*m).to_owned()).collect()
         } else {
-            r.r#match.methods.iter().map(|m| m.to_ascii_lowercase()).collect()
+            r.r#match
+                .methods
+                .iter()
+                .map(|m| m.to_ascii_lowercase())
+                .collect()
         };
         let (summary, responses) = match &r.backend {
             BackendConfig::Aggregate(a) => {
                 let mut props = Map::new();
                 for c in &a.calls {
-                    props.insert(c.name.clone(), json!({"description": format!("the JSON answer of {}", c.path)}));
+                    props.insert(
+                        c.name.clone(),
+                        json!({"description": format!("the JSON answer of {}", c.path)}),
+                    );
                 }
                 if a.on_error == crate::aggregate::FailurePolicy::Partial {
                     props.insert("errors".into(), json!({"type": "array", "items": {"type": "object", "properties": {"call": {"type": "string"}, "status": {"type": "integer"}, "error": {"type": "string"}}}}));
@@ -360,7 +380,10 @@ impl Gen<'_> {
                 json!({"200": {"description": "the OpenAPI 3.1 document", "content": {"application/json": {"schema": {"type": "object"}}}}}),
             ),
             b => (
-                format!("proxied to {}", b.services().join(", ").if_empty_then("an external URL")),
+                format!(
+                    "proxied to {}",
+                    b.services().join(", ").if_empty_then("an external URL")
+                ),
                 json!({"default": {"description": "the service's answer"}}),
             ),
         };
@@ -424,7 +447,8 @@ impl Gen<'_> {
                         .and_then(|p| p.last())
                         .map(|leaf| self.field_schema(leaf, names))
                         .unwrap_or_else(|| json!({"type": "string"}));
-                    let mut p = json!({"name": dotted, "in": "path", "required": true, "schema": schema});
+                    let mut p =
+                        json!({"name": dotted, "in": "path", "required": true, "schema": schema});
                     if v.multi {
                         p["description"] = json!("may contain '/'");
                     }
@@ -441,7 +465,9 @@ impl Gen<'_> {
                 query_params(&input, &mut Vec::new(), &bound, skip.as_deref(), 0, &mut qs);
                 for (name, f) in qs {
                     let schema = self.field_schema(&f, names);
-                    params.push(json!({"name": name, "in": "query", "required": false, "schema": schema}));
+                    params.push(
+                        json!({"name": name, "in": "query", "required": false, "schema": schema}),
+                    );
                 }
             }
             let mut op = json!({
@@ -458,7 +484,9 @@ impl Gen<'_> {
                     op["requestBody"] = json!({"content": {"application/json": {"schema": self.message_ref(&input, names)}}});
                 }
                 BodyRule::Field(f) => {
-                    let field = input.get_field_by_name(f).expect("invariant: checked at load");
+                    let field = input
+                        .get_field_by_name(f)
+                        .expect("invariant: checked at load");
                     op["requestBody"] = json!({"content": {"application/json": {"schema": self.field_schema(&field, names)}}});
                 }
                 BodyRule::None => {}
@@ -466,7 +494,9 @@ impl Gen<'_> {
             let output = b.rpc.output();
             let ok_schema = match &b.response_body {
                 Some(f) => {
-                    let field = output.get_field_by_name(f).expect("invariant: checked at load");
+                    let field = output
+                        .get_field_by_name(f)
+                        .expect("invariant: checked at load");
                     self.field_schema(&field, names)
                 }
                 None => self.message_ref(&output, names),
@@ -498,7 +528,11 @@ trait IfEmpty {
 
 impl IfEmpty for String {
     fn if_empty_then(self, other: &str) -> String {
-        if self.is_empty() { other.to_owned() } else { self }
+        if self.is_empty() {
+            other.to_owned()
+        } else {
+            self
+        }
     }
 }
 
@@ -530,7 +564,11 @@ fn query_params(
             Kind::Message(k)
                 if matches!(
                     k.full_name(),
-                    "google.protobuf.Struct" | "google.protobuf.Value" | "google.protobuf.ListValue" | "google.protobuf.Any" | "google.protobuf.Empty"
+                    "google.protobuf.Struct"
+                        | "google.protobuf.Value"
+                        | "google.protobuf.ListValue"
+                        | "google.protobuf.Any"
+                        | "google.protobuf.Empty"
                 ) => {}
             _ => out.push((prefix.join("."), f.clone())),
         }
@@ -541,19 +579,33 @@ fn query_params(
 fn wkt_schema(name: &str) -> Option<Value> {
     Some(match name {
         "google.protobuf.Timestamp" => json!({"type": "string", "format": "date-time"}),
-        "google.protobuf.Duration" => json!({"type": "string", "pattern": "^-?[0-9]+(\\.[0-9]{1,9})?s$", "description": "seconds with an s suffix, e.g. 1.5s"}),
-        "google.protobuf.FieldMask" => json!({"type": "string", "description": "comma-separated field paths in lowerCamelCase"}),
+        "google.protobuf.Duration" => {
+            json!({"type": "string", "pattern": "^-?[0-9]+(\\.[0-9]{1,9})?s$", "description": "seconds with an s suffix, e.g. 1.5s"})
+        }
+        "google.protobuf.FieldMask" => {
+            json!({"type": "string", "description": "comma-separated field paths in lowerCamelCase"})
+        }
         "google.protobuf.Struct" => json!({"type": "object"}),
         "google.protobuf.Value" => json!({}),
         "google.protobuf.ListValue" => json!({"type": "array"}),
         "google.protobuf.Empty" => json!({"type": "object"}),
-        "google.protobuf.Any" => json!({"type": "object", "properties": {"@type": {"type": "string"}}, "required": ["@type"]}),
+        "google.protobuf.Any" => {
+            json!({"type": "object", "properties": {"@type": {"type": "string"}}, "required": ["@type"]})
+        }
         "google.protobuf.StringValue" => json!({"type": ["string", "null"]}),
-        "google.protobuf.BytesValue" => json!({"type": ["string", "null"], "contentEncoding": "base64"}),
+        "google.protobuf.BytesValue" => {
+            json!({"type": ["string", "null"], "contentEncoding": "base64"})
+        }
         "google.protobuf.BoolValue" => json!({"type": ["boolean", "null"]}),
-        "google.protobuf.Int32Value" | "google.protobuf.UInt32Value" => json!({"type": ["integer", "null"]}),
-        "google.protobuf.Int64Value" | "google.protobuf.UInt64Value" => json!({"type": ["string", "integer", "null"]}),
-        "google.protobuf.FloatValue" | "google.protobuf.DoubleValue" => json!({"type": ["number", "string", "null"]}),
+        "google.protobuf.Int32Value" | "google.protobuf.UInt32Value" => {
+            json!({"type": ["integer", "null"]})
+        }
+        "google.protobuf.Int64Value" | "google.protobuf.UInt64Value" => {
+            json!({"type": ["string", "integer", "null"]})
+        }
+        "google.protobuf.FloatValue" | "google.protobuf.DoubleValue" => {
+            json!({"type": ["number", "string", "null"]})
+        }
         _ => return None,
     })
 }
@@ -571,8 +623,10 @@ pub fn document(
         auth,
         op_ids: Vec::new(),
     };
-    g.schemas.insert("meshgate.Problem".into(), problem_schema());
-    g.schemas.insert("meshgate.GrpcStatus".into(), status_schema());
+    g.schemas
+        .insert("meshgate.Problem".into(), problem_schema());
+    g.schemas
+        .insert("meshgate.GrpcStatus".into(), status_schema());
     for d in routes {
         match d.transcode {
             Some((t, l)) => g.transcoded(d, t, l),
@@ -593,7 +647,13 @@ pub fn document(
         doc["info"]["description"] = json!(d);
     }
     if !info_v.servers.is_empty() {
-        doc["servers"] = json!(info_v.servers.iter().map(|u| json!({"url": u})).collect::<Vec<_>>());
+        doc["servers"] = json!(
+            info_v
+                .servers
+                .iter()
+                .map(|u| json!({"url": u}))
+                .collect::<Vec<_>>()
+        );
     }
     doc
 }
@@ -665,22 +725,48 @@ mod tests {
         assert_eq!(d["info"]["title"], "Shop");
         let get = &d["paths"]["/v1/orders/{id}"]["get"];
         assert_eq!(get["parameters"][0]["name"], "id");
-        assert_eq!(get["responses"]["200"]["content"]["application/json"]["schema"]["$ref"], "#/components/schemas/demo.orders.v1.Order");
+        assert_eq!(
+            get["responses"]["200"]["content"]["application/json"]["schema"]["$ref"],
+            "#/components/schemas/demo.orders.v1.Order"
+        );
         assert_eq!(get["security"][0]["jwt-main"][0], "read");
         assert!(d["paths"]["/v1/orders/{id}:cancel"]["post"]["requestBody"].is_object());
         assert!(d["paths"]["/v1/orders:watch"]["get"]["responses"]["200"]["content"]["application/x-ndjson"].is_object());
         let list = &d["paths"]["/v1/orders"]["get"]["parameters"];
-        let names: Vec<&str> = list.as_array().expect("params").iter().filter_map(|p| p["name"].as_str()).collect();
-        assert!(names.contains(&"filter.min_total_cents") && names.contains(&"status"), "{names:?}");
+        let names: Vec<&str> = list
+            .as_array()
+            .expect("params")
+            .iter()
+            .filter_map(|p| p["name"].as_str())
+            .collect();
+        assert!(
+            names.contains(&"filter.min_total_cents") && names.contains(&"status"),
+            "{names:?}"
+        );
         assert!(d["paths"]["/v1/attachments/{name}"]["get"].is_object());
-        assert_eq!(d["components"]["schemas"]["demo.orders.v1.Order"]["properties"]["totalCents"]["format"], "int64");
-        assert_eq!(d["components"]["schemas"]["demo.orders.v1.Order"]["properties"]["email"]["type"], "string");
+        assert_eq!(
+            d["components"]["schemas"]["demo.orders.v1.Order"]["properties"]["totalCents"]["format"],
+            "int64"
+        );
+        assert_eq!(
+            d["components"]["schemas"]["demo.orders.v1.Order"]["properties"]["email"]["type"],
+            "string"
+        );
         assert!(d["paths"]["/users/{id}"]["get"]["parameters"][0]["name"] == "id");
         assert_eq!(
             d["components"]["schemas"]["new-user.request"]["properties"]["a"]["$ref"],
             "#/components/schemas/new-user.request/$defs/a"
         );
-        assert_eq!(d["components"]["securitySchemes"]["jwt-main"]["scheme"], "bearer");
-        assert!(!d["paths"].as_object().expect("paths").keys().any(|k| k.contains("Reindex")));
+        assert_eq!(
+            d["components"]["securitySchemes"]["jwt-main"]["scheme"],
+            "bearer"
+        );
+        assert!(
+            !d["paths"]
+                .as_object()
+                .expect("paths")
+                .keys()
+                .any(|k| k.contains("Reindex"))
+        );
     }
 }

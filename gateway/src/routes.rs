@@ -283,14 +283,16 @@ impl TryFrom<BackendRepr> for BackendConfig {
                 "backend: set exactly one of `service`, `split`, `external`, `aggregate` or `openapi`",
             );
         }
-        Ok(match (r.service, r.split, r.external, r.aggregate, r.openapi) {
-            (Some(service), ..) => BackendConfig::Service(service),
-            (_, Some(split), ..) => BackendConfig::Split { split, pin: r.pin },
-            (_, _, Some(e), ..) => BackendConfig::External(e),
-            (_, _, _, Some(a), _) => BackendConfig::Aggregate(a),
-            (_, _, _, _, Some(o)) => BackendConfig::OpenApi(o),
-            _ => unreachable!("invariant: exactly one backend kind is set"),
-        })
+        Ok(
+            match (r.service, r.split, r.external, r.aggregate, r.openapi) {
+                (Some(service), ..) => BackendConfig::Service(service),
+                (_, Some(split), ..) => BackendConfig::Split { split, pin: r.pin },
+                (_, _, Some(e), ..) => BackendConfig::External(e),
+                (_, _, _, Some(a), _) => BackendConfig::Aggregate(a),
+                (_, _, _, _, Some(o)) => BackendConfig::OpenApi(o),
+                _ => unreachable!("invariant: exactly one backend kind is set"),
+            },
+        )
     }
 }
 

@@ -100,7 +100,11 @@ impl RequestSchema {
             .map(|e| {
                 let pointer = e.instance_path().as_str().to_owned();
                 Violation {
-                    pointer: if pointer.is_empty() { "/".into() } else { pointer },
+                    pointer: if pointer.is_empty() {
+                        "/".into()
+                    } else {
+                        pointer
+                    },
                     rule: e.schema_path().as_str().to_owned(),
                     message: e.to_string(),
                 }
@@ -138,12 +142,32 @@ mod tests {
         let s = schema();
         assert!(s.check(&json!({"sku": "A-1", "quantity": 2}), 5).is_empty());
         let cases = [
-            (json!({"sku": "A-1", "quantity": 0}), "/quantity", "/properties/quantity/minimum"),
-            (json!({"sku": "a b", "quantity": 1}), "/sku", "/properties/sku/pattern"),
+            (
+                json!({"sku": "A-1", "quantity": 0}),
+                "/quantity",
+                "/properties/quantity/minimum",
+            ),
+            (
+                json!({"sku": "a b", "quantity": 1}),
+                "/sku",
+                "/properties/sku/pattern",
+            ),
             (json!({"quantity": 1}), "/", "/required"),
-            (json!({"sku": "A", "quantity": 1, "x": 1}), "/", "/additionalProperties"),
-            (json!({"sku": "A", "quantity": 1, "email": "nope"}), "/email", "/properties/email/format"),
-            (json!({"sku": "A", "quantity": 1, "items": [{"n": 1}, {"n": 9}]}), "/items/1/n", "maximum"),
+            (
+                json!({"sku": "A", "quantity": 1, "x": 1}),
+                "/",
+                "/additionalProperties",
+            ),
+            (
+                json!({"sku": "A", "quantity": 1, "email": "nope"}),
+                "/email",
+                "/properties/email/format",
+            ),
+            (
+                json!({"sku": "A", "quantity": 1, "items": [{"n": 1}, {"n": 9}]}),
+                "/items/1/n",
+                "maximum",
+            ),
             (json!([1]), "/", "/type"),
         ];
         for (body, pointer, rule) in cases {

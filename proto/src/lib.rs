@@ -28,6 +28,10 @@ pub mod test {
 
 /// The demo services.
 pub mod demo {
+    /// The source of `demo/orders/v1/orders.proto`, for `meshgate dev` to give the gateway's
+    /// run-time proto compiler (as a user's own files would be).
+    pub const ORDERS_PROTO: &str = include_str!("../proto/demo/orders/v1/orders.proto");
+
     /// The demo shop.
     pub mod orders {
         /// Version 1 of the demo Orders API.

@@ -105,15 +105,24 @@ mod tests {
     async fn bodies_are_checked_and_refusals_name_pointer_and_rule() {
         let f = filter();
         assert_eq!(f.request_body_cap(), Some(1024));
-        let (mut parts, ()) = http::Request::post("/x").body(()).expect("req").into_parts();
+        let (mut parts, ()) = http::Request::post("/x")
+            .body(())
+            .expect("req")
+            .into_parts();
         let mut c = ctx();
-        assert!(f.on_request_body(&mut parts, &mut c, Bytes::from_static(b"{\"n\": 2}")).is_ok());
+        assert!(
+            f.on_request_body(&mut parts, &mut c, Bytes::from_static(b"{\"n\": 2}"))
+                .is_ok()
+        );
         let Err(Problem::BadRequest(d)) =
             f.on_request_body(&mut parts, &mut c, Bytes::from_static(b"{\"n\": 0}"))
         else {
             panic!("refused");
         };
-        assert!(d.contains("/n") && d.contains("/properties/n/minimum"), "{d}");
+        assert!(
+            d.contains("/n") && d.contains("/properties/n/minimum"),
+            "{d}"
+        );
         let Err(Problem::BadRequest(d)) =
             f.on_request_body(&mut parts, &mut c, Bytes::from_static(b"{\"n\": 1} x"))
         else {
@@ -122,14 +131,25 @@ mod tests {
         assert!(d.contains("not valid JSON"), "{d}");
         // no body on a POST
         let v = f.on_request(&mut parts, &mut c).resolve().await;
-        assert!(matches!(v, Verdict::Reject(Problem::BadRequest(_))), "{v:?}");
+        assert!(
+            matches!(v, Verdict::Reject(Problem::BadRequest(_))),
+            "{v:?}"
+        );
         // a GET without a body passes
         let (mut get, ()) = http::Request::get("/x").body(()).expect("req").into_parts();
-        assert!(matches!(f.on_request(&mut get, &mut c).resolve().await, Verdict::Continue));
+        assert!(matches!(
+            f.on_request(&mut get, &mut c).resolve().await,
+            Verdict::Continue
+        ));
         // a body that is not JSON by type
         c.has_body = true;
-        parts.headers.insert(header::CONTENT_TYPE, "text/plain".parse().expect("v"));
+        parts
+            .headers
+            .insert(header::CONTENT_TYPE, "text/plain".parse().expect("v"));
         let v = f.on_request(&mut parts, &mut c).resolve().await;
-        assert!(matches!(v, Verdict::Reject(Problem::UnsupportedMediaType { .. })), "{v:?}");
+        assert!(
+            matches!(v, Verdict::Reject(Problem::UnsupportedMediaType { .. })),
+            "{v:?}"
+        );
     }
 }

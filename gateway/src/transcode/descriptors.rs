@@ -8,8 +8,12 @@
 use std::path::{Path, PathBuf};
 
 use http::Method;
-use prost_reflect::{DescriptorPool, DynamicMessage, Kind, MessageDescriptor, MethodDescriptor, Value};
-use protox::file::{ChainFileResolver, File, FileResolver, GoogleFileResolver, IncludeFileResolver};
+use prost_reflect::{
+    DescriptorPool, DynamicMessage, Kind, MessageDescriptor, MethodDescriptor, Value,
+};
+use protox::file::{
+    ChainFileResolver, File, FileResolver, GoogleFileResolver, IncludeFileResolver,
+};
 
 use super::template::Template;
 
@@ -18,7 +22,10 @@ struct Vendored;
 
 impl FileResolver for Vendored {
     fn open_file(&self, name: &str) -> Result<File, protox::Error> {
-        match meshgate_proto::google::SOURCES.iter().find(|(n, _)| *n == name) {
+        match meshgate_proto::google::SOURCES
+            .iter()
+            .find(|(n, _)| *n == name)
+        {
             Some((n, src)) => File::from_source(n, src),
             None => Err(protox::Error::file_not_found(name)),
         }
@@ -86,7 +93,10 @@ pub fn compile(protos: &[PathBuf], include: &[PathBuf]) -> Result<DescriptorPool
     c.include_imports(true).include_source_info(true);
     for p in protos {
         c.open_file(p).map_err(|e| {
-            let hint = if e.is_file_not_found() || e.to_string().contains("not found") || e.to_string().contains("include") {
+            let hint = if e.is_file_not_found()
+                || e.to_string().contains("not found")
+                || e.to_string().contains("include")
+            {
                 format!(
                     " (the file must be under one of the include directories: {})",
                     dirs.iter()
@@ -165,7 +175,10 @@ fn check_field_path(msg: &MessageDescriptor, path: &[String], what: &str) -> Res
             if let Kind::Message(k) = f.kind()
                 && !super::json::is_special_wkt(k.full_name())
             {
-                return Err(format!("{what}: field {name:?} is a message ({})", k.full_name()));
+                return Err(format!(
+                    "{what}: field {name:?} is a message ({})",
+                    k.full_name()
+                ));
             }
         } else {
             match f.kind() {
@@ -188,7 +201,11 @@ pub fn bindings(pool: &DescriptorPool, services: &[String]) -> Result<Vec<Bindin
             let known: Vec<String> = pool.services().map(|s| s.full_name().to_owned()).collect();
             return Err(format!(
                 "service {s:?} is not in the protos (they define: {})",
-                if known.is_empty() { "no service".into() } else { known.join(", ") }
+                if known.is_empty() {
+                    "no service".into()
+                } else {
+                    known.join(", ")
+                }
             ));
         }
     }
@@ -223,19 +240,28 @@ pub fn bindings(pool: &DescriptorPool, services: &[String]) -> Result<Vec<Bindin
             }
             for rule in rules {
                 let Some((method, path)) = http_method(&rule) else {
-                    return Err(format!("{name}: an http rule without get, put, post, delete, patch or custom"));
+                    return Err(format!(
+                        "{name}: an http rule without get, put, post, delete, patch or custom"
+                    ));
                 };
                 let template = Template::parse(&path).map_err(|e| format!("{name}: {e}"))?;
                 let input = m.input();
                 for var in &template.vars {
-                    check_field_path(&input, &var.field, &format!("{name}: path variable {{{}}}", var.field.join(".")))?;
+                    check_field_path(
+                        &input,
+                        &var.field,
+                        &format!("{name}: path variable {{{}}}", var.field.join(".")),
+                    )?;
                 }
                 let body = match string_field(&rule, "body").as_str() {
                     "" => BodyRule::None,
                     "*" => BodyRule::All,
                     f => {
                         if input.get_field_by_name(f).is_none() {
-                            return Err(format!("{name}: body {f:?}: {} has no such field", input.full_name()));
+                            return Err(format!(
+                                "{name}: body {f:?}: {} has no such field",
+                                input.full_name()
+                            ));
                         }
                         BodyRule::Field(f.to_owned())
                     }
@@ -252,7 +278,10 @@ pub fn bindings(pool: &DescriptorPool, services: &[String]) -> Result<Vec<Bindin
                         Some(s)
                     }
                 };
-                if let Some(dup) = out.iter().find(|b| b.method == method && b.template.source == template.source) {
+                if let Some(dup) = out
+                    .iter()
+                    .find(|b| b.method == method && b.template.source == template.source)
+                {
                     return Err(format!(
                         "{name}: {method} {} is already bound to {}",
                         template.source,
@@ -271,7 +300,10 @@ pub fn bindings(pool: &DescriptorPool, services: &[String]) -> Result<Vec<Bindin
         }
     }
     if out.is_empty() {
-        return Err("no method of the protos has a google.api.http rule, so the route would expose nothing".into());
+        return Err(
+            "no method of the protos has a google.api.http rule, so the route would expose nothing"
+                .into(),
+        );
     }
     Ok(out)
 }
@@ -302,15 +334,26 @@ pub(crate) mod tests {
                 .find(|x| x.method.as_str() == m && x.template.source == p)
                 .unwrap_or_else(|| panic!("{m} {p}"))
         };
-        assert_eq!(find("GET", "/v1/orders/{id}").grpc_path, "/demo.orders.v1.Orders/GetOrder");
+        assert_eq!(
+            find("GET", "/v1/orders/{id}").grpc_path,
+            "/demo.orders.v1.Orders/GetOrder"
+        );
         assert_eq!(
             find("GET", "/v1/shops/{shop}/orders/{id}").grpc_path,
             "/demo.orders.v1.Orders/GetOrder",
             "additional_bindings"
         );
-        assert_eq!(find("POST", "/v1/shops/{shop}/orders").body, BodyRule::Field("order".into()));
+        assert_eq!(
+            find("POST", "/v1/shops/{shop}/orders").body,
+            BodyRule::Field("order".into())
+        );
         assert_eq!(find("POST", "/v1/orders/{id}:cancel").body, BodyRule::All);
-        assert_eq!(find("GET", "/v1/orders/{id}/items").response_body.as_deref(), Some("items"));
+        assert_eq!(
+            find("GET", "/v1/orders/{id}/items")
+                .response_body
+                .as_deref(),
+            Some("items")
+        );
         assert!(find("GET", "/v1/orders:watch").rpc.is_server_streaming());
         assert!(
             !b.iter().any(|x| x.grpc_path.ends_with("/Reindex")),
@@ -318,21 +361,31 @@ pub(crate) mod tests {
         );
         assert!(pool.get_message_by_name("google.rpc.BadRequest").is_some());
         // the same from the proto crate's descriptor set
-        assert_eq!(bindings(&demo_pool(), &["demo.orders.v1.Orders".into()]).expect("set").len(), b.len());
+        assert_eq!(
+            bindings(&demo_pool(), &["demo.orders.v1.Orders".into()])
+                .expect("set")
+                .len(),
+            b.len()
+        );
     }
 
     #[test]
     fn bad_sources_and_rules_fail_with_their_names() {
         let e = compile(&[PathBuf::from("demo/nope.proto")], &[proto_dir()]).expect_err("missing");
         assert!(e.contains("demo/nope.proto"), "{e}");
-        let e = compile(&[PathBuf::from("x.proto")], &[PathBuf::from("/nonexistent-dir")]).expect_err("dir");
+        let e = compile(
+            &[PathBuf::from("x.proto")],
+            &[PathBuf::from("/nonexistent-dir")],
+        )
+        .expect_err("dir");
         assert!(e.contains("/nonexistent-dir"), "{e}");
         let e = bindings(&demo_pool(), &["demo.Nope".into()]).expect_err("service");
         assert!(e.contains("demo.orders.v1.Orders"), "{e}");
         let dir = tempfile::tempdir().expect("tmp");
         let write = |src: &str| {
             std::fs::write(dir.path().join("t.proto"), src).expect("write");
-            compile(&[PathBuf::from("t.proto")], &[dir.path().to_owned()]).and_then(|p| bindings(&p, &[]))
+            compile(&[PathBuf::from("t.proto")], &[dir.path().to_owned()])
+                .and_then(|p| bindings(&p, &[]))
         };
         let head = "syntax = \"proto3\"; package t; import \"google/api/annotations.proto\";\nmessage R { string id = 1; repeated string tags = 2; R child = 3; }\n";
         for (rule, want) in [
@@ -342,16 +395,20 @@ pub(crate) mod tests {
             ("post: \"/v1\" body: \"nope\"", "body \"nope\""),
             ("get: \"/v1/{id\"", "not closed"),
         ] {
-            let src = format!("{head}service S {{ rpc M(R) returns (R) {{ option (google.api.http) = {{ {rule} }}; }} }}");
+            let src = format!(
+                "{head}service S {{ rpc M(R) returns (R) {{ option (google.api.http) = {{ {rule} }}; }} }}"
+            );
             let e = write(&src).expect_err(rule);
             assert!(e.contains(want), "{rule}: {e}");
             assert!(e.contains("t.S.M"), "{rule}: {e}");
         }
         let e = write(&format!("{head}service S {{ rpc M(stream R) returns (R) {{ option (google.api.http) = {{ post: \"/v1\" body: \"*\" }}; }} }}")).expect_err("client streaming");
         assert!(e.contains("stream of requests"), "{e}");
-        let e = write(&format!("{head}service S {{ rpc M(R) returns (R); }}")).expect_err("no rules");
+        let e =
+            write(&format!("{head}service S {{ rpc M(R) returns (R); }}")).expect_err("no rules");
         assert!(e.contains("no method"), "{e}");
-        let e = write("syntax = \"proto3\"; package t; message R { strin id = 1; }").expect_err("syntax");
+        let e = write("syntax = \"proto3\"; package t; message R { strin id = 1; }")
+            .expect_err("syntax");
         assert!(e.contains("t.proto"), "{e}");
     }
 }

@@ -154,10 +154,14 @@ mod tests {
         let mut parts = Vec::new();
         let mut at = 0;
         for c in cuts {
-            parts.push(Ok(http_body::Frame::data(Bytes::copy_from_slice(&all[at..c]))));
+            parts.push(Ok(http_body::Frame::data(Bytes::copy_from_slice(
+                &all[at..c],
+            ))));
             at = c;
         }
-        parts.push(Ok(http_body::Frame::data(Bytes::copy_from_slice(&all[at..]))));
+        parts.push(Ok(http_body::Frame::data(Bytes::copy_from_slice(
+            &all[at..],
+        ))));
         let mut t = HeaderMap::new();
         t.insert("grpc-status", "0".parse().expect("v"));
         parts.push(Ok(http_body::Frame::trailers(t)));
@@ -178,8 +182,14 @@ mod tests {
     #[tokio::test]
     async fn bad_bodies_are_errors() {
         let mut big = Reader::new(body(vec![Ok(http_body::Frame::data(frame(&[0; 10])))]), 9);
-        assert!(matches!(big.next().await, Err(FrameError::TooLarge { size: 10, limit: 9 })));
-        let mut cut = Reader::new(body(vec![Ok(http_body::Frame::data(frame(b"abc").slice(..6)))]), 9);
+        assert!(matches!(
+            big.next().await,
+            Err(FrameError::TooLarge { size: 10, limit: 9 })
+        ));
+        let mut cut = Reader::new(
+            body(vec![Ok(http_body::Frame::data(frame(b"abc").slice(..6)))]),
+            9,
+        );
         assert!(matches!(cut.next().await, Err(FrameError::Truncated)));
         let mut z = frame(b"abc").to_vec();
         z[0] = 1;

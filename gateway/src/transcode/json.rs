@@ -308,8 +308,15 @@ fn integer(k: &Kind, j: &Json, min: i128, max: i128) -> Result<i128, String> {
                 float_to_int(f).ok_or_else(|| format!("{n} is not an integer ({name})"))?
             }
         }
-        Json::String(s) => parse_int_str(s).ok_or_else(|| format!("{s:?} is not an integer ({name})"))?,
-        other => return Err(format!("expected an integer ({name}), got {}", kind_of(other))),
+        Json::String(s) => {
+            parse_int_str(s).ok_or_else(|| format!("{s:?} is not an integer ({name})"))?
+        }
+        other => {
+            return Err(format!(
+                "expected an integer ({name}), got {}",
+                kind_of(other)
+            ));
+        }
     };
     if n < min || n > max {
         return Err(format!("{n} is out of range for {name}"));
@@ -351,7 +358,12 @@ fn float(k: &Kind, j: &Json) -> Result<f64, String> {
                 .filter(|f| f.is_finite())
                 .ok_or_else(|| format!("{s:?} is not a number ({name})"))?,
         },
-        other => return Err(format!("expected a number ({name}), got {}", kind_of(other))),
+        other => {
+            return Err(format!(
+                "expected a number ({name}), got {}",
+                kind_of(other)
+            ));
+        }
     };
     if matches!(k, Kind::Float) && f.is_finite() && f.abs() > f64::from(f32::MAX) {
         return Err(format!("{f} is out of range for float"));
@@ -363,7 +375,11 @@ fn float(k: &Kind, j: &Json) -> Result<f64, String> {
 pub fn decode_base64(s: &str) -> Option<Vec<u8>> {
     use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
     let engine = if s.contains(['-', '_']) {
-        if s.ends_with('=') { URL_SAFE } else { URL_SAFE_NO_PAD }
+        if s.ends_with('=') {
+            URL_SAFE
+        } else {
+            URL_SAFE_NO_PAD
+        }
     } else if s.ends_with('=') {
         STANDARD
     } else {
@@ -375,12 +391,12 @@ pub fn decode_base64(s: &str) -> Option<Vec<u8>> {
 fn single(k: &Kind, j: &Json, opts: ParseOptions, p: &mut Ptr) -> Result<Value, FieldError> {
     let e = |m: String| p.err(m);
     Ok(match k {
-        Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => Value::I32(
-            integer(k, j, i128::from(i32::MIN), i128::from(i32::MAX)).map_err(e)? as i32,
-        ),
-        Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => Value::I64(
-            integer(k, j, i128::from(i64::MIN), i128::from(i64::MAX)).map_err(e)? as i64,
-        ),
+        Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => {
+            Value::I32(integer(k, j, i128::from(i32::MIN), i128::from(i32::MAX)).map_err(e)? as i32)
+        }
+        Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => {
+            Value::I64(integer(k, j, i128::from(i64::MIN), i128::from(i64::MAX)).map_err(e)? as i64)
+        }
         Kind::Uint32 | Kind::Fixed32 => {
             Value::U32(integer(k, j, 0, i128::from(u32::MAX)).map_err(e)? as u32)
         }
@@ -453,8 +469,12 @@ fn map_key(k: &Kind, s: &str) -> Result<MapKey, String> {
         Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => {
             MapKey::I64(integer(k, &j, i128::from(i64::MIN), i128::from(i64::MAX))? as i64)
         }
-        Kind::Uint32 | Kind::Fixed32 => MapKey::U32(integer(k, &j, 0, i128::from(u32::MAX))? as u32),
-        Kind::Uint64 | Kind::Fixed64 => MapKey::U64(integer(k, &j, 0, i128::from(u64::MAX))? as u64),
+        Kind::Uint32 | Kind::Fixed32 => {
+            MapKey::U32(integer(k, &j, 0, i128::from(u32::MAX))? as u32)
+        }
+        Kind::Uint64 | Kind::Fixed64 => {
+            MapKey::U64(integer(k, &j, 0, i128::from(u64::MAX))? as u64)
+        }
         other => return Err(format!("{} cannot be a map key", kind_name(other))),
     })
 }
@@ -575,7 +595,10 @@ mod tests {
         assert_eq!(out["createdAt"], "2026-01-02T03:04:05.500Z");
         assert_eq!(out["holdFor"], "90s");
         assert_eq!(out["signature"], "aGk=");
-        assert_eq!(out["email"], "a@b", "json_name on output, proto name accepted");
+        assert_eq!(
+            out["email"], "a@b",
+            "json_name on output, proto name accepted"
+        );
         assert_eq!(out["extra"], Json::Null, "null is a Value");
         assert_eq!(out["updatedFields"], "status,totalCents");
         assert_eq!(out["parentId"], "12");
@@ -588,20 +611,56 @@ mod tests {
     #[test]
     fn bad_values_name_their_field() {
         let cases = [
-            (json!({"items": [{"quantity": 3000000000u64}]}), "/items/0/quantity", "out of range for int32"),
-            (json!({"items": [{"quantity": 1.5}]}), "/items/0/quantity", "not an integer"),
-            (json!({"sequence": -1}), "/sequence", "out of range for uint64"),
-            (json!({"totalCents": "12x"}), "/totalCents", "not an integer"),
-            (json!({"status": "LOST"}), "/status", "not a value of enum Status"),
+            (
+                json!({"items": [{"quantity": 3000000000u64}]}),
+                "/items/0/quantity",
+                "out of range for int32",
+            ),
+            (
+                json!({"items": [{"quantity": 1.5}]}),
+                "/items/0/quantity",
+                "not an integer",
+            ),
+            (
+                json!({"sequence": -1}),
+                "/sequence",
+                "out of range for uint64",
+            ),
+            (
+                json!({"totalCents": "12x"}),
+                "/totalCents",
+                "not an integer",
+            ),
+            (
+                json!({"status": "LOST"}),
+                "/status",
+                "not a value of enum Status",
+            ),
             (json!({"gift": "yes"}), "/gift", "expected true or false"),
             (json!({"id": 7}), "/id", "expected a string"),
-            (json!({"items": {"sku": "A"}}), "/items", "expected an array"),
+            (
+                json!({"items": {"sku": "A"}}),
+                "/items",
+                "expected an array",
+            ),
             (json!({"signature": "***"}), "/signature", "base64"),
             (json!({"createdAt": "yesterday"}), "/createdAt", "Timestamp"),
-            (json!({"card": {"last4": "1"}, "voucherCode": "V"}), "/voucherCode", "same oneof"),
-            (json!({"rating": 1e300}), "/rating", "out of range for float"),
+            (
+                json!({"card": {"last4": "1"}, "voucherCode": "V"}),
+                "/voucherCode",
+                "same oneof",
+            ),
+            (
+                json!({"rating": 1e300}),
+                "/rating",
+                "out of range for float",
+            ),
             (json!([1]), "/", "expected an object"),
-            (json!({"labels": {"k": 1}}), "/labels/k", "expected a string"),
+            (
+                json!({"labels": {"k": 1}}),
+                "/labels/k",
+                "expected a string",
+            ),
         ];
         for (j, at, msg) in cases {
             let e = parse(j.clone(), false).expect_err(&j.to_string());
@@ -626,16 +685,37 @@ mod tests {
         let f = |n: &str| req.get_field_by_name(n).expect(n);
         assert_eq!(value_from_text(&f("page_size"), "20"), Ok(Value::I32(20)));
         assert!(value_from_text(&f("page_size"), "x").is_err());
-        assert_eq!(value_from_text(&f("status"), "PAID"), Ok(Value::EnumNumber(2)));
+        assert_eq!(
+            value_from_text(&f("status"), "PAID"),
+            Ok(Value::EnumNumber(2))
+        );
         assert_eq!(value_from_text(&f("status"), "3"), Ok(Value::EnumNumber(3)));
         assert!(value_from_text(&f("status"), "LOST").is_err());
         assert_eq!(value_from_text(&f("gift"), "true"), Ok(Value::Bool(true)));
-        assert_eq!(value_from_text(&f("min_sequence"), "18446744073709551615"), Ok(Value::U64(u64::MAX)));
-        assert!(matches!(value_from_text(&f("created_after"), "2026-01-02T03:04:05Z"), Ok(Value::Message(_))));
+        assert_eq!(
+            value_from_text(&f("min_sequence"), "18446744073709551615"),
+            Ok(Value::U64(u64::MAX))
+        );
+        assert!(matches!(
+            value_from_text(&f("created_after"), "2026-01-02T03:04:05Z"),
+            Ok(Value::Message(_))
+        ));
         assert!(value_from_text(&f("created_after"), "soon").is_err());
-        assert!(matches!(value_from_text(&f("max_age"), "1.5s"), Ok(Value::Message(_))));
-        assert!(matches!(value_from_text(&f("min_items"), "3"), Ok(Value::Message(_))));
-        assert!(value_from_text(&f("filter"), "x").is_err(), "a plain message");
-        assert_eq!(value_from_text(&f("max_weight_kg"), "2.5"), Ok(Value::F64(2.5)));
+        assert!(matches!(
+            value_from_text(&f("max_age"), "1.5s"),
+            Ok(Value::Message(_))
+        ));
+        assert!(matches!(
+            value_from_text(&f("min_items"), "3"),
+            Ok(Value::Message(_))
+        ));
+        assert!(
+            value_from_text(&f("filter"), "x").is_err(),
+            "a plain message"
+        );
+        assert_eq!(
+            value_from_text(&f("max_weight_kg"), "2.5"),
+            Ok(Value::F64(2.5))
+        );
     }
 }

@@ -196,9 +196,20 @@ impl GrpcStatus {
     }
 }
 
-/// The `{code, message, details}` JSON of a status; details decoded by the types in `pool`
+/// The `{code, message, details}` body of a failed call, members in that order.
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorBody {
+    /// google.rpc.Code.
+    pub code: i32,
+    /// The decoded `grpc-message`.
+    pub message: String,
+    /// The status details (`{"@type": …, …}` each).
+    pub details: Vec<serde_json::Value>,
+}
+
+/// The `{code, message, details}` of a status; details decoded by the types in `pool`
 /// (unknown types keep their bytes as base64 `value`).
-pub fn error_json(pool: &DescriptorPool, st: &GrpcStatus) -> serde_json::Value {
+pub fn error_body(pool: &DescriptorPool, st: &GrpcStatus) -> ErrorBody {
     let mut details = Vec::new();
     if let Some(raw) = &st.details
         && let Some(bin) = json::decode_base64(std::str::from_utf8(raw).unwrap_or_default().trim())
@@ -208,7 +219,9 @@ pub fn error_json(pool: &DescriptorPool, st: &GrpcStatus) -> serde_json::Value {
         && let Some(list) = list.as_list()
     {
         for any in list {
-            let Some(any) = any.as_message() else { continue };
+            let Some(any) = any.as_message() else {
+                continue;
+            };
             let url = any
                 .get_field_by_name("type_url")
                 .and_then(|v| v.as_str().map(str::to_owned))
@@ -238,12 +251,16 @@ pub fn error_json(pool: &DescriptorPool, st: &GrpcStatus) -> serde_json::Value {
             details.push(serde_json::Value::Object(obj));
         }
     }
-    serde_json::json!({"code": st.code, "message": st.message, "details": details})
+    ErrorBody {
+        code: st.code,
+        message: st.message.clone(),
+        details,
+    }
 }
 
 /// The HTTP answer for a failed call.
 fn error_response(pool: &DescriptorPool, st: &GrpcStatus, headers: HeaderMap) -> Response<Body> {
-    let body = serde_json::to_vec(&error_json(pool, st)).expect("invariant: JSON serializes");
+    let body = serde_json::to_vec(&error_body(pool, st)).expect("invariant: JSON serializes");
     let mut r = Response::new(full(body));
     *r.status_mut() = status::http_status(st.code);
     *r.headers_mut() = headers;
@@ -421,7 +438,11 @@ impl Transcode {
         Ok(msg)
     }
 
-    async fn transcode(&self, req: Request<Body>, ctx: &mut Ctx) -> Result<Response<Body>, Problem> {
+    async fn transcode(
+        &self,
+        req: Request<Body>,
+        ctx: &mut Ctx,
+    ) -> Result<Response<Body>, Problem> {
         let (parts, body) = req.into_parts();
         let (b, vars) = self.pick(&parts.method, parts.uri.path())?;
         let bytes: Bytes = if b.body == BodyRule::None {
@@ -430,7 +451,12 @@ impl Transcode {
         } else {
             if let Some(ct) = parts.headers.get(header::CONTENT_TYPE) {
                 let ct = ct.to_str().unwrap_or_default();
-                let essence = ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+                let essence = ct
+                    .split(';')
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_ascii_lowercase();
                 if !(essence == "application/json" || essence.ends_with("+json")) {
                     return Err(Problem::UnsupportedMediaType { got: ct.to_owned() });
                 }
@@ -446,10 +472,7 @@ impl Transcode {
         let deadline = tokio::time::Instant::from_std(ctx.started) + timeout;
         let mut up = Request::new(full(payload));
         *up.method_mut() = Method::POST;
-        *up.uri_mut() = b
-            .grpc_path
-            .parse()
-            .map_err(|_| Problem::UpstreamFailed)?;
+        *up.uri_mut() = b.grpc_path.parse().map_err(|_| Problem::UpstreamFailed)?;
         *up.version_mut() = http::Version::HTTP_2;
         let h = up.headers_mut();
         for (k, v) in &parts.headers {
@@ -457,7 +480,10 @@ impl Transcode {
                 h.append(k.clone(), v.clone());
             }
         }
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         if let Ok(v) = HeaderValue::from_str(&format!("{}m", left.as_millis().max(1))) {
@@ -486,7 +512,10 @@ impl Transcode {
             }
             let st = GrpcStatus::local(
                 status::code_for_http(rparts.status),
-                format!("the service answered HTTP {} instead of gRPC", rparts.status.as_u16()),
+                format!(
+                    "the service answered HTTP {} instead of gRPC",
+                    rparts.status.as_u16()
+                ),
             );
             return Ok(error_response(&self.loaded.pool, &st, headers));
         }
@@ -544,7 +573,9 @@ impl Transcode {
             .as_ref()
             .and_then(GrpcStatus::from_headers)
             .or_else(|| GrpcStatus::from_headers(&rparts.headers))
-            .unwrap_or_else(|| GrpcStatus::local(2, "the service ended the call without a grpc-status"));
+            .unwrap_or_else(|| {
+                GrpcStatus::local(2, "the service ended the call without a grpc-status")
+            });
         if st.code != 0 {
             return Ok(error_response(&self.loaded.pool, &st, headers));
         }
@@ -559,7 +590,13 @@ impl Transcode {
                 out_desc.full_name()
             ))
         })?;
-        let json = render(&m, b.response_body.as_deref(), &self.ser, self.cfg.use_proto_names).map_err(|e| {
+        let json = render(
+            &m,
+            b.response_body.as_deref(),
+            &self.ser,
+            self.cfg.use_proto_names,
+        )
+        .map_err(|e| {
             Problem::ResponseNotTransformable(format!("the answer cannot be written as JSON: {e}"))
         })?;
         let mut r = Response::new(full(json));

@@ -103,7 +103,9 @@ pub fn apply_query(
             // the path (or the body) wins
             continue;
         }
-        let leaf = path.last().expect("invariant: resolve returns a non-empty path");
+        let leaf = path
+            .last()
+            .expect("invariant: resolve returns a non-empty path");
         if leaf.is_map() {
             return Err(FieldError {
                 at,

@@ -21,7 +21,7 @@ use meshgate_agent::http::{Body, BoxError};
 use prost_reflect::{DynamicMessage, MessageDescriptor};
 
 use super::{
-    GrpcStatus, Output, StreamFormat, error_json,
+    GrpcStatus, Output, StreamFormat, error_body,
     frames::{FrameError, Item, Reader},
     render, status,
 };
@@ -78,7 +78,9 @@ pub fn respond(s: Start, mut headers: HeaderMap) -> Response<Body> {
         t.as_ref()
             .and_then(GrpcStatus::from_headers)
             .or_else(|| head.clone())
-            .unwrap_or_else(|| GrpcStatus::local(2, "the service ended the stream without a grpc-status"))
+            .unwrap_or_else(|| {
+                GrpcStatus::local(2, "the service ended the stream without a grpc-status")
+            })
     };
     let first = match s.first {
         Ok(Item::Message(m)) => m,
@@ -163,24 +165,38 @@ impl JsonStream {
 
     fn message(&self, m: Bytes) -> Result<Bytes, GrpcStatus> {
         let msg = DynamicMessage::decode(self.desc.clone(), m).map_err(|e| {
-            GrpcStatus::local(13, format!("a message is not a valid {}: {e}", self.desc.full_name()))
+            GrpcStatus::local(
+                13,
+                format!("a message is not a valid {}: {e}", self.desc.full_name()),
+            )
         })?;
-        let json = render(&msg, None, &self.out.ser, self.out.proto_names)
-            .map_err(|e| GrpcStatus::local(13, format!("a message cannot be written as JSON: {e}")))?;
+        let json = render(&msg, None, &self.out.ser, self.out.proto_names).map_err(|e| {
+            GrpcStatus::local(13, format!("a message cannot be written as JSON: {e}"))
+        })?;
         Ok(self.record(&json, false))
     }
 
     fn fail(&mut self, st: GrpcStatus) -> Bytes {
-        let err = error_json(&self.out.pool, &st);
-        let json = match self.format {
-            StreamFormat::Ndjson => serde_json::json!({ "error": err }),
-            StreamFormat::Sse => err,
-        };
-        let bytes = serde_json::to_vec(&json).expect("invariant: JSON serializes");
+        #[derive(serde::Serialize)]
+        struct Record {
+            error: super::ErrorBody,
+        }
+        let err = error_body(&self.out.pool, &st);
+        let bytes = match self.format {
+            StreamFormat::Ndjson => serde_json::to_vec(&Record { error: err }),
+            StreamFormat::Sse => serde_json::to_vec(&err),
+        }
+        .expect("invariant: JSON serializes");
         let rec = self.record(&bytes, true);
         self.state = State::Failing(
             Box::pin(tokio::time::sleep(ERROR_GRACE)),
-            format!("{} ({})", st.message, status::CODE_NAMES.get(st.code as usize).unwrap_or(&"UNKNOWN")),
+            format!(
+                "{} ({})",
+                st.message,
+                status::CODE_NAMES
+                    .get(st.code as usize)
+                    .unwrap_or(&"UNKNOWN")
+            ),
         );
         rec
     }
@@ -223,7 +239,10 @@ impl http_body::Body for JsonStream {
                         .and_then(GrpcStatus::from_headers)
                         .or_else(|| this.head_status.clone())
                         .unwrap_or_else(|| {
-                            GrpcStatus::local(2, "the service ended the stream without a grpc-status")
+                            GrpcStatus::local(
+                                2,
+                                "the service ended the stream without a grpc-status",
+                            )
                         });
                     if st.code == 0 {
                         this.state = State::Done;

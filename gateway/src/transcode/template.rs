@@ -264,11 +264,7 @@ impl Template {
                     };
                     let from = v.start;
                     // a `**` variable that matched nothing
-                    if from >= to {
-                        ""
-                    } else {
-                        text(from, to)
-                    }
+                    if from >= to { "" } else { text(from, to) }
                 })
                 .collect(),
         )
@@ -348,7 +344,9 @@ fn plain_seg(p: &str) -> Result<Seg, String> {
         "**" => Ok(Seg::Rest),
         "" => Err("empty segment".into()),
         l if literal_ok(l) => Ok(Seg::Literal(l.to_owned())),
-        l => Err(format!("segment {l:?} is not a literal, '*', '**' or a {{variable}}")),
+        l => Err(format!(
+            "segment {l:?} is not a literal, '*', '**' or a {{variable}}"
+        )),
     }
 }
 
@@ -425,7 +423,10 @@ mod tests {
         assert_eq!(y.vars[0].field, ["order", "id"]);
         assert!(!y.vars[0].multi);
         assert_eq!(t("/v1/orders:watch").verb.as_deref(), Some("watch"));
-        assert_eq!(t("/v1/orders/{id}:cancel").openapi_path(), "/v1/orders/{id}:cancel");
+        assert_eq!(
+            t("/v1/orders/{id}:cancel").openapi_path(),
+            "/v1/orders/{id}:cancel"
+        );
         assert_eq!(t("/v1/files/{name=**}").openapi_path(), "/v1/files/{name}");
         for bad in [
             "v1/x",
@@ -451,20 +452,36 @@ mod tests {
             ("/v1/orders/{id}", "/v1/orders/7/x", None),
             ("/v1/orders/{id}", "/v1/orders", None),
             // without a verb in the template, ':' is part of the segment
-            ("/v1/orders/{id}", "/v1/orders/7:cancel", Some(&["7:cancel"])),
-            ("/v1/orders/{id}:cancel", "/v1/orders/7:cancel", Some(&["7"])),
+            (
+                "/v1/orders/{id}",
+                "/v1/orders/7:cancel",
+                Some(&["7:cancel"]),
+            ),
+            (
+                "/v1/orders/{id}:cancel",
+                "/v1/orders/7:cancel",
+                Some(&["7"]),
+            ),
             ("/v1/orders/{id}:cancel", "/v1/orders/7", None),
             ("/v1/orders/{id}:cancel", "/v1/orders/7:undo", None),
             ("/v1/orders:watch", "/v1/orders:watch", Some(&[])),
             ("/v1/orders:watch", "/v1/orders/:watch", None),
-            ("/v1/files/{name=**}", "/v1/files/a/b/c.txt", Some(&["a/b/c.txt"])),
+            (
+                "/v1/files/{name=**}",
+                "/v1/files/a/b/c.txt",
+                Some(&["a/b/c.txt"]),
+            ),
             ("/v1/files/{name=**}", "/v1/files", Some(&[""])),
             (
                 "/v1/{name=shelves/*/books/*}",
                 "/v1/shelves/1/books/2",
                 Some(&["shelves/1/books/2"]),
             ),
-            ("/v1/{name=shelves/*/books/*}", "/v1/shelves/1/novels/2", None),
+            (
+                "/v1/{name=shelves/*/books/*}",
+                "/v1/shelves/1/novels/2",
+                None,
+            ),
             ("/v1/a/*/c", "/v1/a/b/c", Some(&[])),
             (
                 "/v1/shops/{shop}/orders/{id}",
@@ -484,7 +501,10 @@ mod tests {
         assert_eq!(decode_var("a%2Fb%20c", false).as_deref(), Some("a/b c"));
         assert_eq!(decode_var("caf%C3%A9", false).as_deref(), Some("café"));
         // multi segment: all but %2F
-        assert_eq!(decode_var("a/b%2Fc%20d", true).as_deref(), Some("a/b%2Fc d"));
+        assert_eq!(
+            decode_var("a/b%2Fc%20d", true).as_deref(),
+            Some("a/b%2Fc d")
+        );
         assert_eq!(decode_var("x%2fy", true).as_deref(), Some("x%2fy"));
         assert_eq!(decode_var("%FF", false), None, "not UTF-8");
         assert_eq!(decode_var("%G1", false), None);

@@ -31,36 +31,65 @@ async fn a_body_failing_the_route_schema_is_refused_before_the_upstream() {
     let mesh = TestMesh::new()
         .agent(AgentSpec::new("node-b").service(ServiceSpec::http("users", users.port)))
         .intention(Intention::allow("gateway", "users"))
-        .gateway(GatewaySpec::new().route(
-            RouteSpec::new("new-user")
-                .exact("/users")
-                .methods(&["POST"])
-                .to("users")
-                .extra(json!({"request_schema": {"schema": schema}})),
-        ))
+        .gateway(
+            GatewaySpec::new().route(
+                RouteSpec::new("new-user")
+                    .exact("/users")
+                    .methods(&["POST"])
+                    .to("users")
+                    .extra(json!({"request_schema": {"schema": schema}})),
+            ),
+        )
         .start()
         .await;
     let gw = mesh.gw().http();
     let cases = [
-        (r#"{"name": "a", "age": -1}"#, "/age", "/properties/age/minimum"),
-        (r#"{"name": "a", "age": 1, "tags": ["ok", "NO"]}"#, "/tags/1", "/$defs/tag/pattern"),
+        (
+            r#"{"name": "a", "age": -1}"#,
+            "/age",
+            "/properties/age/minimum",
+        ),
+        (
+            r#"{"name": "a", "age": 1, "tags": ["ok", "NO"]}"#,
+            "/tags/1",
+            "/$defs/tag/pattern",
+        ),
         (r#"{"name": "a"}"#, "/:", "/required"),
-        (r#"{"name": "", "age": 1}"#, "/name", "/properties/name/minLength"),
+        (
+            r#"{"name": "", "age": 1}"#,
+            "/name",
+            "/properties/name/minLength",
+        ),
     ];
     for (body, pointer, rule) in cases {
         let r = plain(gw, "POST", "api.example", "/users", JSON, body.as_bytes()).await;
         assert_eq!(r.status, 400, "{body}: {r:?}");
         assert_eq!(r.headers["content-type"], "application/problem+json");
         let detail = r.json()["detail"].as_str().unwrap_or_default().to_owned();
-        assert!(detail.contains(pointer), "{body}: the pointer {pointer} in {detail}");
+        assert!(
+            detail.contains(pointer),
+            "{body}: the pointer {pointer} in {detail}"
+        );
         assert!(detail.contains(rule), "{body}: the rule {rule} in {detail}");
     }
     let r = plain(gw, "POST", "api.example", "/users", JSON, b"{not json").await;
     assert_eq!(r.status, 400, "{r:?}");
     let r = plain(gw, "POST", "api.example", "/users", &[], b"").await;
     assert_eq!(r.status, 400, "a POST without a body: {r:?}");
-    assert_eq!(users.count(), 0, "the upstream saw none of the refused bodies");
-    let r = plain(gw, "POST", "api.example", "/users", JSON, br#"{"name": "a", "age": 3, "tags": ["x"]}"#).await;
+    assert_eq!(
+        users.count(),
+        0,
+        "the upstream saw none of the refused bodies"
+    );
+    let r = plain(
+        gw,
+        "POST",
+        "api.example",
+        "/users",
+        JSON,
+        br#"{"name": "a", "age": 3, "tags": ["x"]}"#,
+    )
+    .await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(users.count(), 1);
     assert!(mesh.shutdown().await);
@@ -120,11 +149,28 @@ async fn aggregation_merges_three_calls_and_applies_its_failure_policy() {
     assert!(v.get("errors").is_none(), "{v}");
     // headers: the configured one and the identity go to every call, others do not
     for b in [&users, &orders, &recs] {
-        let seen = b.seen.lock().expect("lock").last().cloned().expect("a call");
+        let seen = b
+            .seen
+            .lock()
+            .expect("lock")
+            .last()
+            .cloned()
+            .expect("a call");
         assert_eq!(seen.headers.get("x-tenant").map(String::as_str), Some("t1"));
-        assert_eq!(seen.headers.get("x-consumer").map(String::as_str), Some("web-app"));
-        assert!(!seen.headers.contains_key("x-private"), "{:?}", seen.headers);
-        assert!(!seen.headers.contains_key("x-api-key"), "{:?}", seen.headers);
+        assert_eq!(
+            seen.headers.get("x-consumer").map(String::as_str),
+            Some("web-app")
+        );
+        assert!(
+            !seen.headers.contains_key("x-private"),
+            "{:?}",
+            seen.headers
+        );
+        assert!(
+            !seen.headers.contains_key("x-api-key"),
+            "{:?}",
+            seen.headers
+        );
     }
     // fail: the slow call fails the request with 504, promptly, naming the call
     let started = std::time::Instant::now();
@@ -134,9 +180,15 @@ async fn aggregation_merges_three_calls_and_applies_its_failure_policy() {
     assert_eq!(r.headers["content-type"], "application/problem+json");
     let v = r.json();
     assert_eq!(v["type"], "https://meshgate.dev/problems/aggregate-failed");
-    assert!(v["detail"].as_str().unwrap_or_default().contains("recs"), "{v}");
+    assert!(
+        v["detail"].as_str().unwrap_or_default().contains("recs"),
+        "{v}"
+    );
     assert_eq!(v["errors"][0]["call"], "recs");
-    assert!(took < Duration::from_millis(1500), "the 300ms timeout held: {took:?}");
+    assert!(
+        took < Duration::from_millis(1500),
+        "the 300ms timeout held: {took:?}"
+    );
     // partial: the slow member is null and listed; the others are there
     let started = std::time::Instant::now();
     let r = plain(gw, "GET", "api.example", "/bff/partial/7", &h, b"").await;
@@ -146,7 +198,10 @@ async fn aggregation_merges_three_calls_and_applies_its_failure_policy() {
     assert_eq!(v["recs"], Value::Null, "{v}");
     assert_eq!(v["profile"]["service"], "users");
     assert_eq!(v["orders"]["service"], "orders");
-    assert_eq!(v["errors"], json!([{"call": "recs", "status": 504, "error": "did not answer within 300 ms"}]));
+    assert_eq!(
+        v["errors"],
+        json!([{"call": "recs", "status": 504, "error": "did not answer within 300 ms"}])
+    );
     // no key: refused before any call
     let before = users.count();
     let r = plain(gw, "GET", "api.example", "/bff/fast/7", &[], b"").await;
@@ -208,15 +263,42 @@ async fn the_openapi_document_passes_a_real_validator_and_is_served() {
         String::from_utf8_lossy(&out.stderr)
     );
     // what the route serves is the same document
-    let r = plain(mesh.gw().http(), "GET", "api.example", "/openapi.json", &[], b"").await;
+    let r = plain(
+        mesh.gw().http(),
+        "GET",
+        "api.example",
+        "/openapi.json",
+        &[],
+        b"",
+    )
+    .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json(), doc);
     let paths = doc["paths"].as_object().expect("paths");
-    for p in ["/v1/orders/{id}", "/v1/orders/{id}:cancel", "/v1/orders:watch", "/users/{id}", "/users", "/home/{user}", "/openapi.json", "/legacy"] {
-        assert!(paths.contains_key(p), "{p} in {:?}", paths.keys().collect::<Vec<_>>());
+    for p in [
+        "/v1/orders/{id}",
+        "/v1/orders/{id}:cancel",
+        "/v1/orders:watch",
+        "/users/{id}",
+        "/users",
+        "/home/{user}",
+        "/openapi.json",
+        "/legacy",
+    ] {
+        assert!(
+            paths.contains_key(p),
+            "{p} in {:?}",
+            paths.keys().collect::<Vec<_>>()
+        );
     }
-    assert_eq!(doc["paths"]["/v1/orders/{id}"]["get"]["security"], json!([{"jwt-main": []}]));
-    assert_eq!(doc["paths"]["/users"]["post"]["security"], json!([{"api-key-header-x-api-key": []}]));
+    assert_eq!(
+        doc["paths"]["/v1/orders/{id}"]["get"]["security"],
+        json!([{"jwt-main": []}])
+    );
+    assert_eq!(
+        doc["paths"]["/users"]["post"]["security"],
+        json!([{"api-key-header-x-api-key": []}])
+    );
     assert_eq!(doc["paths"]["/legacy"]["get"]["x-meshgate-match"], "prefix");
 }
 
@@ -234,7 +316,10 @@ fn openapi_python() -> Option<std::path::PathBuf> {
         "{} has no openapi-spec-validator (pip install -r tests/fixtures/python/requirements.txt)",
         python.display()
     );
-    assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true: {reason}");
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true: {reason}"
+    );
     eprintln!("SKIPPED: {reason}");
     None
 }
