@@ -90,10 +90,19 @@ impl Filter for GrpcWebFilter {
             resp.headers
                 .insert(header::CONTENT_TYPE, content_type(call.text));
         }
-        resp.headers.insert(
-            "access-control-expose-headers",
-            HeaderValue::from_static("grpc-status, grpc-message, grpc-status-details-bin"),
-        );
+        // keep what CORS exposes already; add the gRPC status headers
+        const GRPC: &str = "grpc-status, grpc-message, grpc-status-details-bin";
+        let merged = match resp
+            .headers
+            .get("access-control-expose-headers")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(v) if !v.trim().is_empty() => format!("{v}, {GRPC}"),
+            _ => GRPC.to_owned(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&merged) {
+            resp.headers.insert("access-control-expose-headers", v);
+        }
     }
 }
 

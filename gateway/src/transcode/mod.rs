@@ -68,7 +68,8 @@ pub struct TranscodeConfig {
     /// of `google/api/*.proto` and `google/rpc/*.proto`, then among the well-known types.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub protos: Vec<PathBuf>,
-    /// Import directories, in order; default: the working directory.
+    /// Import directories, in order; relative ones are relative to the config file, and the
+    /// default is the config file's directory.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub include: Vec<PathBuf>,
     /// Instead of `protos`: a FileDescriptorSet file with its imports
