@@ -278,6 +278,17 @@ impl Orders for Shop {
     }
 }
 
+/// Order `id` of the seed as the transcoder writes it (`GET /v1/orders/{id}`), for the REST
+/// demo service's plain-JSON twin of that route (`meshgate dev`'s `/api/orders/{id}`).
+pub(crate) fn order_json(id: &str) -> serde_json::Value {
+    serde_json::json!({
+        "id": id, "shop": "demo", "status": "PAID", "totalCents": "2500", "sequence": "1",
+        "items": [{"sku": "A1", "quantity": 2, "priceCents": "1250"}],
+        "createdAt": "2026-12-01T11:53:13.587107968Z", "labels": {"channel": "web"},
+        "email": "buyer@example.com"
+    })
+}
+
 /// Serves the demo Orders service (h2c) on `addr` until the task is dropped.
 pub(crate) async fn serve(addr: SocketAddr) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr)

@@ -133,6 +133,9 @@ pub(crate) async fn demo_service(
                                 (200, json!({"deleted": what, "version": version}))
                             }
                             ("GET", ["", "health"]) => (200, json!({"status": "ok"})),
+                            // the demo order as a REST service would write it by hand: the
+                            // plain JSON twin of the transcoded GET /v1/orders/{id}
+                            ("GET", ["", "orders", id]) => (200, crate::demo_orders::order_json(id)),
                             _ => (404, json!({"error": "not found", "path": path})),
                         };
                         let resp = http::Response::builder()
@@ -331,6 +334,8 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
          "auth": {"api_key": true, "groups": ["partners"]}, "backend": {"service": "users"}},
         {"name": "limited", "match": {"path": {"prefix": "/api/limited"}}, "rewrite": {"prefix": "/users"},
          "rate_limit": "demo", "backend": {"service": "users"}},
+        {"name": "orders-json", "match": {"path": {"prefix": "/api/orders"}, "methods": ["GET"]}, "rewrite": {"prefix": "/orders"},
+         "backend": {"service": "users"}},
         {"name": "orders-rest", "match": {"path": {"prefix": "/v1"}}, "backend": {"service": "orders"},
          "transcode": {"protos": ["demo/orders/v1/orders.proto"], "include": [protos]}},
         {"name": "orders-grpc", "match": {"path": {"prefix": "/demo.orders.v1.Orders"}}, "backend": {"service": "orders"},

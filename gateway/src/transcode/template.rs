@@ -112,16 +112,12 @@ impl Template {
         };
         // the verb: a ':' after the last '/' that is outside braces
         let mut depth = 0i32;
-        let mut last_slash = None;
         let mut colon = None;
         for (i, c) in rest.char_indices() {
             match c {
                 '{' => depth += 1,
                 '}' => depth -= 1,
-                '/' if depth == 0 => {
-                    last_slash = Some(i);
-                    colon = None;
-                }
+                '/' if depth == 0 => colon = None,
                 ':' if depth == 0 => colon = Some(i),
                 _ => {}
             }
@@ -132,7 +128,6 @@ impl Template {
         if depth != 0 {
             return Err(err("a '{' is not closed".into()));
         }
-        let _ = last_slash;
         let (body, verb) = match colon {
             Some(i) => {
                 let v = &rest[i + 1..];
