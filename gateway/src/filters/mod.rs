@@ -12,6 +12,7 @@ pub mod limits;
 pub mod rate_limit;
 pub mod redirect;
 pub mod rewrite;
+pub mod schema;
 pub mod transform;
 
 #[cfg(test)]

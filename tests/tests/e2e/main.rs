@@ -3,6 +3,7 @@
 
 mod agent;
 mod auth;
+mod bff;
 mod bodies;
 mod clients;
 mod consul;
@@ -20,3 +21,4 @@ mod load;
 mod mesh;
 mod paths;
 mod tls_profile;
+mod transcode;
