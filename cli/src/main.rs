@@ -68,6 +68,13 @@ pub(crate) struct Cli {
     /// Print only what a script needs: errors, and the one value a command produces.
     #[arg(short, long, global = true, help_heading = "Global options")]
     quiet: bool,
+    /// Threads that carry traffic (the async runtime's workers). Default for `agent`,
+    /// `gateway` and `ca`: half the CPUs this process may use (cgroup limits count), at least
+    /// one, since a meshgate process shares its host with the workloads it serves; `dev` uses
+    /// them all. One thread runs a single-threaded scheduler (no cross-thread wake-ups). On a
+    /// host dedicated to a gateway, set it to the number of CPUs.
+    #[arg(long, global = true, env = "MESHGATE_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024), help_heading = "Global options")]
+    threads: Option<u16>,
     #[command(subcommand)]
     command: Command,
 }
@@ -245,6 +252,28 @@ fn parse() -> Result<Cli, std::process::ExitCode> {
     })
 }
 
+/// The async runtime for `cli.command`: see `--threads` for the defaults. Commands that only
+/// ask something and print get a single thread.
+fn runtime(cli: &Cli) -> std::io::Result<tokio::runtime::Runtime> {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let threads = match (cli.threads, &cli.command) {
+        (Some(n), _) => usize::from(n),
+        (None, Command::Dev(_)) => cpus,
+        (None, Command::Agent(_) | Command::Gateway(_) | Command::Ca(_) | Command::Demo(_)) => {
+            (cpus / 2).max(1)
+        }
+        (None, _) => 1,
+    };
+    let mut b = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    b.enable_all().build()
+}
+
 fn main() -> std::process::ExitCode {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = match parse() {
@@ -268,10 +297,7 @@ fn main() -> std::process::ExitCode {
             }
         }
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(&cli) {
         Ok(rt) => rt,
         Err(e) => {
             let _ = writeln!(
