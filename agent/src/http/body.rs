@@ -114,7 +114,14 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
-        match this.inner.poll_frame(cx) {
+        let mut polled = this.inner.as_mut().poll_frame(cx);
+        // an empty DATA frame carries nothing; forwarded, each would count against the peer's
+        // lifetime limit of empty frames per connection (h2 closes the connection past 100)
+        while matches!(&polled, Poll::Ready(Some(Ok(f))) if f.data_ref().is_some_and(Bytes::is_empty))
+        {
+            polled = this.inner.as_mut().poll_frame(cx);
+        }
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 *this.armed = false;
                 if let Some(d) = frame.data_ref() {
@@ -263,7 +270,11 @@ impl HttpBody for ReplayBody {
         let Some(source) = s.source.as_mut() else {
             return Poll::Ready(None);
         };
-        let frame = ready!(Pin::new(source).poll_frame(cx));
+        let mut frame = ready!(Pin::new(&mut *source).poll_frame(cx));
+        while matches!(&frame, Some(Ok(f)) if f.data_ref().is_some_and(Bytes::is_empty)) {
+            frame = ready!(Pin::new(&mut *source).poll_frame(cx));
+        }
+        let ended = source.is_end_stream();
         match frame {
             None => {
                 s.done = true;
@@ -283,6 +294,13 @@ impl HttpBody for ReplayBody {
                         s.chunks = Vec::new();
                         s.buffered = 0;
                         this.pos = 0;
+                    }
+                    if ended {
+                        // so the last chunk goes out with END_STREAM, not followed by an empty
+                        // frame
+                        s.done = true;
+                        s.source = None;
+                        this.pos = s.chunks.len();
                     }
                     Poll::Ready(Some(Ok(Frame::data(data))))
                 }
@@ -405,7 +423,12 @@ impl HttpBody for ResponseBody {
                 return Poll::Ready(Some(Ok(Frame::trailers(t))));
             }
         }
-        match this.inner.poll_frame(cx) {
+        let mut polled = this.inner.as_mut().poll_frame(cx);
+        while matches!(&polled, Poll::Ready(Some(Ok(f))) if f.data_ref().is_some_and(Bytes::is_empty))
+        {
+            polled = this.inner.as_mut().poll_frame(cx);
+        }
+        match polled {
             Poll::Ready(None) => {
                 *this.finished = true;
                 this.guards.clear();

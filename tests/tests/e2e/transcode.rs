@@ -1156,3 +1156,40 @@ async fn the_same_transcoding_against_grpcio_as_an_external_h2c_url() {
     check_streams(gw, PY, "grpcio").await;
     check_grpc_web(gw, PY, "grpcio").await;
 }
+
+/// Hundreds of calls share the pooled HTTP/2 connections (gateway -> node-b's tunnel, node-b ->
+/// the tonic service) and none fails: the h2 library closes a connection whose peer sent more
+/// than 100 empty DATA frames that do not end a stream, so a body that forwarded an empty
+/// chunk without END_STREAM on every call broke all calls on the connection after about 100.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_calls_on_pooled_connections_all_succeed() {
+    let m = tonic_mesh().await;
+    let gw = m.mesh.gw().http();
+    let tasks: Vec<_> = (0..8)
+        .map(|t| {
+            tokio::spawn(async move {
+                let mut failed = Vec::new();
+                for i in 0..40 {
+                    let r = if i % 2 == 0 {
+                        call(gw, "GET", TONIC.lax, &format!("/v1/orders/{t}{i}"), &[], "").await
+                    } else {
+                        call(gw, "PUT", TONIC.lax, "/v1/orders/5/note", JSON, r#""hi""#).await
+                    };
+                    if r.status != 200 {
+                        failed.push(format!("{t}/{i}: {} {}", r.status, r.body));
+                    }
+                }
+                failed
+            })
+        })
+        .collect();
+    let mut failed = Vec::new();
+    for t in tasks {
+        failed.extend(t.await.expect("task"));
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of 320 calls failed: {failed:?}",
+        failed.len()
+    );
+}
