@@ -146,18 +146,18 @@ pub struct Principal {
     pub groups: Vec<String>,
     /// Scopes.
     pub scopes: Vec<String>,
-    /// The verified token, when JWT.
-    pub token: Option<VerifiedToken>,
+    /// The verified token, when JWT (shared with the token cache).
+    pub token: Option<Arc<VerifiedToken>>,
     /// Hash of the API key used, when an API key (never the key itself).
     pub key_hash: Option<String>,
     /// Claim -> header mapping of the provider that verified the token.
-    pub claims_to_headers: BTreeMap<String, String>,
+    pub claims_to_headers: Arc<BTreeMap<String, String>>,
 }
 
 /// The compiled `auth` section.
 #[derive(Debug)]
 pub struct Auth {
-    providers: BTreeMap<String, (Validator, Arc<JwksCache>, JwtProviderConfig)>,
+    providers: BTreeMap<String, (Validator, Arc<JwksCache>, JwtProviderConfig, ProviderHot)>,
     tokens: TokenCache,
     keys: Option<(KeyStore, ApiKeyConfig)>,
     introspectors: BTreeMap<String, crate::introspect::Introspector>,
@@ -194,6 +194,15 @@ impl RateStores {
     }
 }
 
+/// What a JWT check of a provider touches on every request, resolved when the config is
+/// compiled (no label allocation or map clone per request).
+#[derive(Debug)]
+struct ProviderHot {
+    claims_to_headers: Arc<BTreeMap<String, String>>,
+    cache_hit: Counter,
+    verified: Counter,
+}
+
 /// Most verified tokens kept.
 const TOKEN_CACHE_ENTRIES: usize = 10_000;
 
@@ -201,7 +210,7 @@ const TOKEN_CACHE_ENTRIES: usize = 10_000;
 /// whole token.
 #[derive(Debug, Clone)]
 struct CachedToken {
-    token: VerifiedToken,
+    token: Arc<VerifiedToken>,
     /// The key set it was verified with (by address): a refresh that keeps its `kid` keeps
     /// the entry; one that drops it (or a key without `kid`) ends it.
     keys: usize,
@@ -226,7 +235,7 @@ fn token_hash(provider: &str, token: &str) -> [u8; 32] {
 }
 
 impl TokenCache {
-    fn get(&self, hash: &[u8; 32], keys: &Arc<KeySet>) -> Option<VerifiedToken> {
+    fn get(&self, hash: &[u8; 32], keys: &Arc<KeySet>) -> Option<Arc<VerifiedToken>> {
         let mut entries = self
             .entries
             .lock()
@@ -245,7 +254,7 @@ impl TokenCache {
         Some(hit.token.clone())
     }
 
-    fn insert(&self, hash: [u8; 32], token: &VerifiedToken, keys: &Arc<KeySet>, now: u64) {
+    fn insert(&self, hash: [u8; 32], token: &Arc<VerifiedToken>, keys: &Arc<KeySet>, now: u64) {
         let mut entries = self
             .entries
             .lock()
@@ -310,8 +319,22 @@ impl Auth {
                 .get(&p.name)
                 .cloned()
                 .ok_or_else(|| format!("auth.jwt ({}): no key cache", p.name))?;
+            let counter = |result: &str| {
+                stores
+                    .jwt_checks
+                    .get_or_create(&vec![
+                        ("provider", p.name.clone()),
+                        ("result", result.to_owned()),
+                    ])
+                    .clone()
+            };
+            let hot = ProviderHot {
+                claims_to_headers: Arc::new(p.claims_to_headers.clone()),
+                cache_hit: counter("cache_hit"),
+                verified: counter("verified"),
+            };
             if providers
-                .insert(p.name.clone(), (v, cache, p.clone()))
+                .insert(p.name.clone(), (v, cache, p.clone(), hot))
                 .is_some()
             {
                 return Err(format!("auth.jwt: provider {} is listed twice", p.name));
@@ -470,11 +493,11 @@ impl Auth {
         if principal.is_none() && wants_jwt {
             let mut last = None;
             for name in &route.jwt {
-                let Some((validator, cache, cfg)) = self.providers.get(name) else {
+                let Some((validator, cache, _, hot)) = self.providers.get(name) else {
                     continue;
                 };
                 let token = match validator.extract(headers, query) {
-                    Ok(t) => t.to_owned(),
+                    Ok(t) => t,
                     Err(e) => {
                         last = Some(e);
                         continue;
@@ -484,16 +507,7 @@ impl Auth {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_secs())
                     .unwrap_or(0);
-                let hash = token_hash(name, &token);
-                let count = |result: &str| {
-                    self.stores
-                        .jwt_checks
-                        .get_or_create(&vec![
-                            ("provider", name.clone()),
-                            ("result", result.to_owned()),
-                        ])
-                        .inc();
-                };
+                let hash = token_hash(name, token);
                 let keys = cache.keys();
                 let cached = self.tokens.get(&hash, &keys).map(|t| {
                     let r = validator.check_time(&t, now).map(|()| t);
@@ -502,31 +516,34 @@ impl Auth {
                     }
                     r
                 });
-                let mut result = match cached {
+                let result = match cached {
                     Some(r) => {
-                        count("cache_hit");
+                        hot.cache_hit.inc();
                         r
                     }
                     None => {
-                        count("verified");
-                        validator.validate(&token, &keys, now)
+                        hot.verified.inc();
+                        let mut r = validator.validate(token, &keys, now);
+                        if r.as_ref().is_err_and(|e| e.is_unknown_kid())
+                            && cache.refetch_for_unknown_kid().await
+                        {
+                            hot.verified.inc();
+                            r = validator.validate(token, &cache.keys(), now);
+                        }
+                        // verified once; later requests with the token are cache hits
+                        r.map(|t| {
+                            let t = Arc::new(t);
+                            self.tokens.insert(hash, &t, &cache.keys(), now);
+                            t
+                        })
                     }
                 };
-                if result.as_ref().is_err_and(|e| e.is_unknown_kid())
-                    && cache.refetch_for_unknown_kid().await
-                {
-                    count("verified");
-                    result = validator.validate(&token, &cache.keys(), now);
-                }
-                if let Ok(t) = &result {
-                    self.tokens.insert(hash, t, &cache.keys(), now);
-                }
                 match result {
                     Ok(t) => {
                         principal = Some(Principal {
                             user: t.claim_as_header_value("sub"),
                             scopes: t.scopes(),
-                            claims_to_headers: cfg.claims_to_headers.clone(),
+                            claims_to_headers: hot.claims_to_headers.clone(),
                             token: Some(t),
                             ..Principal::default()
                         });
@@ -542,7 +559,7 @@ impl Auth {
                         .jwt
                         .iter()
                         .filter_map(|n| self.providers.get(n))
-                        .map(|(_, _, c)| c.max_token_bytes)
+                        .map(|(_, _, c, _)| c.max_token_bytes)
                         .max()
                         .unwrap_or(8192);
                     return Err(Problem::HeadersTooLarge { limit });
@@ -637,7 +654,7 @@ impl Auth {
         .chain(
             self.providers
                 .values()
-                .flat_map(|(_, _, cfg)| cfg.claims_to_headers.values()),
+                .flat_map(|(_, _, cfg, _)| cfg.claims_to_headers.values()),
         )
         .filter_map(|h| HeaderName::from_bytes(h.replace('_', "-").as_bytes()).ok())
         .collect();
@@ -657,7 +674,7 @@ impl Auth {
         ] {
             headers.remove(h.as_str());
         }
-        for (_, _, cfg) in self.providers.values() {
+        for (_, _, cfg, _) in self.providers.values() {
             for h in cfg.claims_to_headers.values() {
                 headers.remove(h.as_str());
             }
@@ -684,7 +701,7 @@ impl Auth {
             set(&self.headers.consumer, c);
         }
         if let Some(t) = &p.token {
-            for (claim, header) in &p.claims_to_headers {
+            for (claim, header) in p.claims_to_headers.iter() {
                 if let Some(v) = t.claim_as_header_value(claim) {
                     set(header, &v);
                 }
