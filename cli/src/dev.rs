@@ -9,8 +9,9 @@ use bytes::Bytes;
 use clap::Args;
 use http_body_util::Full;
 use meshgate_agent::{app::Agent, config::AgentConfig};
+use crate::config::CaConfig;
 use meshgate_ca::{
-    server::{CaConfig, CaServer},
+    server::CaServer,
     store::{self, TokenStore},
 };
 use meshgate_gateway::{app::GatewayApp, config::GatewayConfig};
@@ -201,11 +202,12 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         listen: port(b, 12)?,
         ..CaConfig::new(td, &ca_dir)
     };
-    let ca = CaServer::start(&ca_cfg).await?;
+    let ca = CaServer::start(&ca_cfg, None).await?;
     let tokens = TokenStore::new(&ca_dir);
     let token = |node: &str, services: &[&str]| -> anyhow::Result<PathBuf> {
         let t = tokens.create(
             node,
+            None,
             &services.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
             Duration::from_secs(600),
             SystemTime::now(),
@@ -265,7 +267,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     let signing = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let point = signing.public_key_raw().to_vec();
     let jwk = json!({"kty": "EC", "crv": "P-256", "kid": "dev-1", "use": "sig", "alg": "ES256",
-                     "x": meshgate_ca::pki::base64url(&point[1..33]), "y": meshgate_ca::pki::base64url(&point[33..])});
+                     "x": data_encoding::BASE64URL_NOPAD.encode(&point[1..33]), "y": data_encoding::BASE64URL_NOPAD.encode(&point[33..])});
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)?
         .as_secs();
@@ -279,7 +281,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     )?;
     let demo_key = format!(
         "mgk_demo_{}",
-        meshgate_ca::pki::hex(&meshgate_ca::pki::random_bytes::<12>())
+        format!("{:016x}", meshgate_agent::rand::secure_u64())
     );
     let gateway_http = port(b, 80)?;
     let gw_cfg: GatewayConfig = serde_json::from_value(json!({
