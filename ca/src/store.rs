@@ -283,9 +283,9 @@ pub fn rotate_intermediate(
             "a root rotation is in progress and brings its own intermediate: finish or abort it first (`meshgate ca rotate status`)".into(),
         ));
     }
-    if ttl < Duration::from_secs(60) {
+    if ttl < Duration::from_secs(10) {
         return Err(StoreError::Request(format!(
-            "--ttl {} is too short for an intermediate: give at least 1m (the default is 1y)",
+            "--ttl {} is too short for an intermediate: give at least 10s (the default is 1y; every leaf ends when it does)",
             humantime::format_duration(ttl)
         )));
     }
@@ -1356,7 +1356,7 @@ mod tests {
         let err = rotate_intermediate(dir.path(), Duration::from_secs(1), now)
             .expect_err("too short")
             .to_string();
-        assert!(err.contains("at least 1m"), "{err}");
+        assert!(err.contains("at least 10s"), "{err}");
         let r = rotate_intermediate(dir.path(), Duration::from_secs(3600), now).expect("rotate");
         let after = load(dir.path()).expect("load");
         assert_eq!(after.root, before.root);

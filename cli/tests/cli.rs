@@ -298,13 +298,14 @@ async fn services_and_endpoints_read_a_running_agent() {
         listen: "127.0.0.1:0".parse().expect("addr"),
         workload_ttl: Duration::from_secs(3600),
         node_ttl: Duration::from_secs(3600),
-        ..meshgate_ca::server::CaConfig::new("mesh.example", &ca_dir)
-    })
+        ..meshgate_ca::server::CaConfig::<meshgate_ca::server::NoCatalog>::new("mesh.example", &ca_dir)
+    }, None)
     .await
     .expect("ca");
     let token = meshgate_ca::store::TokenStore::new(&ca_dir)
         .create(
             "node-a",
+            None,
             &["web".to_owned()],
             Duration::from_secs(600),
             std::time::SystemTime::now(),
@@ -578,13 +579,14 @@ async fn gateway_binary_reloads_on_file_change_and_sighup_and_refuses_invalid_fi
         listen: "127.0.0.1:0".parse().expect("addr"),
         workload_ttl: Duration::from_secs(3600),
         node_ttl: Duration::from_secs(3600),
-        ..meshgate_ca::server::CaConfig::new("mesh.example", &ca_dir)
-    })
+        ..meshgate_ca::server::CaConfig::<meshgate_ca::server::NoCatalog>::new("mesh.example", &ca_dir)
+    }, None)
     .await
     .expect("ca");
     let token = meshgate_ca::store::TokenStore::new(&ca_dir)
         .create(
             "gw",
+            None,
             &["gateway".to_owned()],
             Duration::from_secs(600),
             std::time::SystemTime::now(),
@@ -731,7 +733,7 @@ fn auth_explain_names_the_failing_check_without_printing_the_token() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
     let p = key.public_key_raw().to_vec();
-    let jwk = serde_json::json!({"kty": "EC", "crv": "P-256", "kid": "k1", "x": meshgate_ca::pki::base64url(&p[1..33]), "y": meshgate_ca::pki::base64url(&p[33..])});
+    let jwk = serde_json::json!({"kty": "EC", "crv": "P-256", "kid": "k1", "x": data_encoding::BASE64URL_NOPAD.encode(&p[1..33]), "y": data_encoding::BASE64URL_NOPAD.encode(&p[33..])});
     let cfg = tmp.path().join("gw.yaml");
     std::fs::write(
         &cfg,

@@ -91,7 +91,7 @@ impl Ca {
     }
 
     async fn serve(&self) -> CaServer {
-        CaServer::start(&self.config).await.expect("ca serve")
+        CaServer::start(&self.config, None).await.expect("ca serve")
     }
 
     fn address(&self) -> String {
@@ -101,7 +101,7 @@ impl Ca {
     fn token(&self, node: &str, services: &[&str]) -> String {
         let services: Vec<String> = services.iter().map(|s| s.to_string()).collect();
         TokenStore::new(self.dir.path())
-            .create(node, &services, Duration::from_secs(600), SystemTime::now())
+            .create(node, None, &services, Duration::from_secs(600), SystemTime::now())
             .expect("token")
             .token
     }

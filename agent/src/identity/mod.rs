@@ -206,6 +206,8 @@ pub struct Identity {
     namespace: Arc<str>,
     slot: Arc<CertSlot>,
     renewal: Arc<Mutex<Option<RenewFailure>>>,
+    /// When the current certificate arrived from the CA (None: loaded from disk).
+    arrived: Arc<Mutex<Option<SystemTime>>>,
 }
 
 impl Identity {
@@ -219,7 +221,12 @@ impl Identity {
             namespace,
             slot: CertSlot::new(),
             renewal: Arc::new(Mutex::new(None)),
+            arrived: Arc::new(Mutex::new(None)),
         }
+    }
+
+    fn arrived(&self) -> Option<SystemTime> {
+        self.arrived.lock().ok().and_then(|a| *a)
     }
 
     /// The namespace of a workload identity (`default` for the node identity): the namespace
@@ -1039,6 +1046,9 @@ fn accept_svid(
         .map_err(|e| {
             IdentityError::BadResponse(format!("certificate does not match our key: {e}"))
         })?;
+    if let Ok(mut at) = held.identity.arrived.lock() {
+        *at = Some(now);
+    }
     pki::write_atomic(&held.key, key.serialize_pem().as_bytes(), 0o600)?;
     pki::write_atomic(&held.crt, pki::certs_to_pem(&chain).as_bytes(), 0o644)?;
     Ok(())
@@ -1181,8 +1191,16 @@ async fn renew_loop(inner: Arc<Inner>, held: Option<Held>) {
         let Some(info) = held.identity.info() else {
             return;
         };
-        // never less than a second between renewals, whatever the certificate says
-        let delay = renew_delay(info.not_before, info.not_after, inner.clock.now(), jitter());
+        // 2/3 of the lifetime counted from when this certificate arrived from the CA (a CA
+        // back-dates its leaves by minutes, which near an intermediate's end — where leaves are
+        // cut short — would put the renewal after the expiry; one loaded from disk counts from
+        // its start); never less than a second between renewals, whatever it says
+        let now = inner.clock.now();
+        let start = match held.identity.arrived() {
+            Some(at) => info.not_before.max(at),
+            None => info.not_before,
+        };
+        let delay = renew_delay(start, info.not_after, now, jitter());
         let due = tokio::time::sleep(delay.max(Duration::from_secs(1)));
         tokio::pin!(due);
         loop {

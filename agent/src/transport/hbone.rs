@@ -838,7 +838,8 @@ mod tests {
             (86_400, Some(s(86_370))),
             (120, Some(s(90))),
             (20, Some(s(15))),
-            (2, None),
+            (2, Some(Duration::from_millis(1500))),
+            (1, None),
             (0, None),
         ] {
             assert_eq!(retire_after(t0, t0 + s(left)), want, "{left}s left");

@@ -19,3 +19,4 @@ mod jwt_cache;
 mod load;
 mod mesh;
 mod paths;
+mod trust;
