@@ -687,3 +687,138 @@ pub fn plan(data_dir: &Path, now: SystemTime) -> Result<String, StoreError> {
             .unwrap_or_default(),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        spiffe::SpiffeId,
+        verify::{TrustBundle, Usage, verify_svid},
+    };
+
+    const TD: &str = "mesh.example";
+
+    fn unix_time(t: SystemTime) -> rustls_pki_types::UnixTime {
+        rustls_pki_types::UnixTime::since_unix_epoch(t.duration_since(UNIX_EPOCH).expect("time"))
+    }
+
+    /// Signs a workload leaf with what the data dir signs with now: the chain.
+    fn leaf(dir: &Path, now: SystemTime) -> Vec<CertificateDer<'static>> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let id = SpiffeId::workload(TD, "default", "web").expect("id");
+        signing(dir)
+            .expect("signing")
+            .signer
+            .sign(&id, &key, Duration::from_secs(3600), now)
+            .expect("sign")
+    }
+
+    /// Whether `chain` verifies against a bundle of `roots` only.
+    fn verifies(roots: &[&CertificateDer<'static>], chain: &[CertificateDer<'static>]) -> bool {
+        let b = TrustBundle::new(TD, roots.iter().map(|r| (*r).clone()).collect(), 0)
+            .expect("bundle");
+        verify_svid(&b, &chain[0], &chain[1..], unix_time(SystemTime::now()), Usage::Client).is_ok()
+    }
+
+    fn root_at(path: &Path) -> CertificateDer<'static> {
+        store::first_cert(path).expect("root")
+    }
+
+    #[test]
+    fn stages_move_on_only_when_what_they_wait_for_is_done() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        let now = SystemTime::now();
+        store::init(dir, TD, false, now).expect("init");
+        NodeRegistry::new(dir)
+            .register("node-a", "default", &[], now)
+            .expect("register");
+        let old = root_at(&dir.join("root.crt"));
+        let old_fp = pki::fingerprint(&old);
+        assert_eq!(status(dir, now).expect("status").stage(), "idle");
+        assert!(plan(dir, now).expect("plan").contains("1. add-root"));
+        let old_leaf = leaf(dir, now);
+        store::append_issued(
+            dir,
+            &store::IssuedRecord {
+                serial: "01".into(),
+                spiffe_id: "spiffe://mesh.example/ns/default/svc/web".into(),
+                node: "node-a".into(),
+                not_after: store::rfc3339(now + Duration::from_secs(60)),
+                root: Some(old_fp.clone()),
+            },
+        )
+        .expect("log");
+
+        let state = start(dir, now).expect("start");
+        assert_eq!((state.stage, &state.old_root), (Stage::AddRoot, &old_fp));
+        let again = start(dir, now).expect_err("twice").to_string();
+        assert!(again.contains("already in progress"), "{again}");
+        let refused = store::rotate_intermediate(dir, Duration::from_secs(3600), now)
+            .expect_err("during a rotation")
+            .to_string();
+        assert!(refused.contains("finish or abort it first"), "{refused}");
+        let s = signing(dir).expect("signing");
+        assert_eq!(s.signing_root(), old_fp, "stage 1 still signs under the old root");
+        assert_eq!(s.roots.len(), 2);
+        let new = root_at(&dir.join("rotation/root.crt"));
+        assert_eq!(pki::fingerprint(&new), state.new_root);
+
+        // stage 1 waits for every node to report the new root
+        assert_eq!(advance(dir, now).expect("advance"), None);
+        let reports = Reports::new(dir);
+        reports
+            .record("node-a", 2, vec![old_fp.clone()], now)
+            .expect("report");
+        assert_eq!(advance(dir, now).expect("advance"), None);
+        let waits = status(dir, now).expect("status").waiting_for().join("; ");
+        assert!(waits.contains("node-a (holds bundle 2"), "{waits}");
+        reports
+            .record("node-a", 3, vec![old_fp.clone(), state.new_root.clone()], now)
+            .expect("report");
+        assert_eq!(advance(dir, now).expect("advance"), Some(Stage::Reissue));
+
+        // stage 2: new leaves verify with either root alone; old ones with the old root
+        assert_eq!(signing(dir).expect("signing").signing_root(), state.new_root);
+        let new_leaf = leaf(dir, now);
+        assert_eq!(new_leaf.len(), 3, "leaf, intermediate, cross-signed intermediate");
+        assert!(verifies(&[&new], &new_leaf) && verifies(&[&old], &new_leaf));
+        assert!(verifies(&[&old], &old_leaf) && !verifies(&[&new], &old_leaf));
+        let err = finish(dir, now).expect_err("old leaf alive").to_string();
+        assert!(err.contains("still valid"), "{err}");
+
+        // stage 3, once the old root's last certificate expired
+        let later = now + Duration::from_secs(120);
+        assert!(status(dir, later).expect("status").can_finish());
+        let done = finish(dir, later).expect("finish");
+        assert_eq!((done.retired_root, &done.root), (old_fp.clone(), &state.new_root));
+        assert_eq!(pki::fingerprint(&root_at(&dir.join("root.crt"))), state.new_root);
+        assert!(!dir.join("rotation").exists() && dir.join("retired").is_dir());
+        let s = signing(dir).expect("signing");
+        assert_eq!((s.roots.len(), s.signing_root()), (1, state.new_root.as_str()));
+        assert_eq!(leaf(dir, later).len(), 2, "no cross-signed copy any more");
+        assert_eq!(status(dir, later).expect("status").stage(), "idle");
+    }
+
+    #[test]
+    fn abort_returns_to_the_old_root_and_leaves_of_the_new_one_still_verify() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        let now = SystemTime::now();
+        store::init(dir, TD, false, now).expect("init");
+        let old = root_at(&dir.join("root.crt"));
+        let state = start(dir, now).expect("start");
+        // no node has joined: nothing to wait for
+        assert_eq!(advance(dir, now).expect("advance"), Some(Stage::Reissue));
+        let new_leaf = leaf(dir, now);
+        let aborted = abort(dir).expect("abort");
+        assert_eq!(aborted.new_root, state.new_root);
+        assert!(!in_progress(dir));
+        let s = signing(dir).expect("signing");
+        assert_eq!(s.signing_root(), pki::fingerprint(&old));
+        assert_eq!(s.roots, vec![old.clone()]);
+        assert!(verifies(&[&old], &new_leaf), "through the cross-signed intermediate");
+        let none = abort(dir).expect_err("nothing to abort").to_string();
+        assert!(none.contains("no root rotation"), "{none}");
+    }
+}

@@ -42,7 +42,8 @@ pub enum ExpectedPeer {
 
 /// The server presented a valid SVID, but not one the caller expects: a verification failure
 /// the caller can tell apart from the others (downcast the [`OtherError`] of the TLS error).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Its `Debug` is its message, since rustls prints the inner error that way.
+#[derive(Clone, PartialEq, Eq)]
 pub struct UnexpectedPeer {
     /// What the server presented.
     pub presented: SpiffeId,
@@ -65,10 +66,17 @@ impl fmt::Display for UnexpectedPeer {
     }
 }
 
+impl fmt::Debug for UnexpectedPeer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
 impl std::error::Error for UnexpectedPeer {}
 
-/// The peer's certificate is on the bundle's denylist (downcast the [`OtherError`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The peer's certificate is on the bundle's denylist (downcast the [`OtherError`]). Its
+/// `Debug` is its message.
+#[derive(Clone, PartialEq, Eq)]
 pub struct RevokedPeer {
     /// The peer.
     pub id: SpiffeId,
@@ -79,6 +87,12 @@ pub struct RevokedPeer {
 impl fmt::Display for RevokedPeer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "peer {} is revoked: {}", self.id, self.reason)
+    }
+}
+
+impl fmt::Debug for RevokedPeer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
     }
 }
 
