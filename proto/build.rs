@@ -5,6 +5,9 @@ use std::{env, path::PathBuf};
 const PROTOS: &[&str] = &[
     "proto/meshgate/ca/v1/ca.proto",
     "proto/meshgate/test/v1/echo.proto",
+    "proto/demo/orders/v1/orders.proto",
+    "proto/google/rpc/status.proto",
+    "proto/google/rpc/error_details.proto",
 ];
 const INCLUDES: &[&str] = &["proto"];
 

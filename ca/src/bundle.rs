@@ -436,13 +436,19 @@ mod tests {
         // no hosting map is not the same as an empty one
         let plain = TrustBundle::new("td", b.roots().to_vec(), 1).expect("plain");
         assert!(!plain.has_hosting());
-        assert!(!TrustBundle::from_proto(&plain.to_proto())
-            .expect("proto")
-            .has_hosting());
-        let empty = plain.clone().with_hosting(Vec::<(String, Vec<String>)>::new());
+        assert!(
+            !TrustBundle::from_proto(&plain.to_proto())
+                .expect("proto")
+                .has_hosting()
+        );
+        let empty = plain
+            .clone()
+            .with_hosting(Vec::<(String, Vec<String>)>::new());
         assert!(empty.has_hosting() && !empty.same_content(&plain));
-        assert!(TrustBundle::from_proto(&empty.to_proto())
-            .expect("proto")
-            .has_hosting());
+        assert!(
+            TrustBundle::from_proto(&empty.to_proto())
+                .expect("proto")
+                .has_hosting()
+        );
     }
 }

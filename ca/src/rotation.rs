@@ -306,8 +306,7 @@ pub fn finish(data_dir: &Path, now: SystemTime) -> Result<FinishReport, StoreErr
     let status = status(data_dir, now)?;
     let Some(mut state) = status.state.clone() else {
         return Err(StoreError::Request(
-            "no root rotation is in progress: `meshgate ca rotate plan` shows what one does"
-                .into(),
+            "no root rotation is in progress: `meshgate ca rotate plan` shows what one does".into(),
         ));
     };
     if !status.can_finish() {
@@ -440,7 +439,9 @@ fn node_bundles(data_dir: &Path, state: &RotationState, now: SystemTime) -> Vec<
         .map(|(node, _)| {
             let r = reports.get(&node);
             NodeBundle {
-                holds_new: r.as_ref().is_some_and(|r| r.roots.contains(&state.new_root)),
+                holds_new: r
+                    .as_ref()
+                    .is_some_and(|r| r.roots.contains(&state.new_root)),
                 sequence: r.as_ref().map(|r| r.sequence),
                 reported_at: r.map(|r| store::rfc3339_unix(r.at)),
                 node,
@@ -535,7 +536,9 @@ impl RotationStatus {
 
     /// Whether `finish` may retire the old root now.
     pub fn can_finish(&self) -> bool {
-        self.state.as_ref().is_some_and(|s| s.stage == Stage::Reissue)
+        self.state
+            .as_ref()
+            .is_some_and(|s| s.stage == Stage::Reissue)
             && self.nodes_without_new_root().is_empty()
             && self.old_leaves_alive == 0
     }
@@ -551,7 +554,9 @@ impl RotationStatus {
             let names: Vec<String> = missing
                 .iter()
                 .map(|n| match (&n.sequence, &n.reported_at) {
-                    (Some(seq), Some(at)) => format!("{} (holds bundle {seq}, reported {at})", n.node),
+                    (Some(seq), Some(at)) => {
+                        format!("{} (holds bundle {seq}, reported {at})", n.node)
+                    }
                     _ => format!("{} (never reported a bundle)", n.node),
                 })
                 .collect();
@@ -610,7 +615,10 @@ impl fmt::Display for RotationStatus {
             store::rfc3339_unix(state.started_at)
         )?;
         let stage1 = match state.stage {
-            Stage::AddRoot => "in progress: every bundle carries both roots; signing under the old root".to_owned(),
+            Stage::AddRoot => {
+                "in progress: every bundle carries both roots; signing under the old root"
+                    .to_owned()
+            }
             _ => format!(
                 "done: every node holds the new root{}",
                 state
@@ -621,9 +629,15 @@ impl fmt::Display for RotationStatus {
         };
         writeln!(f, "  1. add-root  {stage1}")?;
         let stage2 = match state.stage {
-            Stage::AddRoot => "pending: the CA signs under the new root once every node holds it".to_owned(),
-            _ if self.old_leaves_alive == 0 => "done: no certificate of the old root is valid any more".to_owned(),
-            _ => "in progress: signing under the new root; nodes renew their certificates".to_owned(),
+            Stage::AddRoot => {
+                "pending: the CA signs under the new root once every node holds it".to_owned()
+            }
+            _ if self.old_leaves_alive == 0 => {
+                "done: no certificate of the old root is valid any more".to_owned()
+            }
+            _ => {
+                "in progress: signing under the new root; nodes renew their certificates".to_owned()
+            }
         };
         writeln!(f, "  2. reissue   {stage2}")?;
         let stage3 = if self.can_finish() {
@@ -715,9 +729,16 @@ mod tests {
 
     /// Whether `chain` verifies against a bundle of `roots` only.
     fn verifies(roots: &[&CertificateDer<'static>], chain: &[CertificateDer<'static>]) -> bool {
-        let b = TrustBundle::new(TD, roots.iter().map(|r| (*r).clone()).collect(), 0)
-            .expect("bundle");
-        verify_svid(&b, &chain[0], &chain[1..], unix_time(SystemTime::now()), Usage::Client).is_ok()
+        let b =
+            TrustBundle::new(TD, roots.iter().map(|r| (*r).clone()).collect(), 0).expect("bundle");
+        verify_svid(
+            &b,
+            &chain[0],
+            &chain[1..],
+            unix_time(SystemTime::now()),
+            Usage::Client,
+        )
+        .is_ok()
     }
 
     fn root_at(path: &Path) -> CertificateDer<'static> {
@@ -759,7 +780,11 @@ mod tests {
             .to_string();
         assert!(refused.contains("finish or abort it first"), "{refused}");
         let s = signing(dir).expect("signing");
-        assert_eq!(s.signing_root(), old_fp, "stage 1 still signs under the old root");
+        assert_eq!(
+            s.signing_root(),
+            old_fp,
+            "stage 1 still signs under the old root"
+        );
         assert_eq!(s.roots.len(), 2);
         let new = root_at(&dir.join("rotation/root.crt"));
         assert_eq!(pki::fingerprint(&new), state.new_root);
@@ -774,14 +799,26 @@ mod tests {
         let waits = status(dir, now).expect("status").waiting_for().join("; ");
         assert!(waits.contains("node-a (holds bundle 2"), "{waits}");
         reports
-            .record("node-a", 3, vec![old_fp.clone(), state.new_root.clone()], now)
+            .record(
+                "node-a",
+                3,
+                vec![old_fp.clone(), state.new_root.clone()],
+                now,
+            )
             .expect("report");
         assert_eq!(advance(dir, now).expect("advance"), Some(Stage::Reissue));
 
         // stage 2: new leaves verify with either root alone; old ones with the old root
-        assert_eq!(signing(dir).expect("signing").signing_root(), state.new_root);
+        assert_eq!(
+            signing(dir).expect("signing").signing_root(),
+            state.new_root
+        );
         let new_leaf = leaf(dir, now);
-        assert_eq!(new_leaf.len(), 3, "leaf, intermediate, cross-signed intermediate");
+        assert_eq!(
+            new_leaf.len(),
+            3,
+            "leaf, intermediate, cross-signed intermediate"
+        );
         assert!(verifies(&[&new], &new_leaf) && verifies(&[&old], &new_leaf));
         assert!(verifies(&[&old], &old_leaf) && !verifies(&[&new], &old_leaf));
         let err = finish(dir, now).expect_err("old leaf alive").to_string();
@@ -791,11 +828,20 @@ mod tests {
         let later = now + Duration::from_secs(120);
         assert!(status(dir, later).expect("status").can_finish());
         let done = finish(dir, later).expect("finish");
-        assert_eq!((done.retired_root, &done.root), (old_fp.clone(), &state.new_root));
-        assert_eq!(pki::fingerprint(&root_at(&dir.join("root.crt"))), state.new_root);
+        assert_eq!(
+            (done.retired_root, &done.root),
+            (old_fp.clone(), &state.new_root)
+        );
+        assert_eq!(
+            pki::fingerprint(&root_at(&dir.join("root.crt"))),
+            state.new_root
+        );
         assert!(!dir.join("rotation").exists() && dir.join("retired").is_dir());
         let s = signing(dir).expect("signing");
-        assert_eq!((s.roots.len(), s.signing_root()), (1, state.new_root.as_str()));
+        assert_eq!(
+            (s.roots.len(), s.signing_root()),
+            (1, state.new_root.as_str())
+        );
         assert_eq!(leaf(dir, later).len(), 2, "no cross-signed copy any more");
         assert_eq!(status(dir, later).expect("status").stage(), "idle");
     }
@@ -817,7 +863,10 @@ mod tests {
         let s = signing(dir).expect("signing");
         assert_eq!(s.signing_root(), pki::fingerprint(&old));
         assert_eq!(s.roots, vec![old.clone()]);
-        assert!(verifies(&[&old], &new_leaf), "through the cross-signed intermediate");
+        assert!(
+            verifies(&[&old], &new_leaf),
+            "through the cross-signed intermediate"
+        );
         let none = abort(dir).expect_err("nothing to abort").to_string();
         assert!(none.contains("no root rotation"), "{none}");
     }

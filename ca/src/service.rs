@@ -257,7 +257,9 @@ impl CaState {
             .warned_intermediate
             .lock()
             .expect("invariant: warning lock not poisoned");
-        if last.is_some_and(|t| now.duration_since(t).unwrap_or_default() < Duration::from_secs(24 * 3600)) {
+        if last.is_some_and(|t| {
+            now.duration_since(t).unwrap_or_default() < Duration::from_secs(24 * 3600)
+        }) {
             return;
         }
         *last = Some(now);

@@ -9,12 +9,12 @@
 #[cfg(feature = "server")]
 use std::time::{Duration, SystemTime};
 
-#[cfg(feature = "server")]
-use rcgen::{DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyUsagePurpose, SerialNumber};
 use rcgen::{
     CertificateParams, CertificateSigningRequestParams, DistinguishedName, KeyPair, PublicKey,
     SanType,
 };
+#[cfg(feature = "server")]
+use rcgen::{DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyUsagePurpose, SerialNumber};
 #[cfg(feature = "server")]
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::CertificateSigningRequestDer;

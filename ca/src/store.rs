@@ -318,11 +318,7 @@ pub fn rotate_intermediate(
         key.serialize_pem().as_bytes(),
         0o600,
     )?;
-    pki::write_atomic(
-        &dir.join("intermediate.crt"),
-        cert.pem().as_bytes(),
-        0o644,
-    )?;
+    pki::write_atomic(&dir.join("intermediate.crt"), cert.pem().as_bytes(), 0o644)?;
     let new = CertInfo::from_der(cert.der())?;
     Ok(IntermediateReport {
         serial: new.serial,
@@ -440,7 +436,11 @@ pub fn scope(
     let ns = match (namespace, explicit.len()) {
         (Some(ns), _) => ns.to_owned(),
         (None, 0) => "default".to_owned(),
-        (None, 1) => explicit.iter().next().map(|s| (*s).to_owned()).unwrap_or_default(),
+        (None, 1) => explicit
+            .iter()
+            .next()
+            .map(|s| (*s).to_owned())
+            .unwrap_or_default(),
         (None, _) => {
             let list: Vec<&str> = explicit.into_iter().collect();
             return Err(StoreError::Request(format!(
@@ -473,7 +473,9 @@ fn scope_namespace(namespace: &Option<String>, services: &[String]) -> String {
     if let Some(ns) = namespace {
         return ns.clone();
     }
-    let mut names = services.iter().filter_map(|s| s.split_once('/').map(|(n, _)| n));
+    let mut names = services
+        .iter()
+        .filter_map(|s| s.split_once('/').map(|(n, _)| n));
     match names.next() {
         Some(first) if names.all(|n| n == first) => first.to_owned(),
         _ => "default".to_owned(),
@@ -1076,7 +1078,10 @@ impl Reports {
             roots,
             at: unix(now),
         };
-        if self.get(node).is_some_and(|r| r.sequence == rec.sequence && r.roots == rec.roots) {
+        if self
+            .get(node)
+            .is_some_and(|r| r.sequence == rec.sequence && r.roots == rec.roots)
+        {
             return Ok(());
         }
         let json = serde_json::to_vec(&rec).expect("invariant: record serializes");
@@ -1274,13 +1279,39 @@ mod tests {
     #[test]
     fn scopes_bind_one_namespace() {
         // (--namespace, --services, namespace or error, services)
-        let cases: &[(Option<&str>, &[&str], Result<&str, &str>, &[&str])] = &[
+        type Case<'a> = (
+            Option<&'a str>,
+            &'a [&'a str],
+            Result<&'a str, &'a str>,
+            &'a [&'a str],
+        );
+        let cases: &[Case<'_>] = &[
             (None, &["web"], Ok("default"), &["default/web"]),
             (None, &[], Ok("default"), &[]),
-            (None, &["prod/web", "prod/api"], Ok("prod"), &["prod/web", "prod/api"]),
-            (Some("prod"), &["web", "prod/api"], Ok("prod"), &["prod/web", "prod/api"]),
-            (None, &["api", "prod/web"], Ok("prod"), &["prod/api", "prod/web"]),
-            (None, &["prod/web", "other/api"], Err("exactly one namespace"), &[]),
+            (
+                None,
+                &["prod/web", "prod/api"],
+                Ok("prod"),
+                &["prod/web", "prod/api"],
+            ),
+            (
+                Some("prod"),
+                &["web", "prod/api"],
+                Ok("prod"),
+                &["prod/web", "prod/api"],
+            ),
+            (
+                None,
+                &["api", "prod/web"],
+                Ok("prod"),
+                &["prod/api", "prod/web"],
+            ),
+            (
+                None,
+                &["prod/web", "other/api"],
+                Err("exactly one namespace"),
+                &[],
+            ),
             (Some("prod"), &["other/web"], Err("namespace other"), &[]),
             (Some("a/b"), &["web"], Err("invalid path segment"), &[]),
         ];
@@ -1289,7 +1320,11 @@ mod tests {
             match (scope(*ns, &services), want) {
                 (Ok((got_ns, got)), Ok(w)) => {
                     let got: Vec<&str> = got.iter().map(String::as_str).collect();
-                    assert_eq!((got_ns.as_str(), got.as_slice()), (*w, *list), "{ns:?} {services:?}")
+                    assert_eq!(
+                        (got_ns.as_str(), got.as_slice()),
+                        (*w, *list),
+                        "{ns:?} {services:?}"
+                    )
                 }
                 (Err(e), Err(w)) => assert!(e.to_string().contains(w), "{ns:?} {services:?}: {e}"),
                 (got, _) => panic!("{ns:?} {services:?}: {got:?}"),
@@ -1320,14 +1355,21 @@ mod tests {
             }),
             root: None,
         };
-        for r in [rec("AA", "node-c", 60), rec("bb", "node-c", -60), rec("cc", "node-d", 60)] {
+        for r in [
+            rec("AA", "node-c", 60),
+            rec("bb", "node-c", -60),
+            rec("cc", "node-d", 60),
+        ] {
             append_issued(dir.path(), &r).expect("log");
         }
         let deny = Denylist::new(dir.path());
         let r = deny.revoke("node-c", now).expect("revoke");
         assert!(r.node_refused);
         assert_eq!(
-            r.serials.iter().map(|s| s.serial.as_str()).collect::<Vec<_>>(),
+            r.serials
+                .iter()
+                .map(|s| s.serial.as_str())
+                .collect::<Vec<_>>(),
             ["aa"],
             "only live certificates of that node"
         );
@@ -1364,10 +1406,21 @@ mod tests {
         let info = CertInfo::from_der(&after.intermediate).expect("int");
         assert_eq!(info.serial, r.serial);
         assert!(info.lifetime() <= Duration::from_secs(3600) + CA_BACKDATE);
-        assert!(dir.path().join(format!("intermediates/{}.crt", r.replaced)).exists());
+        assert!(
+            dir.path()
+                .join(format!("intermediates/{}.crt", r.replaced))
+                .exists()
+        );
         crate::signer::Signer::new(after.intermediate, after.intermediate_key, "fp")
             .expect("the new key matches the new certificate");
-        let mismatched = crate::signer::Signer::new(before.intermediate, load_key(&dir.path().join("intermediate.key")).expect("key"), "fp");
-        assert!(matches!(mismatched, Err(crate::signer::SignError::KeyMismatch)));
+        let mismatched = crate::signer::Signer::new(
+            before.intermediate,
+            load_key(&dir.path().join("intermediate.key")).expect("key"),
+            "fp",
+        );
+        assert!(matches!(
+            mismatched,
+            Err(crate::signer::SignError::KeyMismatch)
+        ));
     }
 }

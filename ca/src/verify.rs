@@ -54,7 +54,11 @@ pub struct UnexpectedPeer {
 impl fmt::Display for UnexpectedPeer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.expected.is_empty() {
-            return write!(f, "server identity {} is not a node identity", self.presented);
+            return write!(
+                f,
+                "server identity {} is not a node identity",
+                self.presented
+            );
         }
         let want: Vec<String> = self.expected.iter().map(ToString::to_string).collect();
         write!(

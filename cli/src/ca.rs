@@ -717,9 +717,10 @@ fn node(command: NodeCommand) -> anyhow::Result<()> {
                         Some(at) => format!("revoked {}", rfc3339(at)),
                         None => "active".into(),
                     },
-                    report
-                        .as_ref()
-                        .map_or_else(|| "-".into(), |b| format!("{} ({})", b.sequence, unix(b.at))),
+                    report.as_ref().map_or_else(
+                        || "-".into(),
+                        |b| format!("{} ({})", b.sequence, unix(b.at)),
+                    ),
                     unix(r.joined_at),
                 ]);
             }
@@ -777,7 +778,10 @@ fn node(command: NodeCommand) -> anyhow::Result<()> {
             let known = NodeRegistry::new(&dir.data_dir).get(&node).is_some();
             let r = Denylist::new(&dir.data_dir).revoke(&node, now)?;
             if !known {
-                warn!(node, "this node has not joined (or was removed); revoking its name anyway");
+                warn!(
+                    node,
+                    "this node has not joined (or was removed); revoking its name anyway"
+                );
             }
             if !quiet() {
                 outln!(

@@ -16,7 +16,8 @@ use meshgate_agent::{
     config_check::{CheckOptions, Finding, Severity, split_config_path},
 };
 /// `ca.yaml`: the CA's settings, its `consul:` section read as the agent's Consul settings.
-pub(crate) type CaConfig = meshgate_ca::server::CaConfig<meshgate_agent::discovery::consul::ConsulConfig>;
+pub(crate) type CaConfig =
+    meshgate_ca::server::CaConfig<meshgate_agent::discovery::consul::ConsulConfig>;
 use meshgate_gateway::config::GatewayConfig;
 use serde::{Serialize, de::DeserializeOwned};
 

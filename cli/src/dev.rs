@@ -1,15 +1,17 @@
-//! `meshgate dev`: everything on 127.0.0.1 in one process — a CA, two agents, the gateway and a
-//! demo REST service (a v1 and a canary v2) — with static discovery. It prints the URLs and
+//! `meshgate dev`: everything on 127.0.0.1 in one process — a CA, two agents, the gateway, a
+//! demo REST service (a v1 and a canary v2) and a demo gRPC service (`demo.orders.v1.Orders`,
+//! offered by the gateway as REST/JSON through transcoding and as gRPC / gRPC-Web) — with
+//! static discovery. It prints the URLs and
 //! ready-to-paste curl lines, and stops cleanly on Ctrl-C. `--port-base` moves every port.
 
 use std::{convert::Infallible, net::SocketAddr, path::PathBuf, time::Duration, time::SystemTime};
 
+use crate::config::CaConfig;
 use anyhow::Context;
 use bytes::Bytes;
 use clap::Args;
 use http_body_util::Full;
 use meshgate_agent::{app::Agent, config::AgentConfig};
-use crate::config::CaConfig;
 use meshgate_ca::{
     server::CaServer,
     store::{self, TokenStore},
@@ -132,6 +134,11 @@ pub(crate) async fn demo_service(
                                 (200, json!({"deleted": what, "version": version}))
                             }
                             ("GET", ["", "health"]) => (200, json!({"status": "ok"})),
+                            // the demo order as a REST service would write it by hand: the
+                            // plain JSON twin of the transcoded GET /v1/orders/{id}
+                            ("GET", ["", "orders", id]) => {
+                                (200, crate::demo_orders::order_json(id))
+                            }
                             _ => (404, json!({"error": "not found", "path": path})),
                         };
                         let resp = http::Response::builder()
@@ -148,6 +155,18 @@ pub(crate) async fn demo_service(
             });
         }
     }))
+}
+
+/// A gRPC-Web text request body: `GetOrderRequest{id}` framed and base64-encoded.
+fn grpc_web_get_order(id: &str) -> String {
+    use base64::Engine as _;
+    // field 1 (id), length-delimited
+    let mut msg = vec![0x0a, u8::try_from(id.len()).unwrap_or(0)];
+    msg.extend_from_slice(id.as_bytes());
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(msg.len()).unwrap_or(0).to_be_bytes());
+    frame.extend_from_slice(&msg);
+    base64::engine::general_purpose::STANDARD.encode(frame)
 }
 
 /// `url` without its password (`user:PASSWORD@` or `?pass=PASSWORD`), for printing.
@@ -226,16 +245,29 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     let canary = port(b, 82)?;
     let _v1 = demo_service(users, "v1").await?;
     let _v2 = demo_service(canary, "v2").await?;
+    let orders = port(b, 84)?;
+    let _orders = crate::demo_orders::serve(orders).await?;
+    // the gateway compiles the demo's .proto at run time, as it would a user's own files
+    let protos = root.join("protos");
+    let proto_file = protos.join("demo/orders/v1/orders.proto");
+    std::fs::create_dir_all(
+        proto_file
+            .parent()
+            .expect("invariant: the path has a parent"),
+    )?;
+    std::fs::write(&proto_file, meshgate_proto::demo::ORDERS_PROTO)
+        .with_context(|| format!("cannot write {}", proto_file.display()))?;
 
     let node_a: AgentConfig = serde_json::from_value(json!({
         "node": "node-a",
         "trust_domain": td,
         "data_dir": root.join("node-a"),
-        "ca": ca_ref("node-a", &["users", "users-canary"])?,
+        "ca": ca_ref("node-a", &["users", "users-canary", "orders"])?,
         "listen": {"inbound": port(b, 8)?, "admin": port(b, 0)?},
         "services": [
             {"name": "users", "port": users.port(), "protocol": "http"},
             {"name": "users-canary", "port": canary.port(), "protocol": "http"},
+            {"name": "orders", "port": orders.port(), "protocol": "grpc"},
         ],
         "authz": {"default": "deny", "rules": [
             {"from": "gateway", "to": "*", "action": "allow"},
@@ -280,8 +312,9 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         &jsonwebtoken::EncodingKey::from_ec_pem(signing.serialize_pem().as_bytes())?,
     )?;
     let demo_key = format!(
-        "mgk_demo_{}",
-        format!("{:016x}", meshgate_agent::rand::secure_u64())
+        "mgk_demo_{:016x}{:016x}",
+        meshgate_agent::rand::secure_u64(),
+        meshgate_agent::rand::secure_u64()
     );
     let gateway_http = port(b, 80)?;
     let gw_cfg: GatewayConfig = serde_json::from_value(json!({
@@ -306,6 +339,12 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
          "auth": {"api_key": true, "groups": ["partners"]}, "backend": {"service": "users"}},
         {"name": "limited", "match": {"path": {"prefix": "/api/limited"}}, "rewrite": {"prefix": "/users"},
          "rate_limit": "demo", "backend": {"service": "users"}},
+        {"name": "orders-json", "match": {"path": {"prefix": "/api/orders"}, "methods": ["GET"]}, "rewrite": {"prefix": "/orders"},
+         "backend": {"service": "users"}},
+        {"name": "orders-rest", "match": {"path": {"prefix": "/v1"}}, "backend": {"service": "orders"},
+         "transcode": {"protos": ["demo/orders/v1/orders.proto"], "include": [protos]}},
+        {"name": "orders-grpc", "match": {"path": {"prefix": "/demo.orders.v1.Orders"}}, "backend": {"service": "orders"},
+         "grpc_web": true},
         {
             "name": "users",
             "match": {"path": {"prefix": "/api/users"}, "methods": ["GET"]},
@@ -315,7 +354,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
             "backend": {"split": [{"service": "users", "weight": 90, "version": "v1"}, {"service": "users-canary", "weight": 10, "version": "v2"}],
                         "pin": {"header": "X-Canary", "cookie": "canary"}},
         }],
-        "discovery": args.backends.discovery(json!({"users": [a.inbound_addr()], "users-canary": [a.inbound_addr()]})),
+        "discovery": args.backends.discovery(json!({"users": [a.inbound_addr()], "users-canary": [a.inbound_addr()], "orders": [a.inbound_addr()]})),
         "drain_timeout": "2s",
     }))?;
     let gw_cfg_copy = gw_cfg.clone();
@@ -323,7 +362,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         .await
         .context("starting the gateway")?;
     args.backends
-        .wait_for_endpoints(gw.admin_addr(), &["users", "users-canary"])
+        .wait_for_endpoints(gw.admin_addr(), &["users", "users-canary", "orders"])
         .await?;
     if let Some(dir) = &args.print_configs {
         let written = crate::dev_setup::write_configs(
@@ -347,11 +386,12 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         gw.admin_addr()
     );
     println!(
-        "  node-a   mesh {}   admin http://{}   runs users (v1 on :{}) and users-canary (v2 on :{})",
+        "  node-a   mesh {}   admin http://{}   runs users (v1 on :{}), users-canary (v2 on :{}) and orders (gRPC on :{})",
         a.inbound_addr(),
         a.admin_addr(),
         users.port(),
-        canary.port()
+        canary.port(),
+        orders.port()
     );
     println!(
         "  node-b   mesh {}   admin http://{}   runs web; web reaches users at {web_upstream}",
@@ -401,6 +441,34 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     println!("  # a rate limit of 3 per minute per client IP: the 4th call is refused");
     println!(
         "  for i in 1 2 3 4; do curl -s -o /dev/null -w '%{{http_code}}\\n' http://{g}/api/limited/7; done   # expect 429"
+    );
+    println!(
+        "  # REST to gRPC: the gateway transcodes JSON to the demo.orders.v1.Orders gRPC service"
+    );
+    println!("  curl -s -w '\\n%{{http_code}}\\n' http://{g}/v1/orders/1001   # expect 200");
+    println!(
+        "  curl -s -w '\\n%{{http_code}}\\n' -H 'Content-Type: application/json' -d '{{\"items\": [{{\"sku\": \"A1\", \"quantity\": 2, \"priceCents\": \"1250\"}}]}}' http://{g}/v1/shops/demo/orders   # expect 200"
+    );
+    println!(
+        "  # a gRPC error keeps its meaning: NOT_FOUND is a 404 with {{code, message, details}}"
+    );
+    println!("  curl -s -w '\\n%{{http_code}}\\n' http://{g}/v1/orders/nope   # expect 404");
+    println!(
+        "  # a server stream, one JSON object per line as each message arrives (SSE with -H 'Accept: text/event-stream')"
+    );
+    println!(
+        "  curl -sN -w '\\n%{{http_code}}\\n' 'http://{g}/v1/orders:watch?count=3&interval=0.2s'   # expect 200"
+    );
+    println!(
+        "  # the gRPC route, here as a browser calls it (gRPC-Web, base64 text): GetOrder id 1001"
+    );
+    println!(
+        "  curl -s -w '\\n%{{http_code}}\\n' -H 'Content-Type: application/grpc-web-text' -d '{}' http://{g}/demo.orders.v1.Orders/GetOrder   # expect 200",
+        grpc_web_get_order("1001")
+    );
+    println!(
+        "  # (plain gRPC works on the same route: grpcurl -plaintext -import-path {} -proto demo/orders/v1/orders.proto -d '{{\"id\": \"1001\"}}' {g} demo.orders.v1.Orders/GetOrder)",
+        protos.display()
     );
     println!();
     println!("Inspect (one command per line):");

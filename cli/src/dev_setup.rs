@@ -7,9 +7,9 @@ use std::{
     path::Path,
 };
 
+use crate::config::CaConfig;
 use anyhow::Context;
 use meshgate_agent::config::AgentConfig;
-use crate::config::CaConfig;
 use meshgate_gateway::config::GatewayConfig;
 
 /// The ports dev binds, as offsets from `--port-base`, with what each is for.
@@ -20,6 +20,7 @@ pub(crate) const PORTS: &[(u16, &str)] = &[
     (80, "gateway HTTP"),
     (81, "demo users v1"),
     (82, "demo users v2"),
+    (84, "demo orders gRPC"),
     (91, "web's upstream listener"),
     (100, "node-b admin"),
     (108, "node-b mesh inbound"),
@@ -149,6 +150,21 @@ pub(crate) fn write_configs(dir: &Path, c: &DevConfigs<'_>) -> anyhow::Result<Ve
         write(&format!("{}.yaml", a.node), format!("{head}{}", yaml(&a)?))?;
     }
     let mut g = c.gateway.clone();
+    // the demo's protos go next to the configs, and transcoded routes import from there
+    if g.routes.iter().any(|r| r.transcode.is_some()) {
+        let file = dir.join("protos/demo/orders/v1/orders.proto");
+        std::fs::create_dir_all(file.parent().expect("invariant: the path has a parent"))
+            .with_context(|| format!("cannot create {}", dir.join("protos").display()))?;
+        write(
+            "protos/demo/orders/v1/orders.proto",
+            meshgate_proto::demo::ORDERS_PROTO.to_owned(),
+        )?;
+        for r in &mut g.routes {
+            if let Some(t) = &mut r.transcode {
+                t.include = vec!["./protos".into()];
+            }
+        }
+    }
     g.data_dir = format!("./{}", g.node).into();
     g.ca.join_token_file = Some(format!("./{}.token", g.node).into());
     let head = header(

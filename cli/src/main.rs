@@ -13,12 +13,16 @@ mod ca;
 mod certs;
 mod check;
 mod config;
+#[cfg(test)]
+mod config_reference;
 mod demo;
+mod demo_orders;
 mod dev;
 mod dev_setup;
 mod gateway;
 mod inspect;
 mod lifecycle;
+mod openapi;
 mod output;
 #[cfg(test)]
 mod reference;
@@ -31,6 +35,11 @@ mod yaml_pos;
 use std::io::Write as _;
 
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
+
+/// mimalloc: per-request allocations are a visible share of the data plane's work, and
+/// glibc's malloc is the slowest part of it (see docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// meshgate: a sidecar-less service mesh with a gateway mode.
 ///
@@ -83,6 +92,8 @@ enum Command {
     Gateway(gateway::GatewayArgs),
     /// The gateway's routes, or which route a request would take (--match).
     Routes(routes::RoutesArgs),
+    /// Print the OpenAPI 3.1 document of a gateway config's routes (transcoded protos included).
+    Openapi(openapi::OpenApiArgs),
     /// Edge authentication: explain why a token passes or fails on a route.
     Auth(AuthArgs),
     /// API keys: print the hash to put in `auth.api_keys.consumers[].keys`.
@@ -280,6 +291,7 @@ fn main() -> std::process::ExitCode {
             Command::Status(args) => status::run(args).await,
             Command::Gateway(args) => gateway::run(args).await,
             Command::Routes(args) => routes::run(args).await,
+            Command::Openapi(args) => openapi::run(args),
             Command::Config(args) => config::run(args),
             Command::Auth(AuthArgs {
                 command: AuthCommand::Explain(args),

@@ -41,9 +41,14 @@ pub(crate) fn trim_lines(text: &str) -> String {
 
 /// `doc` with its generated part replaced by `generated`.
 pub(crate) fn splice(doc: &str, generated: &str) -> Option<String> {
-    let start = doc.find(BEGIN)? + BEGIN.len();
-    let end = doc.find(END)?;
-    (start <= end).then(|| format!("{}\n\n{generated}{}", &doc[..start], &doc[end..]))
+    splice_with(doc, BEGIN, END, generated)
+}
+
+/// `doc` with the part between the `begin` and `end` marker lines replaced by `generated`.
+pub(crate) fn splice_with(doc: &str, begin: &str, end: &str, generated: &str) -> Option<String> {
+    let start = doc.find(begin)? + begin.len();
+    let stop = doc.find(end)?;
+    (start <= stop).then(|| format!("{}\n\n{generated}{}", &doc[..start], &doc[stop..]))
 }
 
 #[cfg(test)]

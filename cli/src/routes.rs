@@ -70,8 +70,41 @@ fn describe_match(r: &Value) -> String {
 
 fn describe_backend(r: &Value) -> String {
     let b = &r["backend"];
+    let mut out = describe_target(b);
+    if r.get("transcode").is_some_and(|t| !t.is_null()) {
+        out = format!("transcode -> {out}");
+    }
+    if r["grpc_web"].as_bool() == Some(true) {
+        out = format!("grpc-web -> {out}");
+    }
+    out
+}
+
+fn describe_target(b: &Value) -> String {
     if let Some(s) = b["service"].as_str() {
         return s.to_owned();
+    }
+    if let Some(u) = b["external"]["url"].as_str() {
+        return u.to_owned();
+    }
+    if let Some(calls) = b["aggregate"]["calls"].as_array() {
+        let names: Vec<String> = calls
+            .iter()
+            .map(|c| {
+                format!(
+                    "{}={}",
+                    c["name"].as_str().unwrap_or_default(),
+                    c["service"]
+                        .as_str()
+                        .or_else(|| c["external"]["url"].as_str())
+                        .unwrap_or_default()
+                )
+            })
+            .collect();
+        return format!("aggregate({})", names.join(" "));
+    }
+    if b.get("openapi").is_some() {
+        return "openapi document".into();
     }
     b["split"]
         .as_array()

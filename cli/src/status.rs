@@ -128,10 +128,16 @@ mod tests {
                     "intermediate_time_left_seconds": left, "bundle_sequence": 4}])
         };
         let far = intermediate_line(&certs(200 * 86_400)).expect("line");
-        assert!(far.contains("expires 2027-01-01T00:00:00Z") && !far.contains("WARNING"), "{far}");
+        assert!(
+            far.contains("expires 2027-01-01T00:00:00Z") && !far.contains("WARNING"),
+            "{far}"
+        );
         assert!(far.contains("sequence 4"), "{far}");
         let near = intermediate_line(&certs(10 * 86_400)).expect("line");
-        assert!(near.contains("WARNING") && near.contains("meshgate ca intermediate rotate"), "{near}");
+        assert!(
+            near.contains("WARNING") && near.contains("meshgate ca intermediate rotate"),
+            "{near}"
+        );
         assert_eq!(intermediate_line(&json!([])), None);
     }
 }

@@ -294,12 +294,18 @@ async fn services_and_endpoints_read_a_running_agent() {
     let ca_dir = tmp.path().join("ca");
     meshgate_ca::store::init(&ca_dir, "mesh.example", false, std::time::SystemTime::now())
         .expect("init");
-    let ca = meshgate_ca::server::CaServer::start(&meshgate_ca::server::CaConfig {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        workload_ttl: Duration::from_secs(3600),
-        node_ttl: Duration::from_secs(3600),
-        ..meshgate_ca::server::CaConfig::<meshgate_ca::server::NoCatalog>::new("mesh.example", &ca_dir)
-    }, None)
+    let ca = meshgate_ca::server::CaServer::start(
+        &meshgate_ca::server::CaConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            workload_ttl: Duration::from_secs(3600),
+            node_ttl: Duration::from_secs(3600),
+            ..meshgate_ca::server::CaConfig::<meshgate_ca::server::NoCatalog>::new(
+                "mesh.example",
+                &ca_dir,
+            )
+        },
+        None,
+    )
     .await
     .expect("ca");
     let token = meshgate_ca::store::TokenStore::new(&ca_dir)
@@ -575,12 +581,18 @@ async fn gateway_binary_reloads_on_file_change_and_sighup_and_refuses_invalid_fi
     let ca_dir = tmp.path().join("ca");
     meshgate_ca::store::init(&ca_dir, "mesh.example", false, std::time::SystemTime::now())
         .expect("init");
-    let ca = meshgate_ca::server::CaServer::start(&meshgate_ca::server::CaConfig {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        workload_ttl: Duration::from_secs(3600),
-        node_ttl: Duration::from_secs(3600),
-        ..meshgate_ca::server::CaConfig::<meshgate_ca::server::NoCatalog>::new("mesh.example", &ca_dir)
-    }, None)
+    let ca = meshgate_ca::server::CaServer::start(
+        &meshgate_ca::server::CaConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            workload_ttl: Duration::from_secs(3600),
+            node_ttl: Duration::from_secs(3600),
+            ..meshgate_ca::server::CaConfig::<meshgate_ca::server::NoCatalog>::new(
+                "mesh.example",
+                &ca_dir,
+            )
+        },
+        None,
+    )
     .await
     .expect("ca");
     let token = meshgate_ca::store::TokenStore::new(&ca_dir)
@@ -815,29 +827,63 @@ fn ca_commands_bind_namespaces_rotate_in_stages_and_revoke_nodes() {
     };
     let fails = |args: &[&str]| {
         let out = meshgate(args);
-        assert!(!out.status.success(), "{args:?} succeeded: {}", text(&out.stdout));
+        assert!(
+            !out.status.success(),
+            "{args:?} succeeded: {}",
+            text(&out.stdout)
+        );
         text(&out.stderr)
     };
 
     // a node has one namespace, fixed by its token
     let token = ok(&[
-        "ca", "token", "create", "--data-dir", d, "--node", "node-a", "--namespace", "prod",
-        "--services", "web,prod/api",
+        "ca",
+        "token",
+        "create",
+        "--data-dir",
+        d,
+        "--node",
+        "node-a",
+        "--namespace",
+        "prod",
+        "--services",
+        "web,prod/api",
     ]);
     assert!(token.contains("namespace:       prod"), "{token}");
     assert!(token.contains("prod/web, prod/api"), "{token}");
     let err = fails(&[
-        "ca", "token", "create", "--data-dir", d, "--node", "node-b", "--services",
+        "ca",
+        "token",
+        "create",
+        "--data-dir",
+        d,
+        "--node",
+        "node-b",
+        "--services",
         "prod/web,dev/api",
     ]);
     assert!(err.contains("exactly one namespace"), "{err}");
 
     // the intermediate rotates under the same root
     let int: serde_json::Value = serde_json::from_str(&ok(&[
-        "ca", "intermediate", "rotate", "--data-dir", d, "--ttl", "90d", "-o", "json",
+        "ca",
+        "intermediate",
+        "rotate",
+        "--data-dir",
+        d,
+        "--ttl",
+        "90d",
+        "-o",
+        "json",
     ]))
     .expect("json");
-    assert!(dir.join(format!("intermediates/{}.crt", int["replaced"].as_str().expect("replaced"))).exists());
+    assert!(
+        dir.join(format!(
+            "intermediates/{}.crt",
+            int["replaced"].as_str().expect("replaced")
+        ))
+        .exists()
+    );
     assert_eq!(ok(&["ca", "fingerprint", "--data-dir", d]).trim(), fp);
     let status = ok(&["ca", "rotate", "status", "--data-dir", d]);
     assert!(status.contains("root rotation: idle"), "{status}");
@@ -845,7 +891,10 @@ fn ca_commands_bind_namespaces_rotate_in_stages_and_revoke_nodes() {
 
     // root rotation: plan changes nothing; start; refusals while in progress; abort
     let plan = ok(&["ca", "rotate", "plan", "--data-dir", d]);
-    assert!(plan.contains("1. add-root") && plan.contains("3. retire"), "{plan}");
+    assert!(
+        plan.contains("1. add-root") && plan.contains("3. retire"),
+        "{plan}"
+    );
     assert!(!dir.join("rotation").exists(), "plan changed nothing");
     let started = ok(&["ca", "rotate", "start", "--data-dir", d]);
     assert!(started.contains("stage add-root"), "{started}");
@@ -853,9 +902,16 @@ fn ca_commands_bind_namespaces_rotate_in_stages_and_revoke_nodes() {
     assert!(err.contains("already in progress"), "{err}");
     let err = fails(&["ca", "intermediate", "rotate", "--data-dir", d]);
     assert!(err.contains("root rotation is in progress"), "{err}");
-    let status: serde_json::Value =
-        serde_json::from_str(&ok(&["ca", "rotate", "status", "--data-dir", d, "-o", "json"]))
-            .expect("json");
+    let status: serde_json::Value = serde_json::from_str(&ok(&[
+        "ca",
+        "rotate",
+        "status",
+        "--data-dir",
+        d,
+        "-o",
+        "json",
+    ]))
+    .expect("json");
     assert_eq!(status["stage"], "add-root");
     assert_eq!(status["can_finish"], false);
     // no node joined yet, so stage 1 waits for nothing but the CA's own look
@@ -873,7 +929,12 @@ fn ca_commands_bind_namespaces_rotate_in_stages_and_revoke_nodes() {
 
     // revocation: listed, refuses new tokens until the node is removed
     meshgate_ca::store::NodeRegistry::new(&dir)
-        .register("node-c", "default", &["default/batch".into()], std::time::SystemTime::now())
+        .register(
+            "node-c",
+            "default",
+            &["default/batch".into()],
+            std::time::SystemTime::now(),
+        )
         .expect("register");
     let revoked = ok(&["ca", "node", "revoke", "--data-dir", d, "node-c"]);
     assert!(revoked.contains("revoked node node-c"), "{revoked}");
@@ -884,9 +945,15 @@ fn ca_commands_bind_namespaces_rotate_in_stages_and_revoke_nodes() {
     assert_eq!(list[0]["state"], "revoked");
     assert_eq!(list[0]["namespace"], "default");
     let table = ok(&["ca", "node", "list", "--data-dir", d]);
-    assert!(table.contains("NAMESPACE") && table.contains("revoked"), "{table}");
+    assert!(
+        table.contains("NAMESPACE") && table.contains("revoked"),
+        "{table}"
+    );
     let err = fails(&["ca", "token", "create", "--data-dir", d, "--node", "node-c"]);
-    assert!(err.contains("was revoked") && err.contains("ca node remove node-c"), "{err}");
+    assert!(
+        err.contains("was revoked") && err.contains("ca node remove node-c"),
+        "{err}"
+    );
     let removed = ok(&["ca", "node", "remove", "--data-dir", d, "node-c"]);
     assert!(removed.contains("may join again"), "{removed}");
     ok(&["ca", "token", "create", "--data-dir", d, "--node", "node-c"]);

@@ -354,7 +354,7 @@ async fn test_ca(dir: &Path, ttl: Duration) -> meshgate_ca::server::CaServer {
     };
     meshgate_ca::server::CaServer::start(&config, None)
         .await
-    .expect("ca")
+        .expect("ca")
 }
 
 fn ca_token(ca_dir: &Path, node: &str, services: &[&str], file: &Path) {
@@ -790,7 +790,15 @@ async fn dev_registers_in_and_discovers_from_a_consul_api() {
         .filter_map(|r| r["ID"].as_str().map(str::to_owned))
         .collect();
     ids.sort();
-    assert_eq!(ids, ["users-canary-node-a", "users-node-a", "web-node-b"]);
+    assert_eq!(
+        ids,
+        [
+            "orders-node-a",
+            "users-canary-node-a",
+            "users-node-a",
+            "web-node-b"
+        ]
+    );
     let inbound = consul.registrations()[0]["Meta"]["meshgate-inbound"].clone();
     assert!(
         inbound
@@ -815,7 +823,15 @@ async fn dev_registers_in_and_discovers_from_a_consul_api() {
     // a clean stop deregisters what it registered
     let mut gone = consul.deregistrations();
     gone.sort();
-    assert_eq!(gone, ["users-canary-node-a", "users-node-a", "web-node-b"]);
+    assert_eq!(
+        gone,
+        [
+            "orders-node-a",
+            "users-canary-node-a",
+            "users-node-a",
+            "web-node-b"
+        ]
+    );
     let _ = consul.stop().await;
 }
 

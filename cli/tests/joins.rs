@@ -101,7 +101,13 @@ impl Ca {
     fn token(&self, node: &str, services: &[&str]) -> String {
         let services: Vec<String> = services.iter().map(|s| s.to_string()).collect();
         TokenStore::new(self.dir.path())
-            .create(node, None, &services, Duration::from_secs(600), SystemTime::now())
+            .create(
+                node,
+                None,
+                &services,
+                Duration::from_secs(600),
+                SystemTime::now(),
+            )
             .expect("token")
             .token
     }

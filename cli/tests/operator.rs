@@ -303,7 +303,8 @@ fn every_printing_command_exits_141_without_panicking_when_stdout_closes() {
         ),
     )
     .expect("write");
-    let b64 = |v: serde_json::Value| data_encoding::BASE64URL_NOPAD.encode(v.to_string().as_bytes());
+    let b64 =
+        |v: serde_json::Value| data_encoding::BASE64URL_NOPAD.encode(v.to_string().as_bytes());
     let token = format!(
         "{}.{}.{}",
         b64(serde_json::json!({"alg": "ES256", "kid": "k1"})),

@@ -47,7 +47,7 @@ pub struct Consumer {
     /// The rate-limit tier. Default: none (the policy's default limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier: Option<String>,
-    /// The key hashes, each `sha256:` followed by 64 hex digits, as [`hash_key`] makes them
+    /// The key hashes, each `sha256:` followed by 64 hex digits, as `meshgate apikey hash` makes them
     /// (`meshgate` never needs the keys themselves).
     pub keys: Vec<String>,
 }

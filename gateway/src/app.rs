@@ -71,6 +71,7 @@ pub enum GatewayError {
 #[derive(Debug, Default)]
 pub struct GatewayMetrics {
     reloads: Family<Vec<(&'static str, String)>, Counter>,
+    tls_reloads: Family<Vec<(&'static str, &'static str)>, Counter>,
     requests: Arc<RequestMetrics>,
 }
 
@@ -87,6 +88,18 @@ impl GatewayMetrics {
             "config reloads by result (ok, invalid)",
             self.reloads.clone(),
         );
+        registry.register(
+            "meshgate_gateway_tls_reloads",
+            "loads of changed TLS certificate files by result (ok, error: the old certificates keep serving)",
+            self.tls_reloads.clone(),
+        );
+    }
+
+    /// Counts a load of changed TLS files.
+    pub fn tls_reload(&self, ok: bool) {
+        self.tls_reloads
+            .get_or_create(&vec![("result", if ok { "ok" } else { "error" })])
+            .inc();
     }
 
     /// Counts a reload.
@@ -358,6 +371,7 @@ fn fixed_fields(c: &GatewayConfig) -> Vec<(&'static str, serde_json::Value)> {
         ("listen", j(&c.listen)),
         ("tls", j(&c.tls)),
         ("tls_min_version", j(&c.tls_min_version)),
+        ("tls_reload_interval", j(&c.tls_reload_interval.as_millis())),
         ("client_auth", j(&c.client_auth)),
         ("discovery", j(&c.discovery)),
         ("tunnel", j(&c.tunnel)),
@@ -400,7 +414,14 @@ impl GatewayApp {
             ),
             None => None,
         };
+        let mut tasks = Vec::new();
         let gw_metrics = Arc::new(GatewayMetrics::default());
+        // renewed certificate files (certbot, cert-manager) are served without a restart
+        let https_tls = https_tls.map(|(acceptor, certs)| {
+            let m = gw_metrics.clone();
+            tasks.push(certs.spawn_watch(cfg.tls_reload_interval, move |ok| m.tls_reload(ok)));
+            acceptor
+        });
         let failures = FetchFailures::default();
         let mut stores = RateStores::memory();
         let metrics = Arc::new(Metrics::with_extra(|r| {
@@ -463,7 +484,7 @@ impl GatewayApp {
             client: MeshClient::new(me, mesh.endpoints, mesh.pool, metrics.clone()),
             connect_timeout: cfg.tunnel.connect_timeout,
         };
-        let mut tasks = mesh.tasks;
+        tasks.extend(mesh.tasks);
         let https_port = https.as_ref().map(|(_, a)| a.port());
         let mut caches = Caches::default();
         let (compiled, fresh) = caches.compile(&cfg, &stores, &failures, &upstreams, https_port)?;

@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use http::request;
 use meshgate_agent::http::{
-    action::{Proxy, ProxySettings, Retries, RetryBudget},
+    action::{Proxy, ProxySettings, Retries, RetryBudget, RouteAction},
     chain::Chain,
     ctx::Ctx,
     filter::Filter,
@@ -24,8 +24,9 @@ use crate::{
     filters::{
         auth::AuthFilter, cors::CorsFilter, hygiene::HygieneFilter, limits::ContentTypes,
         rate_limit::RateLimitFilter, redirect::RedirectHttps, rewrite::Rewrite,
-        transform::TransformFilter,
+        schema::SchemaFilter, transform::TransformFilter,
     },
+    grpc_web::{GrpcWeb, GrpcWebFilter},
     hygiene::Hygiene,
     proxy::{Backends, GatewayProxy},
     routes::{BackendConfig, RequestView, RouteTable},
@@ -128,6 +129,9 @@ pub(crate) fn pipeline(
     if cfg.redirect_https {
         pre.push(Arc::new(RedirectHttps { https_port }));
     }
+    if let Some(h) = &cfg.hsts {
+        pre.push(Arc::new(crate::filters::hsts::Hsts::new(h)));
+    }
     if let Some(c) = &global_cors {
         pre.push(Arc::new(CorsFilter::global(c.clone())));
     }
@@ -145,6 +149,16 @@ pub(crate) fn pipeline(
     if let Ok(h) = http::HeaderName::from_bytes(cfg.headers.request_id_header.trim().as_bytes()) {
         protected.push(h);
     }
+    // the document an `openapi` backend serves: built once per load, from every route
+    let openapi_doc = if cfg
+        .routes
+        .iter()
+        .any(|r| matches!(r.backend, BackendConfig::OpenApi(_)))
+    {
+        Some(crate::openapi::from_config(cfg, None).map_err(e)?)
+    } else {
+        None
+    };
     let mut routes = Vec::with_capacity(cfg.routes.len());
     let mut by_index: BTreeMap<usize, Arc<Route>> = BTreeMap::new();
     for compiled in table.routes() {
@@ -181,6 +195,11 @@ pub(crate) fn pipeline(
         if let Some((true, l)) = limit {
             chain.push(Arc::new(RateLimitFilter::new(auth.clone(), l, name)));
         }
+        if let Some(sc) = &r.request_schema {
+            let schema = crate::schema::RequestSchema::new(sc)
+                .map_err(|x| e(format!("routes[{i}] ({name}).request_schema: {x}")))?;
+            chain.push(Arc::new(SchemaFilter::new(Arc::new(schema), max_body)));
+        }
         if let Some(t) = &r.transforms {
             crate::transform::validate(t)
                 .map_err(|x| e(format!("routes[{i}] ({name}).transforms: {x}")))?;
@@ -189,26 +208,26 @@ pub(crate) fn pipeline(
         if let Some(rw) = Rewrite::for_route(&compiled) {
             chain.push(Arc::new(rw));
         }
-        let backends = match &r.backend {
-            BackendConfig::Service(s) => Backends::One(upstreams.mesh(s)),
-            BackendConfig::Split { split, .. } => Backends::Split(
-                split
-                    .iter()
-                    .map(|b| (b.service.clone(), upstreams.mesh(&b.service)))
-                    .collect(),
-            ),
-            BackendConfig::External(x) => Backends::One(
-                upstreams
-                    .external(x)
-                    .map_err(|m| e(format!("routes[{i}] ({name}).backend.external: {m}")))?,
-            ),
-        };
+        let special = matches!(
+            r.backend,
+            BackendConfig::Aggregate(_) | BackendConfig::OpenApi(_)
+        );
+        if special && (r.transcode.is_some() || r.grpc_web) {
+            return Err(e(format!(
+                "routes[{i}] ({name}): transcode and grpc_web need a service, split or external backend"
+            )));
+        }
+        if r.transcode.is_some() && r.rewrite.as_ref().is_some_and(|w| w.prefix.is_some()) {
+            return Err(e(format!(
+                "routes[{i}] ({name}): rewrite.prefix does not apply to a transcoded route (its google.api.http rules name the paths)"
+            )));
+        }
         let retries = r.retries.as_ref().map(|rc| Retries {
             attempts: rc.attempts,
             budget: RetryBudget::new(rc.budget_percent),
         });
-        let proxy = Proxy::new(ProxySettings {
-            timeout: r.timeout.unwrap_or(cfg.limits.timeout),
+        let settings = |timeout: Option<Duration>, retries: Option<Retries>| ProxySettings {
+            timeout: timeout.or(r.timeout).unwrap_or(cfg.limits.timeout),
             retries,
             response_idle_timeout: r
                 .response_idle_timeout
@@ -216,15 +235,102 @@ pub(crate) fn pipeline(
                 .filter(|d| !d.is_zero()),
             protected_headers: protected.clone(),
             ..ProxySettings::default()
-        });
+        };
+        let action: Arc<dyn RouteAction> = match &r.backend {
+            BackendConfig::Aggregate(a) => {
+                let params: Vec<String> = match &r.r#match.path {
+                    Some(crate::routes::PathMatch::Template(t)) => {
+                        crate::aggregate::placeholders(t)
+                            .into_iter()
+                            .map(str::to_owned)
+                            .collect()
+                    }
+                    _ => Vec::new(),
+                };
+                a.validate(&params)
+                    .map_err(|x| e(format!("routes[{i}] ({name}).backend.{x}")))?;
+                let mut calls = Vec::with_capacity(a.calls.len());
+                for (j, c) in a.calls.iter().enumerate() {
+                    let upstream = match (&c.service, &c.external) {
+                        (Some(s), _) => upstreams.mesh(s),
+                        (None, Some(x)) => upstreams.external(x).map_err(|m| {
+                            e(format!(
+                                "routes[{i}] ({name}).backend.aggregate.calls[{j}].external: {m}"
+                            ))
+                        })?,
+                        (None, None) => unreachable!("invariant: validate checked the backend"),
+                    };
+                    calls.push(crate::aggregate::Call {
+                        name: c.name.clone(),
+                        upstream,
+                        path: c.path.clone(),
+                        proxy: Proxy::new(settings(c.timeout, None)),
+                    });
+                }
+                let mut forward: Vec<http::HeaderName> = a
+                    .forward_headers
+                    .iter()
+                    .filter_map(|h| http::HeaderName::from_bytes(h.as_bytes()).ok())
+                    .collect();
+                if a.forward_identity {
+                    forward.extend(auth.identity_header_names());
+                }
+                Arc::new(crate::aggregate::Aggregate::new(
+                    calls,
+                    a.on_error,
+                    forward,
+                    a.max_response_bytes,
+                ))
+            }
+            BackendConfig::OpenApi(_) => Arc::new(crate::openapi::ServeOpenApi::new(
+                openapi_doc
+                    .as_ref()
+                    .expect("invariant: built when a route serves it"),
+            )),
+            backend => {
+                let backends = match backend {
+                    BackendConfig::Service(s) => Backends::One(upstreams.mesh(s)),
+                    BackendConfig::Split { split, .. } => Backends::Split(
+                        split
+                            .iter()
+                            .map(|b| (b.service.clone(), upstreams.mesh(&b.service)))
+                            .collect(),
+                    ),
+                    BackendConfig::External(x) => {
+                        Backends::One(upstreams.external(x).map_err(|m| {
+                            e(format!("routes[{i}] ({name}).backend.external: {m}"))
+                        })?)
+                    }
+                    BackendConfig::Aggregate(_) | BackendConfig::OpenApi(_) => {
+                        unreachable!("invariant: matched above")
+                    }
+                };
+                let proxy = GatewayProxy {
+                    proxy: Proxy::new(settings(None, retries)),
+                    route: compiled.clone(),
+                    backends,
+                };
+                match &r.transcode {
+                    Some(t) => {
+                        let loaded = t
+                            .load()
+                            .map_err(|x| e(format!("routes[{i}] ({name}).transcode: {x}")))?;
+                        Arc::new(crate::transcode::Transcode::new(t, loaded, proxy))
+                    }
+                    None => Arc::new(proxy),
+                }
+            }
+        };
+        let action: Arc<dyn RouteAction> = if r.grpc_web {
+            chain.insert(0, Arc::new(GrpcWebFilter));
+            Arc::new(GrpcWeb::new(action))
+        } else {
+            action
+        };
         let route = Arc::new(Route {
             name: Arc::from(name.as_str()),
             chain: Chain::new(chain),
-            action: Arc::new(GatewayProxy {
-                proxy,
-                route: compiled.clone(),
-                backends,
-            }),
+            action,
             max_body,
             body_idle_timeout: cfg.limits.body_idle_timeout,
             allow_trace: r

@@ -37,6 +37,9 @@ fn default_identity() -> String {
 fn default_drain() -> Duration {
     Duration::from_secs(30)
 }
+fn default_tls_reload() -> Duration {
+    Duration::from_secs(10)
+}
 
 /// The whole gateway configuration.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
@@ -79,6 +82,14 @@ pub struct GatewayConfig {
     /// profile: ECDHE + AEAD only) or `"1.3"`.
     #[serde(default)]
     pub tls_min_version: MinTls,
+    /// How often the `tls` certificate, key and OCSP files are checked for changes (renewed
+    /// files are served without a restart). Default 10s.
+    #[serde(default = "default_tls_reload", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub tls_reload_interval: Duration,
+    /// `Strict-Transport-Security` on every HTTPS answer. Default: off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hsts: Option<crate::filters::hsts::HstsConfig>,
     /// Header hygiene: spoofable headers stripped, request id, traceparent, X-Forwarded-*.
     #[serde(default)]
     pub headers: HygieneConfig,
@@ -319,6 +330,12 @@ impl GatewayConfig {
         self.tunnel
             .validate("tunnel")
             .map_err(|x| e(x.to_string()))?;
+        if self.tls_reload_interval.is_zero() {
+            return Err(e("tls_reload_interval: must be more than zero".into()));
+        }
+        if let Some(h) = &self.hsts {
+            h.validate().map_err(|x| e(format!("hsts: {x}")))?;
+        }
         let table = Arc::new(RouteTable::compile(&self.routes).map_err(|x| e(x.to_string()))?);
         let hygiene = Hygiene::new(&self.headers).map_err(|x| e(format!("headers: {x}")))?;
         let mut caches = BTreeMap::new();

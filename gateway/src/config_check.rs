@@ -17,8 +17,9 @@ use crate::{config::GatewayConfig, routes::BackendConfig};
 
 impl GatewayConfig {
     /// Makes every relative path (data dir, join token, TLS files, JWKS files, API key
-    /// consumers, client secrets, CA bundles, Consul files) relative to `base`, the directory of
-    /// the file the config was read from.
+    /// consumers, client secrets, CA bundles, Consul files, transcoding include directories and
+    /// descriptor sets, request schema files) relative to `base`, the directory of the file the
+    /// config was read from. A transcoded route without `include` imports from `base`.
     pub fn resolve_paths(&mut self, base: &Path) {
         resolve_path(&mut self.data_dir, base);
         if let Some(p) = &mut self.ca.join_token_file {
@@ -55,6 +56,25 @@ impl GatewayConfig {
         }
         if let Some(c) = &mut self.discovery.consul {
             c.resolve_paths(base);
+        }
+        for r in &mut self.routes {
+            if let Some(t) = &mut r.transcode {
+                // `protos` are import names, found in the include directories
+                if t.include.is_empty() && !t.protos.is_empty() {
+                    t.include.push(base.to_owned());
+                }
+                for d in &mut t.include {
+                    resolve_path(d, base);
+                }
+                if let Some(p) = &mut t.descriptor_set {
+                    resolve_path(p, base);
+                }
+            }
+            if let Some(sc) = &mut r.request_schema
+                && let Some(p) = &mut sc.file
+            {
+                resolve_path(p, base);
+            }
         }
     }
 
@@ -114,6 +134,37 @@ impl GatewayConfig {
                         );
                     }
                 }
+                BackendConfig::Aggregate(a) => {
+                    for (j, c) in a.calls.iter().enumerate() {
+                        if let Some(s) = &c.service {
+                            backends.push((
+                                format!("routes[{i}].backend.aggregate.calls[{j}].service"),
+                                s.clone(),
+                            ));
+                        }
+                    }
+                }
+                BackendConfig::OpenApi(_) => {}
+            }
+            if let Some(t) = &r.transcode
+                && let Some(set) = &t.descriptor_set
+            {
+                check_file(
+                    &format!("routes[{i}].transcode.descriptor_set"),
+                    set,
+                    FileKind::Public,
+                    &mut out,
+                );
+            }
+            if let Some(sc) = &r.request_schema
+                && let Some(f) = &sc.file
+            {
+                check_file(
+                    &format!("routes[{i}].request_schema.file"),
+                    f,
+                    FileKind::Public,
+                    &mut out,
+                );
             }
         }
         check_resolvable(&self.discovery, &backends, &mut out);

@@ -12,6 +12,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use http::{HeaderMap, HeaderName, HeaderValue, header};
+use meshgate_agent::http::ctx::push_hex;
 use serde::{Deserialize, Serialize};
 
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -345,7 +346,9 @@ impl Hygiene {
                 }
             }
         }
-        let id = format!("{:016x}{:016x}", rand(), rand());
+        let mut id = String::with_capacity(32);
+        push_hex(&mut id, rand());
+        push_hex(&mut id, rand());
         headers.insert(
             self.request_id_header.clone(),
             HeaderValue::from_str(&id).expect("invariant: hex is a valid header value"),
@@ -407,17 +410,27 @@ fn parse_forwarded_ip(entry: &str) -> Option<IpAddr> {
 
 /// Continues or starts a trace; returns the new `traceparent`.
 fn traceparent(headers: &mut HeaderMap, rand: &mut dyn FnMut() -> u64) -> String {
-    let value = match parse_traceparent(headers) {
+    let mut value = String::with_capacity(55);
+    value.push_str("00-");
+    match parse_traceparent(headers) {
         Some((trace_id, flags)) => {
-            format!("00-{trace_id}-{:016x}-{flags}", nonzero(rand))
+            value.push_str(&trace_id);
+            value.push('-');
+            push_hex(&mut value, nonzero(rand));
+            value.push('-');
+            value.push_str(&flags);
         }
         None => {
             headers.remove(TRACESTATE);
             let hi = rand();
             let lo = if hi == 0 { nonzero(rand) } else { rand() };
-            format!("00-{hi:016x}{lo:016x}-{:016x}-01", nonzero(rand))
+            push_hex(&mut value, hi);
+            push_hex(&mut value, lo);
+            value.push('-');
+            push_hex(&mut value, nonzero(rand));
+            value.push_str("-01");
         }
-    };
+    }
     headers.insert(
         TRACEPARENT,
         HeaderValue::from_str(&value).expect("invariant: traceparent is hex and dashes"),

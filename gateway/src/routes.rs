@@ -122,18 +122,30 @@ pub struct RouteConfig {
     /// (`application/json`); empty means any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub content_types: Vec<String>,
-    /// CORS for this route (replaces the gateway-wide `cors`); checked by `crate::config`.
+    /// CORS for this route (replaces the gateway-wide `cors`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cors: Option<crate::cors::CorsConfig>,
-    /// Header and JSON body transforms; checked by `crate::config`.
+    /// Header and JSON body transforms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transforms: Option<crate::transform::TransformConfig>,
-    /// Authentication and authorization this route requires; checked by `crate::config`.
+    /// Authentication and authorization this route requires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<crate::auth::RouteAuth>,
     /// Name of the rate-limit policy (in `auth.rate_limits`) applied to this route.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<String>,
+    /// REST-to-gRPC transcoding: the backend speaks gRPC and is offered as REST/JSON by the
+    /// `google.api.http` rules of these protos (see `crate::transcode`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transcode: Option<crate::transcode::TranscodeConfig>,
+    /// Convert browsers' gRPC-Web calls (`application/grpc-web`, `-text`) to gRPC for the
+    /// backend (see `crate::grpc_web`). Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub grpc_web: bool,
+    /// A JSON Schema (2020-12) request bodies must match (400 naming the pointer and the rule
+    /// otherwise; see `crate::schema`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_schema: Option<crate::schema::RequestSchemaConfig>,
 }
 
 /// The conditions of a route; every one given must hold (see the module docs).
@@ -203,6 +215,11 @@ pub enum BackendConfig {
     /// Every request goes to a URL outside the mesh (no mTLS, no intentions: this leaves
     /// zero-trust, for migrations and external APIs).
     External(meshgate_agent::http::upstream::ExternalConfig),
+    /// The request fans out to several calls whose JSON answers are merged (a BFF; see
+    /// `crate::aggregate`).
+    Aggregate(Box<crate::aggregate::AggregateConfig>),
+    /// The gateway answers with the OpenAPI document of its routes (see `crate::openapi`).
+    OpenApi(crate::openapi::OpenApiConfig),
 }
 
 /// The YAML shape of [`BackendConfig`]: exactly one of `service` or `split`, and `pin` only
@@ -223,6 +240,12 @@ struct BackendRepr {
     /// Send every request to a URL outside the mesh (leaves zero-trust).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     external: Option<meshgate_agent::http::upstream::ExternalConfig>,
+    /// Fan out to several calls and merge their JSON answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    aggregate: Option<Box<crate::aggregate::AggregateConfig>>,
+    /// Serve the gateway's OpenAPI document.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    openapi: Option<crate::openapi::OpenApiConfig>,
 }
 
 impl BackendConfig {
@@ -232,7 +255,8 @@ impl BackendConfig {
         match self {
             BackendConfig::Service(service) => vec![service.clone()],
             BackendConfig::Split { split, .. } => split.iter().map(|b| b.service.clone()).collect(),
-            BackendConfig::External(_) => Vec::new(),
+            BackendConfig::External(_) | BackendConfig::OpenApi(_) => Vec::new(),
+            BackendConfig::Aggregate(a) => a.services(),
         }
     }
 }
@@ -241,38 +265,58 @@ impl TryFrom<BackendRepr> for BackendConfig {
     type Error = &'static str;
 
     fn try_from(r: BackendRepr) -> Result<Self, Self::Error> {
-        match (r.service, r.split, r.pin, r.external) {
-            (Some(service), None, None, None) => Ok(BackendConfig::Service(service)),
-            (None, Some(split), pin, None) => Ok(BackendConfig::Split { split, pin }),
-            (None, None, None, Some(e)) => Ok(BackendConfig::External(e)),
-            (_, None, Some(_), _) => Err("backend: `pin` only applies to a `split`"),
-            _ => Err("backend: set exactly one of `service`, `split` or `external`"),
+        let set = [
+            r.service.is_some(),
+            r.split.is_some(),
+            r.external.is_some(),
+            r.aggregate.is_some(),
+            r.openapi.is_some(),
+        ]
+        .into_iter()
+        .filter(|x| *x)
+        .count();
+        if r.pin.is_some() && r.split.is_none() {
+            return Err("backend: `pin` only applies to a `split`");
         }
+        if set != 1 {
+            return Err(
+                "backend: set exactly one of `service`, `split`, `external`, `aggregate` or `openapi`",
+            );
+        }
+        Ok(
+            match (r.service, r.split, r.external, r.aggregate, r.openapi) {
+                (Some(service), ..) => BackendConfig::Service(service),
+                (_, Some(split), ..) => BackendConfig::Split { split, pin: r.pin },
+                (_, _, Some(e), ..) => BackendConfig::External(e),
+                (_, _, _, Some(a), _) => BackendConfig::Aggregate(a),
+                (_, _, _, _, Some(o)) => BackendConfig::OpenApi(o),
+                _ => unreachable!("invariant: exactly one backend kind is set"),
+            },
+        )
     }
 }
 
 impl From<BackendConfig> for BackendRepr {
     fn from(b: BackendConfig) -> Self {
+        let mut r = BackendRepr {
+            service: None,
+            split: None,
+            pin: None,
+            external: None,
+            aggregate: None,
+            openapi: None,
+        };
         match b {
-            BackendConfig::Service(service) => BackendRepr {
-                service: Some(service),
-                split: None,
-                pin: None,
-                external: None,
-            },
-            BackendConfig::Split { split, pin } => BackendRepr {
-                service: None,
-                split: Some(split),
-                pin,
-                external: None,
-            },
-            BackendConfig::External(e) => BackendRepr {
-                service: None,
-                split: None,
-                pin: None,
-                external: Some(e),
-            },
+            BackendConfig::Service(service) => r.service = Some(service),
+            BackendConfig::Split { split, pin } => {
+                r.split = Some(split);
+                r.pin = pin;
+            }
+            BackendConfig::External(e) => r.external = Some(e),
+            BackendConfig::Aggregate(a) => r.aggregate = Some(a),
+            BackendConfig::OpenApi(o) => r.openapi = Some(o),
         }
+        r
     }
 }
 
@@ -311,7 +355,7 @@ pub struct PinConfig {
 #[serde(deny_unknown_fields)]
 pub struct RewriteConfig {
     /// Replaces the part of the path matched by the route's `prefix` (or `exact` path, or a
-    /// template's literal leading segments); see [`rewrite_path`]. Needs a `match.path`.
+    /// template's literal leading segments). Needs a `match.path`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix: Option<String>,
     /// Replaces the Host (`users.internal` or `users.internal:8080`).
@@ -883,6 +927,7 @@ pub fn choose_backend<'a>(route: &'a CompiledRoute, req: &RequestView<'_>, roll:
     let (split, pin) = match &route.config.backend {
         BackendConfig::Service(service) => return service,
         BackendConfig::External(e) => return &e.url,
+        BackendConfig::Aggregate(_) | BackendConfig::OpenApi(_) => return &route.config.name,
         BackendConfig::Split { split, pin } => (split, pin),
     };
     if let Some(pin) = pin {
@@ -1354,6 +1399,8 @@ fn validate_backend(backend: &BackendConfig) -> Result<Option<HeaderName>, Strin
             };
         }
         BackendConfig::Split { split, pin } => (split, pin),
+        // checked with the route's other settings when the pipeline is built (compile.rs)
+        BackendConfig::Aggregate(_) | BackendConfig::OpenApi(_) => return Ok(None),
         BackendConfig::External(e) => {
             return match e.url.parse::<http::Uri>() {
                 Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() => {
@@ -2528,11 +2575,11 @@ mod tests {
             ),
             (
                 json!({"name": "x", "backend": {"service": "a", "split": []}}),
-                "set exactly one of `service`, `split` or `external`",
+                "set exactly one of `service`, `split`",
             ),
             (
                 json!({"name": "x", "backend": {}}),
-                "set exactly one of `service`, `split` or `external`",
+                "set exactly one of `service`, `split`",
             ),
             (
                 json!({"name": "x", "backend": {"service": "a", "pin": {"header": "h"}}}),

@@ -196,7 +196,10 @@ impl AdminState {
         ids.identities()
             .await
             .into_iter()
-            .filter_map(|i| i.info().map(|info| (i.intermediate_info(), i.id.to_string(), info)))
+            .filter_map(|i| {
+                i.info()
+                    .map(|info| (i.intermediate_info(), i.id.to_string(), info))
+            })
             .map(|(int, id, info)| CertView {
                 spiffe_id: id,
                 serial: info.serial.clone(),

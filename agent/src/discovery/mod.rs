@@ -166,7 +166,10 @@ impl<'de> Deserialize<'de> for StaticEndpoint {
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
                 v.parse().map_err(E::custom)
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
                 let m = StaticMap::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
                 match m.node {
                     None => Ok(StaticEndpoint(Target::from(m.address))),
@@ -400,15 +403,24 @@ mod tests {
         // (JSON value as a config holds it, endpoint or error)
         let cases: &[(&str, Result<Target, &str>)] = &[
             (r#""10.0.0.2:15008""#, Ok(Target::from(addr))),
-            (r#""node-b@10.0.0.2:15008""#, Ok(Target::pinned(addr, "node-b"))),
+            (
+                r#""node-b@10.0.0.2:15008""#,
+                Ok(Target::pinned(addr, "node-b")),
+            ),
             (
                 r#"{"address": "10.0.0.2:15008", "node": "node-b"}"#,
                 Ok(Target::pinned(addr, "node-b")),
             ),
             (r#"{"address": "10.0.0.2:15008"}"#, Ok(Target::from(addr))),
-            (r#""node-b@10.0.0.2""#, Err("is not IP:PORT or NODE@IP:PORT")),
+            (
+                r#""node-b@10.0.0.2""#,
+                Err("is not IP:PORT or NODE@IP:PORT"),
+            ),
             (r#""a/b@10.0.0.2:15008""#, Err("node name")),
-            (r#"{"address": "10.0.0.2:15008", "nod": "x"}"#, Err("unknown field")),
+            (
+                r#"{"address": "10.0.0.2:15008", "nod": "x"}"#,
+                Err("unknown field"),
+            ),
         ];
         for (yaml, want) in cases {
             let got: Result<StaticEndpoint, _> = serde_json::from_str(yaml);

@@ -311,7 +311,10 @@ impl Proxy {
         } = answer;
         ctx.endpoint = endpoint;
         let (mut rparts, rbody) = response.into_parts();
-        strip_hop_by_hop(&mut rparts.headers, &[], false);
+        // HTTP/2 answers carry no connection-specific headers (the h2 codec refuses them)
+        if rparts.version != http::Version::HTTP_2 {
+            strip_hop_by_hop(&mut rparts.headers, &[], false);
+        }
         rparts.headers.remove(LOCAL_HEADER);
         rparts.headers.remove(DENY_RULE_HEADER);
         let mut body = ResponseBody::new(rbody.map_err(|e| Box::new(e) as BoxError).boxed())

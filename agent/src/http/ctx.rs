@@ -150,6 +150,33 @@ impl Ctx {
 
     /// A request id: 32 lowercase hex characters.
     pub fn new_request_id() -> String {
-        format!("{:016x}{:016x}", fast_rand(), fast_rand())
+        let mut s = String::with_capacity(32);
+        push_hex(&mut s, fast_rand());
+        push_hex(&mut s, fast_rand());
+        s
+    }
+}
+
+/// Appends `v` as 16 lowercase hex digits (request and trace ids are made per request; this
+/// skips the formatting machinery).
+pub fn push_hex(out: &mut String, v: u64) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = [0u8; 16];
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = HEX[((v >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    out.push_str(std::str::from_utf8(&buf).expect("invariant: hex digits are ASCII"));
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hex_matches_the_formatter() {
+        for v in [0u64, 1, 0xdead_beef, u64::MAX, 0x0123_4567_89ab_cdef] {
+            let mut s = String::new();
+            super::push_hex(&mut s, v);
+            assert_eq!(s, format!("{v:016x}"));
+        }
+        assert_eq!(super::Ctx::new_request_id().len(), 32);
     }
 }

@@ -51,7 +51,8 @@ use super::{Body, body::ResponseBody, respond::Problem};
 pub use super::{ctx::ConnInfo, pipeline::Handler};
 use crate::{drain::Drain, telemetry::Metrics};
 
-/// A certificate and its key, PEM files.
+/// A certificate and its key, PEM files. The files are watched: a renewed certificate (an
+/// ACME client such as certbot replacing them) is served without a restart.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CertFiles {
@@ -59,6 +60,10 @@ pub struct CertFiles {
     pub cert_file: PathBuf,
     /// Private key (PKCS#8, PKCS#1 or SEC1). Keep it 0600.
     pub key_file: PathBuf,
+    /// A DER-encoded OCSP response for the certificate, stapled to every handshake (refresh the
+    /// file, e.g. with `openssl ocsp`, before it expires; it is re-read like the certificate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ocsp_file: Option<PathBuf>,
 }
 
 /// Why the front could not be set up.
@@ -172,21 +177,162 @@ struct SniResolver {
     default: Arc<CertifiedKey>,
 }
 
-impl ResolvesServerCert for SniResolver {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+impl SniResolver {
+    fn resolve(&self, hello: &ClientHello<'_>) -> Arc<CertifiedKey> {
         let Some(name) = hello.server_name().map(str::to_ascii_lowercase) else {
-            return Some(self.default.clone());
+            return self.default.clone();
         };
         if let Some(c) = self.by_name.get(&name) {
-            return Some(c.clone());
+            return c.clone();
         }
         if let Some((_, parent)) = name.split_once('.')
             && let Some(c) = self.wildcard.get(parent)
         {
-            return Some(c.clone());
+            return c.clone();
         }
-        Some(self.default.clone())
+        self.default.clone()
     }
+}
+
+/// The public listener's certificates, re-read when their files change.
+#[derive(Debug)]
+pub struct Certificates {
+    files: Vec<CertFiles>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    current: arc_swap::ArcSwap<SniResolver>,
+    stamp: std::sync::Mutex<Vec<Option<std::time::SystemTime>>>,
+}
+
+impl ResolvesServerCert for Certificates {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load().resolve(&hello))
+    }
+}
+
+fn modified(p: &std::path::Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+impl Certificates {
+    fn stamps(files: &[CertFiles]) -> Vec<Option<std::time::SystemTime>> {
+        files
+            .iter()
+            .flat_map(|f| {
+                [Some(&f.cert_file), Some(&f.key_file), f.ocsp_file.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .map(|p| modified(p))
+            })
+            .collect()
+    }
+
+    /// Re-reads the files if any changed since the last load; a set that fails to load keeps
+    /// the current certificates (and says why). Returns whether new certificates are served.
+    pub fn reload_if_changed(&self) -> Result<bool, FrontError> {
+        let now = Self::stamps(&self.files);
+        {
+            let stamp = self
+                .stamp
+                .lock()
+                .expect("invariant: stamp lock not poisoned");
+            if *stamp == now {
+                return Ok(false);
+            }
+        }
+        let next = load_certs(&self.files, &self.provider)?;
+        self.current.store(Arc::new(next));
+        *self
+            .stamp
+            .lock()
+            .expect("invariant: stamp lock not poisoned") = now;
+        Ok(true)
+    }
+
+    /// Checks the files every `every` and serves renewed certificates; logs each outcome once
+    /// and tells `outcome` about every load attempt (`true`: new certificates served).
+    pub fn spawn_watch(
+        self: &Arc<Self>,
+        every: Duration,
+        outcome: impl Fn(bool) + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut failing: Option<String> = None;
+            loop {
+                tokio::time::sleep(every).await;
+                match me.reload_if_changed() {
+                    Ok(true) => {
+                        failing = None;
+                        outcome(true);
+                        tracing::info!("TLS certificates reloaded from their files");
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        // a half-written renewal fails until its last file lands: counted each
+                        // time, logged once per distinct reason
+                        outcome(false);
+                        let why = e.to_string();
+                        if failing.as_deref() != Some(why.as_str()) {
+                            warn!(error = %why, "TLS certificate files changed but cannot be used; the current certificates keep serving");
+                        }
+                        failing = Some(why);
+                    }
+                }
+            }
+        })
+    }
+}
+
+fn load_certs(
+    certs: &[CertFiles],
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+) -> Result<SniResolver, FrontError> {
+    let mut by_name = HashMap::new();
+    let mut wildcard = HashMap::new();
+    let mut default = None;
+    for c in certs {
+        let chain = meshgate_ca::pki::read_pem_certs(&c.cert_file)
+            .map_err(|e| cert_err(&c.cert_file, e))?;
+        if chain.is_empty() {
+            return Err(cert_err(&c.cert_file, "no certificate in the file"));
+        }
+        let key =
+            PrivateKeyDer::from_pem_file(&c.key_file).map_err(|e| cert_err(&c.key_file, e))?;
+        let signing = provider
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| cert_err(&c.key_file, e))?;
+        let leaf = chain[0].clone();
+        let mut certified = CertifiedKey::new(chain, signing);
+        certified
+            .keys_match()
+            .map_err(|e| cert_err(&c.key_file, format!("does not match the certificate: {e}")))?;
+        if let Some(ocsp) = &c.ocsp_file {
+            let der = std::fs::read(ocsp).map_err(|e| cert_err(ocsp, e))?;
+            if der.is_empty() {
+                return Err(cert_err(ocsp, "the OCSP response file is empty"));
+            }
+            certified.ocsp = Some(der);
+        }
+        let certified = Arc::new(certified);
+        let parsed = x509_names(&leaf).map_err(|e| cert_err(&c.cert_file, e))?;
+        for name in parsed {
+            match name.strip_prefix("*.") {
+                Some(parent) => wildcard.insert(parent.to_owned(), certified.clone()),
+                None => by_name.insert(name, certified.clone()),
+            };
+        }
+        default.get_or_insert(certified);
+    }
+    let default = default.ok_or_else(|| FrontError::Cert {
+        path: "tls".into(),
+        reason: "at least one certificate is needed for the HTTPS listener".into(),
+    })?;
+    Ok(SniResolver {
+        by_name,
+        wildcard,
+        default,
+    })
 }
 
 fn cert_err(path: &std::path::Path, reason: impl ToString) -> FrontError {
@@ -219,45 +365,21 @@ fn intermediate_provider() -> rustls::crypto::CryptoProvider {
 /// first is the default), ALPN h2 and http/1.1, TLS 1.2+1.3 (intermediate profile) or 1.3 only.
 /// With `client_auth`, client certificates are verified against its CAs (chain, validity,
 /// EKU clientAuth); without a certificate the handshake still succeeds unless `required`.
+/// Session tickets are off and the session cache is the default; the returned
+/// [`Certificates`] re-read their files when asked ([`Certificates::spawn_watch`]).
 pub fn tls_acceptor(
     certs: &[CertFiles],
     client_auth: Option<&ClientAuth>,
     min: MinTls,
-) -> Result<tokio_rustls::TlsAcceptor, FrontError> {
+) -> Result<(tokio_rustls::TlsAcceptor, Arc<Certificates>), FrontError> {
     let provider = Arc::new(intermediate_provider());
-    let mut by_name = HashMap::new();
-    let mut wildcard = HashMap::new();
-    let mut default = None;
-    for c in certs {
-        let chain = meshgate_ca::pki::read_pem_certs(&c.cert_file)
-            .map_err(|e| cert_err(&c.cert_file, e))?;
-        if chain.is_empty() {
-            return Err(cert_err(&c.cert_file, "no certificate in the file"));
-        }
-        let key =
-            PrivateKeyDer::from_pem_file(&c.key_file).map_err(|e| cert_err(&c.key_file, e))?;
-        let signing = provider
-            .key_provider
-            .load_private_key(key)
-            .map_err(|e| cert_err(&c.key_file, e))?;
-        let leaf = chain[0].clone();
-        let certified = Arc::new(CertifiedKey::new(chain, signing));
-        certified
-            .keys_match()
-            .map_err(|e| cert_err(&c.key_file, format!("does not match the certificate: {e}")))?;
-        let parsed = x509_names(&leaf).map_err(|e| cert_err(&c.cert_file, e))?;
-        for name in parsed {
-            match name.strip_prefix("*.") {
-                Some(parent) => wildcard.insert(parent.to_owned(), certified.clone()),
-                None => by_name.insert(name, certified.clone()),
-            };
-        }
-        default.get_or_insert(certified);
-    }
-    let default = default.ok_or_else(|| FrontError::Cert {
-        path: "tls".into(),
-        reason: "at least one certificate is needed for the HTTPS listener".into(),
-    })?;
+    let resolver = load_certs(certs, &provider)?;
+    let certificates = Arc::new(Certificates {
+        files: certs.to_vec(),
+        provider: provider.clone(),
+        current: arc_swap::ArcSwap::from_pointee(resolver),
+        stamp: std::sync::Mutex::new(Certificates::stamps(certs)),
+    });
     let versions: &[&rustls::SupportedProtocolVersion] = match min {
         MinTls::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         MinTls::Tls13 => &[&rustls::version::TLS13],
@@ -266,13 +388,9 @@ pub fn tls_acceptor(
         .with_protocol_versions(versions)
         .map_err(|e| cert_err(std::path::Path::new("tls"), e))?
         .with_client_cert_verifier(client_verifier(client_auth, provider)?)
-        .with_cert_resolver(Arc::new(SniResolver {
-            by_name,
-            wildcard,
-            default,
-        }));
+        .with_cert_resolver(certificates.clone());
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+    Ok((tokio_rustls::TlsAcceptor::from(Arc::new(cfg)), certificates))
 }
 
 fn client_verifier(
@@ -741,9 +859,10 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, security: Security, front: &Fr
             match &security {
                 Security::Mesh(_, watch) => {
                     let peer_id = info.peer_id.as_ref().map(ToString::to_string);
-                    let cut = watch
-                        .clone()
-                        .cut_off(chain, meshgate_ca::verify::Usage::Client, None);
+                    let cut =
+                        watch
+                            .clone()
+                            .cut_off(chain, meshgate_ca::verify::Usage::Client, None);
                     tokio::select! {
                         () = serve_io(tls, info, proto, front) => {}
                         c = cut => {

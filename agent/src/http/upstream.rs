@@ -387,7 +387,11 @@ impl Upstream for MeshService {
             );
             *req.version_mut() = Version::HTTP_2;
             let started = Instant::now();
-            match c.pool.request(&c.source, &self.name, ep.target(), req).await {
+            match c
+                .pool
+                .request(&c.source, &self.name, ep.target(), req)
+                .await
+            {
                 Ok((response, lease)) => {
                     if let Some(e) = classify_local(&self.name, ep.addr(), &response) {
                         if matches!(e, UpstreamError::NotProcessed { .. }) {

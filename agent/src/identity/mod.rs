@@ -213,7 +213,9 @@ pub struct Identity {
 impl Identity {
     fn new(id: SpiffeId) -> Self {
         let namespace = match id.subject() {
-            meshgate_ca::spiffe::Subject::Workload { namespace, .. } => Arc::from(namespace.as_str()),
+            meshgate_ca::spiffe::Subject::Workload { namespace, .. } => {
+                Arc::from(namespace.as_str())
+            }
             _ => Arc::from("default"),
         };
         Self {
@@ -243,9 +245,7 @@ impl Identity {
     /// When the current chain stops being valid (the earliest end over leaf and
     /// intermediates), if a certificate is held.
     pub fn chain_not_after(&self) -> Option<SystemTime> {
-        self.slot
-            .chain()
-            .and_then(|c| pki::chain_not_after(&c))
+        self.slot.chain().and_then(|c| pki::chain_not_after(&c))
     }
 
     /// The signing intermediate of the current chain (the certificate after the leaf).
@@ -889,8 +889,9 @@ impl Inner {
         let cur = self.bundle.load();
         if next.same_content(&cur) {
             if next.sequence() != cur.sequence() {
-                self.bundle
-                    .store(Arc::new(TrustBundle::clone(&cur).with_sequence(next.sequence())));
+                self.bundle.store(Arc::new(
+                    TrustBundle::clone(&cur).with_sequence(next.sequence()),
+                ));
             }
             return Ok(false);
         }

@@ -710,7 +710,10 @@ impl Pool {
         let metrics = self.metrics.clone();
         metrics.tunnel_opened(Direction::Outbound);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let peer_text = peer_id.as_ref().map(ToString::to_string).unwrap_or_default();
+        let peer_text = peer_id
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default();
         debug!(peer = %endpoint, peer.identity = %peer_text, source = %source.id, conn = id, "tunnel connection opened");
         let retiring = Arc::new(AtomicBool::new(false));
         let watch = self.identity.peer_watch();
@@ -800,13 +803,10 @@ async fn tunnel_task<C>(
 {
     let cut = watch.cut_off(peer_chain, Usage::Server, extra);
     let retire = async {
-        match retire_in {
-            Some(d) => {
-                tokio::time::sleep(d).await;
-                retiring.store(true, Ordering::Relaxed);
-                debug!(peer = %endpoint, peer.identity = %peer, "tunnel connection retiring: its certificates end soon; new streams go on a fresh one");
-            }
-            None => {}
+        if let Some(d) = retire_in {
+            tokio::time::sleep(d).await;
+            retiring.store(true, Ordering::Relaxed);
+            debug!(peer = %endpoint, peer.identity = %peer, "tunnel connection retiring: its certificates end soon; new streams go on a fresh one");
         }
         std::future::pending::<()>().await
     };

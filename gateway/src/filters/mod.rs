@@ -6,11 +6,13 @@
 
 pub mod auth;
 pub mod cors;
+pub mod hsts;
 pub mod hygiene;
 pub mod limits;
 pub mod rate_limit;
 pub mod redirect;
 pub mod rewrite;
+pub mod schema;
 pub mod transform;
 
 #[cfg(test)]

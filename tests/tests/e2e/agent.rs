@@ -75,7 +75,10 @@ async fn hashing_service() -> u16 {
                         }
                     }
                 }
-                let reply = format!("{total} {}", data_encoding::HEXLOWER.encode(ctx.finish().as_ref()));
+                let reply = format!(
+                    "{total} {}",
+                    data_encoding::HEXLOWER.encode(ctx.finish().as_ref())
+                );
                 let _ = s.write_all(reply.as_bytes()).await;
                 let _ = s.shutdown().await;
             });
@@ -99,11 +102,7 @@ async fn hundred_mib_arrive_intact_through_the_tunnel() {
         x ^= x << 17;
         chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
     }
-    let want = format!(
-        "{} {}",
-        data.len(),
-        meshgate_ca::pki::sha256_hex(&data)
-    );
+    let want = format!("{} {}", data.len(), meshgate_ca::pki::sha256_hex(&data));
     let (mut r, mut w) = client.split();
     let send = async {
         w.write_all(&data).await.expect("send");
@@ -406,7 +405,7 @@ async fn inbound_port_refuses_what_it_must() {
         material.intermediate_key,
         &root_fp,
     )
-        .expect("signer");
+    .expect("signer");
     let id = SpiffeId::workload(TD, "default", "web").expect("id");
     let (key, _) = make_csr(&id).expect("key");
     let past = std::time::SystemTime::now() - Duration::from_secs(3 * 3600);

@@ -66,8 +66,10 @@ async fn bulk_backend() -> u16 {
                                     n += d.len();
                                 }
                             }
-                            let out =
-                                format!("{n} {}", data_encoding::HEXLOWER.encode(ctx.finish().as_ref()));
+                            let out = format!(
+                                "{n} {}",
+                                data_encoding::HEXLOWER.encode(ctx.finish().as_ref())
+                            );
                             crate::clients::full(out)
                         } else if let Some(n) = path
                             .strip_prefix("/download/")
@@ -230,7 +232,9 @@ async fn guarded_gateway() -> (crate::mesh::Mesh, Backend) {
     (mesh, backend)
 }
 
-/// Reads from `s` until a complete HTTP head arrived (at most `limit`).
+/// Reads from `s` until a complete HTTP/1.1 response arrived (at most `limit`): its head and
+/// a body framed by `content-length` or chunked encoding (the head and the body may come in
+/// separate reads); `None` on timeout or when the connection ends before it is complete.
 async fn read_head(
     s: &mut tokio::net::TcpStream,
     limit: Duration,
@@ -244,20 +248,9 @@ async fn read_head(
                 return parse_h1(&buf);
             }
             buf.extend_from_slice(&tmp[..n]);
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let len = parse_h1(&buf)
-                    .and_then(|g| {
-                        g.headers
-                            .get("content-length")?
-                            .to_str()
-                            .ok()?
-                            .parse::<usize>()
-                            .ok()
-                    })
-                    .unwrap_or(0);
-                if buf.len() >= end + 4 + len {
-                    return parse_h1(&buf);
-                }
+            // parse_h1 answers only once the body its head announces is all there
+            if let Some(got) = parse_h1(&buf) {
+                return Some(got);
             }
         }
     })

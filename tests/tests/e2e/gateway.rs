@@ -543,6 +543,7 @@ async fn https_certificates_are_chosen_by_sni() {
         tls_list.push(meshgate_agent::http::front::CertFiles {
             cert_file: c,
             key_file: k,
+            ocsp_file: None,
         });
         ders.push(cert.der().clone());
     }

@@ -81,7 +81,8 @@ pub(crate) struct TestCa {
 /// The catalog a CA config's `consul:` section asks for, as the CLI builds it.
 fn catalog_of(config: &CaConfig<ConsulConfig>) -> Option<std::sync::Arc<dyn Catalog>> {
     config.consul.as_ref().map(|c| {
-        std::sync::Arc::new(ConsulClient::new(c).expect("consul client")) as std::sync::Arc<dyn Catalog>
+        std::sync::Arc::new(ConsulClient::new(c).expect("consul client"))
+            as std::sync::Arc<dyn Catalog>
     })
 }
 

@@ -3,6 +3,7 @@
 
 mod agent;
 mod auth;
+mod bff;
 mod bodies;
 mod clients;
 mod consul;
@@ -19,4 +20,6 @@ mod jwt_cache;
 mod load;
 mod mesh;
 mod paths;
+mod tls_profile;
+mod transcode;
 mod trust;

@@ -596,7 +596,11 @@ impl TestMesh {
                     .or_default()
                     .push(agent.inbound().into());
             }
-            for (svc, _, how) in self.agent_endpoints.iter().filter(|(_, n, _)| *n == spec.node) {
+            for (svc, _, how) in self
+                .agent_endpoints
+                .iter()
+                .filter(|(_, n, _)| *n == spec.node)
+            {
                 let at = agent.inbound();
                 let e = match how {
                     Listed::Plain => at.into(),

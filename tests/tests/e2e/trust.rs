@@ -102,14 +102,21 @@ async fn a_node_that_may_not_host_a_service_never_answers_for_it() {
                 .await
                 .unwrap_or_else(|e| panic!("{how:?}: sequential connection {i}: {e}"));
         }
-        assert_eq!(users.accepted(), 30, "{how:?}: node-b served every connection");
+        assert_eq!(
+            users.accepted(),
+            30,
+            "{how:?}: node-b served every connection"
+        );
         assert_eq!(batch.accepted(), 0, "{how:?}");
         let refused = a
             .metric(&format!(
                 r#"meshgate_tunnel_destination_refusals_total{{reason="{reason}"}}"#
             ))
             .await;
-        assert!(refused >= 1.0, "{how:?}: refusals counted as {reason}: {refused}");
+        assert!(
+            refused >= 1.0,
+            "{how:?}: refusals counted as {reason}: {refused}"
+        );
         assert_eq!(
             c.metric(r#"meshgate_tunnel_streams_total{direction="inbound"}"#)
                 .await,
@@ -122,7 +129,10 @@ async fn a_node_that_may_not_host_a_service_never_answers_for_it() {
         if reason == "not_hosting" {
             assert_eq!(handshakes, 0.0, "{how:?}: node-c was not even dialled");
         } else {
-            assert!(handshakes >= 1.0, "{how:?}: node-a ended node-c's handshake");
+            assert!(
+                handshakes >= 1.0,
+                "{how:?}: node-a ended node-c's handshake"
+            );
         }
         assert_eq!(
             refusal_warnings(c.inbound()),
@@ -160,7 +170,9 @@ async fn the_gateway_refuses_an_endpoint_that_presents_the_wrong_node_identity()
         answers.push(try_raw_h1(gw.http(), "GET", "/users/1").await);
     }
     for (i, got) in answers.iter().enumerate() {
-        let got = got.as_ref().unwrap_or_else(|| panic!("request {i}: no answer"));
+        let got = got
+            .as_ref()
+            .unwrap_or_else(|| panic!("request {i}: no answer"));
         assert_eq!(got.status, 200, "request {i}: {}", got.body);
         assert_eq!(got.json()["service"], "users", "request {i}");
     }
@@ -207,7 +219,10 @@ async fn with_consul_a_node_gets_certificates_only_in_its_namespace_and_scope() 
     );
     // its own namespace: issued
     let web = node.workload("default", "web").await.expect("default/web");
-    assert_eq!(web.id.to_string(), "spiffe://mesh.example/ns/default/svc/web");
+    assert_eq!(
+        web.id.to_string(),
+        "spiffe://mesh.example/ns/default/svc/web"
+    );
     // in the catalog on this node, but outside the token's scope
     let (code, msg) = refusal(
         node.workload("default", "gateway")
@@ -320,9 +335,12 @@ async fn agents_renew_onto_a_new_intermediate_without_rejoining_or_a_failed_requ
     let load = LoadLoop::start(move || echo(upstream));
     load.more(5).await;
 
-    let rotated =
-        store::rotate_intermediate(&dir, Duration::from_secs(365 * 24 * 3600), SystemTime::now())
-            .expect("rotate");
+    let rotated = store::rotate_intermediate(
+        &dir,
+        Duration::from_secs(365 * 24 * 3600),
+        SystemTime::now(),
+    )
+    .expect("rotate");
     assert_eq!(rotated.replaced, old.serial);
     let ca = &mesh.ca;
     assert!(
@@ -343,7 +361,10 @@ async fn agents_renew_onto_a_new_intermediate_without_rejoining_or_a_failed_requ
         all
     })
     .await;
-    assert!(renewed, "every certificate renewed onto the new intermediate");
+    assert!(
+        renewed,
+        "every certificate renewed onto the new intermediate"
+    );
     // run on past the old intermediate's end
     assert!(
         eventually(Duration::from_secs(40), || async {
@@ -362,7 +383,9 @@ async fn agents_renew_onto_a_new_intermediate_without_rejoining_or_a_failed_requ
     }
     // renewed with the certificates they held: no node joined again (the single-use tokens
     // of the mesh were each spent once, at start)
-    let tokens = store::TokenStore::new(&dir).list(SystemTime::now()).expect("tokens");
+    let tokens = store::TokenStore::new(&dir)
+        .list(SystemTime::now())
+        .expect("tokens");
     assert!(
         tokens.iter().all(|t| t.state == store::TokenState::Used),
         "{tokens:?}"
@@ -461,7 +484,11 @@ async fn the_root_rotates_in_stages_under_load_and_survives_a_ca_restart() {
         .await;
     mesh.ca = ca;
     assert_eq!(status().stage(), "reissue");
-    assert_eq!(mesh.ca.fingerprint(), state.new_root, "new joins pin the new root");
+    assert_eq!(
+        mesh.ca.fingerprint(),
+        state.new_root,
+        "new joins pin the new root"
+    );
 
     // stage 2: every certificate renewed under the new root at once
     let new_int = pki::read_pem_certs(&dir.join("rotation/intermediate.crt")).expect("new int");
@@ -483,7 +510,10 @@ async fn the_root_rotates_in_stages_under_load_and_survives_a_ca_restart() {
     if now.old_leaves_alive > 0 {
         let text = now.to_string();
         assert!(text.contains("2. reissue   in progress"), "{text}");
-        assert!(text.contains("signed under the old root are still valid"), "{text}");
+        assert!(
+            text.contains("signed under the old root are still valid"),
+            "{text}"
+        );
         let err = rotation::finish(&dir, SystemTime::now())
             .expect_err("old leaves alive")
             .to_string();
@@ -500,9 +530,13 @@ async fn the_root_rotates_in_stages_under_load_and_survives_a_ca_restart() {
 
     // stage 3: the old root leaves every bundle
     let done = rotation::finish(&dir, SystemTime::now()).expect("finish");
-    assert_eq!((done.retired_root, done.root), (old_root.clone(), state.new_root.clone()));
+    assert_eq!(
+        (done.retired_root, done.root),
+        (old_root.clone(), state.new_root.clone())
+    );
     let only_new = eventually(Duration::from_secs(10), || async {
-        ids.iter().all(|id| id.bundle().load().fingerprints() == [state.new_root.clone()])
+        ids.iter()
+            .all(|id| id.bundle().load().fingerprints() == [state.new_root.clone()])
     })
     .await;
     assert!(only_new, "every bundle holds only the new root");
@@ -538,7 +572,9 @@ async fn a_revoked_node_loses_its_certificates_and_its_tunnels_within_one_bundle
         .await;
     let (b, c) = (mesh.agent("node-b"), mesh.agent("node-c"));
     // a connection held open through node-c's tunnel to node-b
-    let mut open = TcpStream::connect(c.upstream("users")).await.expect("connect");
+    let mut open = TcpStream::connect(c.upstream("users"))
+        .await
+        .expect("connect");
     open.write_all(b"one").await.expect("write");
     let mut buf = [0u8; 3];
     open.read_exact(&mut buf).await.expect("echo");
@@ -554,13 +590,20 @@ async fn a_revoked_node_loses_its_certificates_and_its_tunnels_within_one_bundle
     .await;
     assert!(ended.is_ok(), "the tunnel from node-c stayed open");
     let after = b.agent.identity().status().bundle_sequence;
-    assert_eq!(after, before + 1, "closed by the first bundle update after the revocation");
+    assert_eq!(
+        after,
+        before + 1,
+        "closed by the first bundle update after the revocation"
+    );
     assert!(
         b.metric(r#"meshgate_tunnel_cut_offs_total{direction="inbound",reason="revoked"}"#)
             .await
             >= 1.0
     );
-    assert!(echo(c.upstream("users")).await.is_err(), "no new tunnel either");
+    assert!(
+        echo(c.upstream("users")).await.is_err(),
+        "no new tunnel either"
+    );
 
     // and the CA gives it nothing
     let node_id = SpiffeId::node(TD, "node-c").expect("id");
@@ -632,7 +675,9 @@ async fn no_session_is_resumed_so_an_expired_node_certificate_cannot_renew() {
             "handshake {i} with the CA"
         );
     }
-    let mut client = connect_ca(&ca.address(), cfg.clone()).await.expect("client");
+    let mut client = connect_ca(&ca.address(), cfg.clone())
+        .await
+        .expect("client");
     client
         .report_bundle(BundleReport {
             sequence: 1,
@@ -658,7 +703,10 @@ async fn no_session_is_resumed_so_an_expired_node_certificate_cannot_renew() {
             .map_err(|s| s.message().to_owned())
     }
     .await;
-    assert!(renewed.is_err(), "an expired certificate renewed: {renewed:?}");
+    assert!(
+        renewed.is_err(),
+        "an expired certificate renewed: {renewed:?}"
+    );
 
     // the mesh inbound does not resume either
     let echo_svc = EchoService::start().await;
@@ -720,4 +768,3 @@ async fn twenty_connections_fail_over_past_a_black_hole_within_one_connect_timeo
     );
     drop(blackhole);
 }
-

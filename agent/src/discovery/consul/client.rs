@@ -389,9 +389,10 @@ fn tls_config(tls: Option<&ConsulTls>) -> Result<rustls::ClientConfig, ConsulErr
                 .map_err(|e| ConsulError::Config(format!("{}: {e}", ca.display())))?;
         }
     }
-    let builder = rustls::ClientConfig::builder_with_provider(meshgate_ca::verify::crypto_provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ConsulError::Config(e.to_string()))?;
+    let builder =
+        rustls::ClientConfig::builder_with_provider(meshgate_ca::verify::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ConsulError::Config(e.to_string()))?;
     let builder = if roots.is_empty() {
         return Err(ConsulError::Config(
             "https Consul addresses need tls.ca_file (the CA that signed Consul's certificate)"
@@ -402,8 +403,8 @@ fn tls_config(tls: Option<&ConsulTls>) -> Result<rustls::ClientConfig, ConsulErr
     };
     let cfg = match tls.map(|t| (&t.cert_file, &t.key_file)) {
         Some((Some(cert), Some(key))) => {
-            let chain =
-                meshgate_ca::pki::read_pem_certs(cert).map_err(|e| ConsulError::Config(e.to_string()))?;
+            let chain = meshgate_ca::pki::read_pem_certs(cert)
+                .map_err(|e| ConsulError::Config(e.to_string()))?;
             let key = PrivateKeyDer::from_pem_file(key)
                 .map_err(|e| ConsulError::Config(format!("{}: {e}", key.display())))?;
             builder

@@ -104,8 +104,7 @@ impl Limiter {
 
 fn jittered_backoff(failures: u32) -> Duration {
     let base = Duration::from_millis(500u64 << failures.min(6)).min(Duration::from_secs(30));
-    let r =
-        (crate::rand::secure_u64() & 0xffff) as f64 / f64::from(u16::MAX);
+    let r = (crate::rand::secure_u64() & 0xffff) as f64 / f64::from(u16::MAX);
     base.mul_f64(0.5 + r / 2.0)
 }
 
@@ -283,10 +282,17 @@ mod tests {
             .insert("meshgate-node".into(), "node-b".into());
         assert_eq!(
             endpoint_of(&e, 15008),
-            Some(Target::pinned("10.0.0.7:16008".parse().expect("addr"), "node-b"))
+            Some(Target::pinned(
+                "10.0.0.7:16008".parse().expect("addr"),
+                "node-b"
+            ))
         );
         e.service.meta.insert("meshgate-node".into(), "a/b".into());
-        assert_eq!(endpoint_of(&e, 15008), None, "a node name that cannot be verified");
+        assert_eq!(
+            endpoint_of(&e, 15008),
+            None,
+            "a node name that cannot be verified"
+        );
         e.service.meta.remove("meshgate-node");
         e.service
             .meta
