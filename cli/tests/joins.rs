@@ -234,8 +234,9 @@ async fn an_agent_started_before_its_ca_becomes_ready_once_the_ca_starts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ca_outage_past_expiry_turns_readiness_503_and_the_node_recovers_within_the_grace() {
-    // 12s certificates (15s with back-dating): renewal at ~7s, at risk from ~8s, expired at 12s
-    let ca = Ca::new(Duration::from_secs(12), Duration::from_secs(3600));
+    // 20s certificates (25s with back-dating): renewal at ~13s after issue, at risk from
+    // ~14s, expired at 20s; a window of seconds even on a loaded machine
+    let ca = Ca::new(Duration::from_secs(20), Duration::from_secs(3600));
     let tmp = tempfile::tempdir().expect("tempdir");
     let token_file = tmp.path().join("node-a.token");
     write_secret(&token_file, &ca.token("node-a", &["web"]));
