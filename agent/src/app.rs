@@ -8,7 +8,7 @@ use std::{collections::HashMap, net::SocketAddr, sync::Arc, sync::atomic::Orderi
 use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::info;
 
-use meshgate_ca::consul::{ConsulClient, ServiceRegistration};
+use crate::discovery::consul::{ConsulClient, ServiceRegistration};
 
 use crate::{
     admin::{self, AdminState},
@@ -237,7 +237,7 @@ impl Agent {
         );
         tasks.push(tokio::spawn(front::serve(
             inbound_listener,
-            Security::Mesh(acceptor),
+            Security::Mesh(acceptor, identity.peer_watch()),
             inbound.front(),
         )));
 

@@ -56,10 +56,48 @@ impl Default for BalanceConfig {
     }
 }
 
-/// One upstream address and what the balancer knows about it. Shared as `Arc<Endpoint>`; the
-/// state survives [`Balancer::update`] as long as the address stays in the set.
+/// Where an endpoint is: the destination agent's inbound address and, when discovery says, the
+/// node that must answer there (`meshgate-node` meta in Consul, `node@ip:port` in static
+/// discovery, an SRV target `NODE.node.…` in DNS). Without a node, any node the trust
+/// bundle's hosting map allows for the service may answer — never any node at all.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Target {
+    /// The agent's inbound address.
+    pub addr: SocketAddr,
+    /// The node that must answer there, if discovery pins it.
+    pub node: Option<Arc<str>>,
+}
+
+impl Target {
+    /// An endpoint pinned to `node`.
+    pub fn pinned(addr: SocketAddr, node: &str) -> Self {
+        Self {
+            addr,
+            node: Some(Arc::from(node)),
+        }
+    }
+}
+
+impl From<SocketAddr> for Target {
+    fn from(addr: SocketAddr) -> Self {
+        Self { addr, node: None }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.node {
+            Some(n) => write!(f, "{n}@{}", self.addr),
+            None => write!(f, "{}", self.addr),
+        }
+    }
+}
+
+/// One upstream endpoint and what the balancer knows about it. Shared as `Arc<Endpoint>`; the
+/// state survives [`Balancer::update`] as long as the target stays in the set.
 #[derive(Debug)]
 pub struct Endpoint {
+    target: Target,
     addr: SocketAddr,
     cfg: BalanceConfig,
     pending: AtomicUsize,
@@ -93,6 +131,9 @@ impl State {
 pub struct EndpointStatus {
     /// The endpoint's address.
     pub addr: SocketAddr,
+    /// The node that must answer there, when discovery pins it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// The latency estimate as of the last sample, in milliseconds.
     pub rtt_ewma_ms: f64,
     /// Requests in flight.
@@ -141,9 +182,10 @@ fn ejection_length(cfg: &BalanceConfig, times_before: u32) -> Duration {
 }
 
 impl Endpoint {
-    fn new(addr: SocketAddr, cfg: BalanceConfig) -> Self {
+    fn new(target: Target, cfg: BalanceConfig) -> Self {
         Endpoint {
-            addr,
+            addr: target.addr,
+            target,
             cfg,
             pending: AtomicUsize::new(0),
             state: Mutex::new(State {
@@ -164,6 +206,11 @@ impl Endpoint {
     /// The endpoint's address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address and the node that must answer there.
+    pub fn target(&self) -> &Target {
+        &self.target
     }
 
     /// Counts a request as in flight until the returned guard is dropped.
@@ -235,6 +282,7 @@ impl Endpoint {
         let left = s.ejected_for(now);
         EndpointStatus {
             addr: self.addr,
+            node: self.target.node.as_deref().map(str::to_owned),
             rtt_ewma_ms: s.rtt_ns / 1e6,
             pending: self.pending.load(Ordering::Acquire),
             consecutive_failures: s.consecutive_failures,
@@ -254,7 +302,7 @@ pub struct Balancer {
 
 impl Balancer {
     /// A balancer over `addrs` (duplicates dropped, order kept).
-    pub fn new(addrs: Vec<SocketAddr>, cfg: BalanceConfig) -> Self {
+    pub fn new<T: Into<Target>>(addrs: Vec<T>, cfg: BalanceConfig) -> Self {
         let b = Balancer {
             cfg,
             endpoints: RwLock::new(Vec::new()),
@@ -263,21 +311,23 @@ impl Balancer {
         b
     }
 
-    /// Replaces the endpoint set with `addrs` (duplicates dropped, order kept). Addresses already
-    /// present keep their state (the same `Arc<Endpoint>`); new ones start fresh.
-    pub fn update(&self, addrs: Vec<SocketAddr>) {
+    /// Replaces the endpoint set with `addrs` (duplicates dropped, order kept). Targets already
+    /// present keep their state (the same `Arc<Endpoint>`); new ones start fresh. An address
+    /// that is now pinned to another node is a new endpoint.
+    pub fn update<T: Into<Target>>(&self, addrs: Vec<T>) {
         let mut eps = self
             .endpoints
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        let mut old: HashMap<SocketAddr, Arc<Endpoint>> =
-            eps.drain(..).map(|e| (e.addr, e)).collect();
+        let mut old: HashMap<Target, Arc<Endpoint>> =
+            eps.drain(..).map(|e| (e.target.clone(), e)).collect();
         let mut seen = HashSet::with_capacity(addrs.len());
-        for addr in addrs {
-            if seen.insert(addr) {
+        for t in addrs {
+            let t: Target = t.into();
+            if seen.insert(t.clone()) {
                 let ep = old
-                    .remove(&addr)
-                    .unwrap_or_else(|| Arc::new(Endpoint::new(addr, self.cfg)));
+                    .remove(&t)
+                    .unwrap_or_else(|| Arc::new(Endpoint::new(t, self.cfg)));
                 eps.push(ep);
             }
         }
@@ -553,7 +603,7 @@ mod tests {
 
         // Through the endpoint: eight ejections in a row, each after the previous expired.
         let t0 = Instant::now();
-        let e = Endpoint::new(addr(1), cfg);
+        let e = Endpoint::new(addr(1).into(), cfg);
         let mut now = t0;
         let mut lengths = Vec::new();
         for _ in 0..8 {
@@ -574,7 +624,7 @@ mod tests {
             failures_to_eject: 0,
             ..BalanceConfig::default()
         };
-        let e = Endpoint::new(addr(1), cfg);
+        let e = Endpoint::new(addr(1).into(), cfg);
         for _ in 0..10 {
             e.record_failure(t0);
         }
@@ -619,7 +669,7 @@ mod tests {
                 assert!(b.pick(t0, &exclude, &mut rng(7)).is_none(), "case {i}");
             }
         }
-        let empty = Balancer::new(Vec::new(), BalanceConfig::default());
+        let empty = Balancer::new(Vec::<SocketAddr>::new(), BalanceConfig::default());
         assert!(empty.pick(t0, &[], &mut rng(7)).is_none());
     }
 
@@ -670,7 +720,7 @@ mod tests {
             (80, 1, 50.0 * (-6.0f64).exp() + (1.0 - (-6.0f64).exp())),
         ];
         let t0 = Instant::now();
-        let e = Endpoint::new(addr(1), BalanceConfig::default());
+        let e = Endpoint::new(addr(1).into(), BalanceConfig::default());
         assert_eq!(e.status(t0).rtt_ewma_ms, 1.0);
         let mut last = f64::INFINITY;
         for (i, &(at, sample, want)) in steps.iter().enumerate() {

@@ -5,7 +5,7 @@
 
 use std::{path::Path, sync::Arc};
 
-use meshgate_ca::consul::{ConsulClient, ConsulError};
+use crate::discovery::consul::{ConsulClient, ConsulError};
 use tokio::task::JoinHandle;
 
 use crate::{

@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration}
 use meshgate_ca::spiffe::{validate_segment, validate_trust_domain};
 use serde::{Deserialize, Serialize};
 
-use meshgate_ca::consul::ConsulConfig;
+use crate::discovery::consul::ConsulConfig;
 
 use crate::{
     discovery::dns::DnsConfig,
@@ -190,9 +190,12 @@ pub struct UpstreamConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DiscoveryConfig {
-    /// Service name -> agent inbound addresses of the nodes that run it.
+    /// Service name -> the inbound addresses of the nodes that run it: `IP:PORT`, or
+    /// `NODE@IP:PORT` (also `{address: IP:PORT, node: NODE}`) to accept only that node's
+    /// certificate there. A plain address accepts any node the CA's hosting map allows for
+    /// the service (the nodes whose scope lists it), never any node of the mesh.
     #[serde(default, rename = "static")]
-    pub static_endpoints: BTreeMap<String, Vec<SocketAddr>>,
+    pub static_endpoints: BTreeMap<String, Vec<crate::discovery::StaticEndpoint>>,
     /// Consul: blocking health queries per upstream, and registration of local services.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consul: Option<ConsulConfig>,

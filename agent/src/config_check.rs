@@ -15,7 +15,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use meshgate_ca::{consul::ConsulConfig, server::resolve};
+use crate::discovery::consul::ConsulConfig;
 
 use crate::{
     config::{AgentConfig, CaRef, DiscoveryConfig},
@@ -521,9 +521,20 @@ pub fn split_config_path(text: &str) -> (String, String) {
     }
 }
 
-/// `path` relative to `base` when relative (re-exported for the gateway's files).
+/// `path` made relative to `base` (the directory of the config file it was read from) when
+/// it is relative and not empty; `./` steps are dropped. Used for every file a config names.
 pub fn resolve_path(path: &mut PathBuf, base: &Path) {
-    resolve(path, base);
+    if !path.as_os_str().is_empty() && path.is_relative() {
+        let rest: PathBuf = path
+            .components()
+            .filter(|c| !matches!(c, std::path::Component::CurDir))
+            .collect();
+        *path = base.join(rest);
+    }
+}
+
+fn resolve(path: &mut PathBuf, base: &Path) {
+    resolve_path(path, base);
 }
 
 #[cfg(test)]

@@ -32,5 +32,6 @@ pub mod identity;
 pub mod notify;
 pub mod policy;
 pub mod proxy;
+pub mod rand;
 pub mod telemetry;
 pub mod transport;

@@ -211,7 +211,7 @@ mod tests {
         let name = format!(
             "meshgate-notify-test-{}-{}",
             std::process::id(),
-            meshgate_ca::pki::hex(&meshgate_ca::pki::random_bytes::<6>())
+            crate::rand::secure_u64() & 0xffff_ffff_ffff
         );
         let server = UnixDatagram::bind_addr(
             &SocketAddr::from_abstract_name(name.as_bytes()).expect("name"),

@@ -53,6 +53,32 @@ impl DenyReason {
     }
 }
 
+/// Why the outbound side refused a destination agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DestinationRefusal {
+    /// The server presented a valid SVID of another node than the one the endpoint names (or
+    /// one the hosting map does not allow for the service).
+    WrongIdentity,
+    /// The node discovery names may not host the service (the hosting map says so).
+    NotHosting,
+    /// The node is revoked.
+    Revoked,
+    /// The trust bundle carries no hosting map yet, so no unpinned endpoint can be verified.
+    NoHostingMap,
+}
+
+impl DestinationRefusal {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DestinationRefusal::WrongIdentity => "wrong_identity",
+            DestinationRefusal::NotHosting => "not_hosting",
+            DestinationRefusal::Revoked => "revoked",
+            DestinationRefusal::NoHostingMap => "no_hosting_map",
+        }
+    }
+}
+
 /// Every metric the agent exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -67,6 +93,10 @@ pub struct Metrics {
     connect_failures: Family<Labels, Counter>,
     cert_expiry: Family<Labels, Gauge>,
     cert_at_risk: Family<Labels, Gauge>,
+    intermediate_expiry: Gauge,
+    bundle_sequence: Gauge,
+    destination_refusals: Family<Labels, Counter>,
+    tunnel_cut_offs: Family<Labels, Counter>,
     renew_failures: Gauge,
     ready: Gauge,
     discovery_endpoints: Family<Labels, Gauge>,
@@ -107,6 +137,10 @@ impl Metrics {
             connect_failures: Family::default(),
             cert_expiry: Family::default(),
             cert_at_risk: Family::default(),
+            intermediate_expiry: Gauge::default(),
+            bundle_sequence: Gauge::default(),
+            destination_refusals: Family::default(),
+            tunnel_cut_offs: Family::default(),
             renew_failures: Gauge::default(),
             ready: Gauge::default(),
             discovery_endpoints: Family::default(),
@@ -167,6 +201,26 @@ impl Metrics {
             "meshgate_identity_cert_at_risk",
             "1 while a held certificate has expired, or is in the last quarter of its lifetime and renewing it fails",
             m.cert_at_risk.clone(),
+        );
+        registry.register(
+            "meshgate_identity_intermediate_expiry_seconds",
+            "seconds until the CA's signing intermediate (the one in this node's certificate chain) expires; the CA warns at 30 days",
+            m.intermediate_expiry.clone(),
+        );
+        registry.register(
+            "meshgate_identity_bundle_sequence",
+            "sequence number of the trust bundle this process holds",
+            m.bundle_sequence.clone(),
+        );
+        registry.register(
+            "meshgate_tunnel_destination_refusals",
+            "destination agents refused before or in the handshake, by reason (wrong_identity, not_hosting, revoked, no_hosting_map)",
+            m.destination_refusals.clone(),
+        );
+        registry.register(
+            "meshgate_tunnel_cut_offs",
+            "tunnel connections closed because the peer's certificate stopped being trusted, by direction and reason (expired, untrusted, revoked, not_allowed)",
+            m.tunnel_cut_offs.clone(),
         );
         registry.register(
             "meshgate_identity_renewal_failures",
@@ -283,6 +337,31 @@ impl Metrics {
         self.cert_at_risk
             .get_or_create(&vec![("spiffe_id", spiffe_id.to_owned())])
             .set(i64::from(at_risk));
+    }
+
+    /// Sets the seconds left on the signing intermediate.
+    pub fn set_intermediate_expiry(&self, seconds: i64) {
+        self.intermediate_expiry.set(seconds);
+    }
+
+    /// Sets the held bundle's sequence.
+    pub fn set_bundle_sequence(&self, sequence: u64) {
+        self.bundle_sequence
+            .set(i64::try_from(sequence).unwrap_or(i64::MAX));
+    }
+
+    /// A destination agent was refused.
+    pub fn destination_refused(&self, reason: DestinationRefusal) {
+        self.destination_refusals
+            .get_or_create(&vec![("reason", reason.as_str().to_owned())])
+            .inc();
+    }
+
+    /// A tunnel connection was closed because its peer is no longer trusted.
+    pub fn tunnel_cut_off(&self, d: Direction, reason: &'static str) {
+        let mut l = Self::dir(d);
+        l.push(("reason", reason.to_owned()));
+        self.tunnel_cut_offs.get_or_create(&l).inc();
     }
 
     /// Sets the renewal failure gauge.

@@ -1,5 +1,8 @@
-//! Small PKI helpers shared by the CA, the identity manager and the CLI: fingerprints, reading
-//! a certificate's SPIFFE ID and validity, PEM files, and atomic 0600 writes.
+//! Certificate and key files as every side of the mesh handles them: fingerprints, reading a
+//! certificate's SPIFFE ID and validity, PEM files, and atomic 0600 writes of keys.
+//!
+//! Identity primitives only. General encodings come from `data-encoding` (hex, base64url) and
+//! times from `humantime` (RFC 3339), so nothing here is a utility library for other crates.
 
 use std::{
     fs,
@@ -40,7 +43,7 @@ pub enum PkiError {
 
 /// `sha256:` + lowercase hex of SHA-256 over the certificate DER; how a CA root is pinned.
 pub fn fingerprint(cert: &[u8]) -> String {
-    format!("sha256:{}", hex(&sha256(cert)))
+    format!("sha256:{}", sha256_hex(cert))
 }
 
 /// SHA-256 of `data`.
@@ -51,34 +54,14 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
     out
 }
 
-/// Lowercase hex.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
+/// Lowercase hex of SHA-256 over `data`: how join tokens are stored and recorded (never the
+/// token itself).
+pub fn sha256_hex(data: &[u8]) -> String {
+    data_encoding::HEXLOWER.encode(&sha256(data))
 }
 
-/// Base64url without padding (RFC 4648 §5), as JWK members and JWS parts use it.
-pub fn base64url(bytes: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
-        for i in 0..=chunk.len() {
-            out.push(char::from(T[((n >> (18 - 6 * i)) & 63) as usize]));
-        }
-    }
-    out
-}
-
-/// `n` bytes from the system's secure random generator.
-pub fn random_bytes<const N: usize>() -> [u8; N] {
+/// `N` bytes from the system's secure random generator (serial numbers, join tokens).
+pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
     let mut buf = [0u8; N];
     aws_lc_rs::rand::fill(&mut buf).expect("invariant: the system RNG is available");
     buf
@@ -141,7 +124,7 @@ impl CertInfo {
         };
         Ok(Self {
             uris,
-            serial: hex(cert.raw_serial()),
+            serial: data_encoding::HEXLOWER.encode(cert.raw_serial()),
             not_before: to_system(cert.validity().not_before.timestamp()),
             not_after: to_system(cert.validity().not_after.timestamp()),
             is_ca,
@@ -176,6 +159,20 @@ impl CertInfo {
     pub fn remaining(&self, now: SystemTime) -> Duration {
         self.not_after.duration_since(now).unwrap_or_default()
     }
+}
+
+/// The earliest end of validity over a whole chain (leaf, intermediates, root if present): a
+/// connection authenticated with `chain` must not outlive it. `None` if a certificate does not
+/// parse or the chain is empty.
+pub fn chain_not_after(chain: &[CertificateDer<'_>]) -> Option<SystemTime> {
+    chain
+        .iter()
+        .map(|c| CertInfo::from_der(c).map(|i| i.not_after).ok())
+        .try_fold(None::<SystemTime>, |min, t| {
+            let t = t?;
+            Some(Some(min.map_or(t, |m| m.min(t))))
+        })
+        .flatten()
 }
 
 /// Reads every certificate of a PEM file, in order.
@@ -223,7 +220,10 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), PkiError>
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", hex(&random_bytes::<6>())));
+    let tmp = dir.join(format!(
+        ".{name}.tmp-{}",
+        data_encoding::HEXLOWER.encode(&random_bytes::<6>())
+    ));
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -257,20 +257,6 @@ pub fn create_private_dir(path: &Path) -> Result<(), PkiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn base64url_matches_rfc4648_vectors_without_padding() {
-        for (input, want) in [
-            ("", ""),
-            ("f", "Zg"),
-            ("fo", "Zm8"),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg"),
-            ("\u{fb}\u{ff}", "w7vDvw"),
-        ] {
-            assert_eq!(base64url(input.as_bytes()), want, "{input:?}");
-        }
-    }
 
     #[test]
     fn fingerprint_is_sha256_hex() {

@@ -1,9 +1,12 @@
 //! `meshgate ca serve`: the CA configuration and its gRPC-over-TLS server.
 //!
 //! The server presents `spiffe://TD/ca` (signed by the intermediate, renewed at 2/3 of its
-//! lifetime) with the root in its chain, so a joining node can pin the root by fingerprint.
-//! Client certificates are optional at the TLS layer (joining nodes have none) and required by
-//! the RPCs that act for a node.
+//! lifetime) with every bundle root in its chain, so a joining node can pin a root by
+//! fingerprint. Client certificates are optional at the TLS layer (joining nodes have none)
+//! and required by the RPCs that act for a node; sessions are never resumed. Every
+//! `reload_interval` (and on [`CaServer::reload`]) it looks at its data dir, so offline
+//! commands (`ca intermediate rotate`, `ca rotate …`, `ca node revoke|remove|set-services`)
+//! take effect without a restart.
 
 use std::{
     net::SocketAddr,
@@ -19,13 +22,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, info, warn};
 
 use crate::{
-    pki::{self, CertInfo},
-    service::{CaService, CaState},
-    signer::{Signer, make_csr},
-    spiffe::SpiffeId,
+    catalog::Catalog,
+    rotation,
+    service::{CaService, CaState, Changes, Settings},
     store::{self, StoreError},
     tls::CertSlot,
-    verify::{SpiffeClientVerifier, TrustBundle, tls13_server_config},
+    verify::{SpiffeClientVerifier, disable_resumption, tls13_server_config},
 };
 
 fn default_listen() -> SocketAddr {
@@ -36,10 +38,23 @@ fn default_ttl() -> Duration {
     Duration::from_secs(24 * 3600)
 }
 
-/// `ca.yaml`.
+fn default_reload() -> Duration {
+    Duration::from_secs(2)
+}
+
+/// The `consul:` section of a CA config read without a catalog client: any value is refused.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct CaConfig {
+pub struct NoCatalog {}
+
+/// `ca.yaml`. `C` is the type of its `consul:` section: the CLI reads it as the agent's
+/// Consul settings and hands [`CaServer::start`] a [`Catalog`] built from them.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(
+    deny_unknown_fields,
+    bound(serialize = "C: Serialize", deserialize = "C: Deserialize<'de>")
+)]
+pub struct CaConfig<C = NoCatalog> {
     /// Trust domain; must match the one the CA was initialized with.
     pub trust_domain: String,
     /// Directory made by `meshgate ca init`.
@@ -55,27 +70,33 @@ pub struct CaConfig {
     #[serde(default = "default_ttl", with = "humantime_serde")]
     #[schemars(with = "String")]
     pub node_ttl: Duration,
-    /// When set, a node may obtain a workload SVID only for a service registered on that node
-    /// in Consul's catalog (instead of the join token's service list).
+    /// When set, a node may obtain a workload SVID only for a service its join token's scope
+    /// allows AND that is registered on that node in Consul's catalog.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub consul: Option<crate::consul::ConsulConfig>,
+    pub consul: Option<C>,
     /// How long after its node certificate expired a node may still renew it (with that
     /// certificate, for RenewNode only): a node whose certificate ran out during a CA outage
     /// recovers by itself when the CA returns within this. `0s` turns it off, so such a node
     /// needs a new join token. Default 24h. The cost: a node key stolen from a node that was
-    /// stopped works for this much longer after expiry (`meshgate ca node remove` ends it).
+    /// stopped works for this much longer after expiry (`meshgate ca node revoke` ends it).
     #[serde(default = "default_grace", with = "humantime_serde")]
     #[schemars(with = "String")]
     pub expired_renewal_grace: Duration,
+    /// How often `ca serve` looks at its data dir for what offline commands changed: a new
+    /// intermediate, a root rotation step, revoked nodes, changed node services (SIGHUP looks
+    /// at once). Default 2s.
+    #[serde(default = "default_reload", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub reload_interval: Duration,
 }
 
 fn default_grace() -> Duration {
     Duration::from_secs(24 * 3600)
 }
 
-impl CaConfig {
+impl<C> CaConfig<C> {
     /// A config with every default: listen `0.0.0.0:15012`, 24h lifetimes, no Consul, a 24h
-    /// expired-renewal grace.
+    /// expired-renewal grace, a 2s reload interval.
     pub fn new(trust_domain: &str, data_dir: &Path) -> Self {
         Self {
             trust_domain: trust_domain.to_owned(),
@@ -85,27 +106,8 @@ impl CaConfig {
             node_ttl: default_ttl(),
             consul: None,
             expired_renewal_grace: default_grace(),
+            reload_interval: default_reload(),
         }
-    }
-
-    /// Makes every relative path in the config relative to `base` (the directory of the file
-    /// it was read from) instead of the working directory.
-    pub fn resolve_paths(&mut self, base: &Path) {
-        resolve(&mut self.data_dir, base);
-        if let Some(c) = &mut self.consul {
-            c.resolve_paths(base);
-        }
-    }
-}
-
-/// `path` made relative to `base` when it is relative (and not empty); `./` steps are dropped.
-pub fn resolve(path: &mut PathBuf, base: &Path) {
-    if !path.as_os_str().is_empty() && path.is_relative() {
-        let rest: PathBuf = path
-            .components()
-            .filter(|c| !matches!(c, std::path::Component::CurDir))
-            .collect();
-        *path = base.join(rest);
     }
 }
 
@@ -140,36 +142,24 @@ pub enum ServeError {
     Tls(String),
 }
 
-/// Reads the bundle roots: `root.crt` plus, when present, `extra-roots.pem` (roots being
-/// rotated in or out).
-pub fn load_bundle(
-    data_dir: &Path,
-    trust_domain: &str,
-    sequence: u64,
-) -> Result<TrustBundle, ServeError> {
-    let mut roots = pki::read_pem_certs(&data_dir.join("root.crt")).map_err(StoreError::from)?;
-    let extra = data_dir.join("extra-roots.pem");
-    if extra.exists() {
-        roots.extend(pki::read_pem_certs(&extra).map_err(StoreError::from)?);
-    }
-    TrustBundle::new(trust_domain, roots, sequence).map_err(|e| ServeError::Tls(e.to_string()))
-}
-
 /// A running CA server.
 #[derive(Debug)]
 pub struct CaServer {
     local_addr: SocketAddr,
     state: Arc<CaState>,
-    fingerprint: String,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
     accept: JoinHandle<()>,
-    renew: JoinHandle<()>,
+    maintain: JoinHandle<()>,
 }
 
 impl CaServer {
-    /// Loads the CA from `config.data_dir`, binds `config.listen` and starts serving.
-    pub async fn start(config: &CaConfig) -> Result<Self, ServeError> {
+    /// Loads the CA from `config.data_dir`, binds `config.listen` and starts serving. With a
+    /// `catalog`, workload requests are also checked against it (see [`CaConfig::consul`]).
+    pub async fn start<C>(
+        config: &CaConfig<C>,
+        catalog: Option<Arc<dyn Catalog>>,
+    ) -> Result<Self, ServeError> {
         let ca = store::load(&config.data_dir)?;
         if ca.trust_domain != config.trust_domain {
             return Err(ServeError::TrustDomain {
@@ -177,6 +167,7 @@ impl CaServer {
                 ca: ca.trust_domain,
             });
         }
+        drop(ca);
         for (name, ttl) in [
             ("workload_ttl", config.workload_ttl),
             ("node_ttl", config.node_ttl),
@@ -191,48 +182,31 @@ impl CaServer {
                 warn!(name, ttl = %humantime::format_duration(ttl), "very short certificate lifetime: nodes renew constantly");
             }
         }
-        let int_info = CertInfo::from_der(&ca.intermediate).map_err(StoreError::from)?;
-        let left = int_info.remaining(SystemTime::now());
-        if left < Duration::from_secs(30 * 24 * 3600) {
-            warn!(not_after = %store::rfc3339(int_info.not_after), "the signing intermediate expires within 30 days");
+        if config.reload_interval.is_zero() {
+            return Err(ServeError::Config(
+                "reload_interval must be more than 0s (default 2s)".into(),
+            ));
         }
-        let fingerprint = pki::fingerprint(&ca.root);
-        let root = ca.root.clone();
-        let signer = Signer::new(ca.intermediate, ca.intermediate_key)
-            .map_err(|e| ServeError::Tls(e.to_string()))?;
-        let bundle = load_bundle(&config.data_dir, &ca.trust_domain, 1)?;
-        let shared_bundle = Arc::new(arc_swap::ArcSwap::from_pointee(bundle.clone()));
-        let consul = match &config.consul {
-            Some(c) => Some(
-                crate::consul::ConsulClient::new(c)
-                    .map_err(|e| ServeError::Config(e.to_string()))?,
-            ),
-            None => None,
-        };
-        // (the trust domain was checked against the CA's above)
-        let state = Arc::new(CaState::new(config, signer, bundle, consul));
-
-        // the serving certificate, renewed in the background
+        let signing = rotation::signing(&config.data_dir)?;
+        if let Some(stage) = signing.stage {
+            info!(%stage, "a root rotation is in progress; resuming it");
+        }
         let slot = CertSlot::new();
-        let serving_ttl = config.workload_ttl;
-        let serving_id =
-            SpiffeId::ca(&ca.trust_domain).map_err(|e| ServeError::Tls(e.to_string()))?;
-        issue_serving_cert(&state, &slot, &serving_id, &root, serving_ttl)?;
-        let renew = {
-            let (state, slot) = (state.clone(), slot.clone());
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(serving_ttl * 2 / 3).await;
-                    if let Err(e) =
-                        issue_serving_cert(&state, &slot, &serving_id, &root, serving_ttl)
-                    {
-                        warn!(error = %e, "could not renew the CA serving certificate");
-                    }
-                }
-            })
+        let settings = Settings {
+            trust_domain: config.trust_domain.clone(),
+            data_dir: config.data_dir.clone(),
+            workload_ttl: config.workload_ttl,
+            node_ttl: config.node_ttl,
+            expired_grace: config.expired_renewal_grace,
         };
+        if let Some(c) = &catalog {
+            info!(catalog = %c.describe(), "workload certificates also need a catalog registration on the asking node");
+        }
+        let state = Arc::new(CaState::new(settings, signing, catalog, slot.clone())?);
+
+        // the verifier follows the streamed bundle
+        let shared_bundle = Arc::new(arc_swap::ArcSwap::from_pointee(state.bundle()));
         {
-            // keep the verifier's bundle in step with the streamed one
             let shared = shared_bundle.clone();
             let mut rx = state.bundle.subscribe();
             tokio::spawn(async move {
@@ -241,16 +215,34 @@ impl CaServer {
                 }
             });
         }
+        let maintain = {
+            let state = state.clone();
+            let every = config.reload_interval;
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep(every) => {}
+                        () = state.changed.notified() => {}
+                    }
+                    if let Err(e) = state.maintain(SystemTime::now()) {
+                        warn!(error = %e, "could not reload the CA's state from its data dir; keeping the current one");
+                    }
+                }
+            })
+        };
 
+        // the CA refuses revoked nodes in its RPCs, with words, rather than in the handshake;
+        // no session is ever resumed, so every connection's certificate is checked afresh
         let mut tls = tls13_server_config()
             .with_client_cert_verifier(Arc::new(
                 SpiffeClientVerifier::new(shared_bundle, false)
-                    .with_expired_grace(config.expired_renewal_grace),
+                    .with_expired_grace(config.expired_renewal_grace)
+                    .with_revocation(false),
             ))
             .with_cert_resolver(slot);
         tls.alpn_protocols = vec![b"h2".to_vec()];
+        disable_resumption(&mut tls);
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -308,15 +300,14 @@ impl CaServer {
                 warn!(error = %e, "CA server stopped with an error");
             }
         });
-        info!(addr = %local_addr, trust_domain = %config.trust_domain, ca_fingerprint = %fingerprint, "CA serving");
+        info!(addr = %local_addr, trust_domain = %config.trust_domain, ca_fingerprint = %state.signing_root(), "CA serving");
         Ok(Self {
             local_addr,
             state,
-            fingerprint,
             shutdown: Some(shutdown_tx),
             task,
             accept,
-            renew,
+            maintain,
         })
     }
 
@@ -325,9 +316,10 @@ impl CaServer {
         self.local_addr
     }
 
-    /// The root fingerprint agents pin.
-    pub fn fingerprint(&self) -> &str {
-        &self.fingerprint
+    /// The fingerprint new joins pin: the root the CA signs under now (the new one once a
+    /// root rotation reached its reissue stage).
+    pub fn fingerprint(&self) -> String {
+        self.state.signing_root()
     }
 
     /// Counters and the current bundle.
@@ -335,36 +327,10 @@ impl CaServer {
         &self.state
     }
 
-    /// Re-reads the bundle roots from disk and streams them to every node if they changed.
-    pub fn reload_bundle(&self) -> Result<bool, ServeError> {
-        let cur = self.state.bundle();
-        let next = load_bundle(
-            &self.state.data_dir,
-            &self.state.trust_domain,
-            cur.sequence() + 1,
-        )?;
-        if next.roots() == cur.roots() {
-            return Ok(false);
-        }
-        info!(
-            roots = next.roots().len(),
-            sequence = next.sequence(),
-            "trust bundle changed"
-        );
-        self.state.bundle.send_replace(next);
-        Ok(true)
-    }
-
-    /// Replaces the bundle (used by root rotation and by tests).
-    pub fn set_bundle_roots(
-        &self,
-        roots: Vec<rustls_pki_types::CertificateDer<'static>>,
-    ) -> Result<(), ServeError> {
-        let seq = self.state.bundle().sequence() + 1;
-        let next = TrustBundle::new(&self.state.trust_domain, roots, seq)
-            .map_err(|e| ServeError::Tls(e.to_string()))?;
-        self.state.bundle.send_replace(next);
-        Ok(())
+    /// Looks at the data dir now (what SIGHUP does) instead of at the next reload tick: a new
+    /// intermediate, rotation steps, revocations, changed node services, `extra-roots.pem`.
+    pub fn reload(&self) -> Result<Changes, ServeError> {
+        Ok(self.state.maintain(SystemTime::now())?)
     }
 
     /// Stops accepting and lets in-flight calls finish for up to `drain`; then closes what is
@@ -376,27 +342,10 @@ impl CaServer {
         // stop accepting at once; calls already in flight get `drain`
         self.accept.abort();
         let _ = (&mut self.accept).await;
-        self.renew.abort();
+        self.maintain.abort();
         if tokio::time::timeout(drain, &mut self.task).await.is_err() {
             info!(drain = %humantime::format_duration(drain), "drain timeout reached; closing remaining connections");
             self.task.abort();
         }
     }
-}
-
-fn issue_serving_cert(
-    state: &CaState,
-    slot: &CertSlot,
-    id: &SpiffeId,
-    root: &rustls_pki_types::CertificateDer<'static>,
-    ttl: Duration,
-) -> Result<(), ServeError> {
-    let (key, _csr) = make_csr(id).map_err(|e| ServeError::Tls(e.to_string()))?;
-    let mut chain = state
-        .signer
-        .sign(id, &key, ttl, SystemTime::now())
-        .map_err(|e| ServeError::Tls(e.to_string()))?;
-    chain.push(root.clone());
-    slot.set(chain, key.serialize_der())
-        .map_err(|e| ServeError::Tls(e.to_string()))
 }

@@ -1,17 +1,23 @@
-//! CSR checks and SVID signing by the intermediate. Pure over its inputs: no I/O.
+//! CSRs (made by nodes, checked by the CA) and SVID signing by the intermediate. Pure over its
+//! inputs: no I/O.
 //!
 //! A CSR is accepted only with an ECDSA P-256 key, a valid self-signature and exactly one SAN,
 //! a URI that parses as a SPIFFE ID in our trust domain. Nothing else from the CSR reaches the
-//! certificate: the subject, key usages and extensions are ours.
+//! certificate: the subject, key usages and extensions are ours. [`Signer`] (the `server`
+//! feature) holds the intermediate key.
 
+#[cfg(feature = "server")]
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKey, SanType,
-    SerialNumber,
+    CertificateParams, CertificateSigningRequestParams, DistinguishedName, KeyPair, PublicKey,
+    SanType,
 };
-use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
+#[cfg(feature = "server")]
+use rcgen::{DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyUsagePurpose, SerialNumber};
+#[cfg(feature = "server")]
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::CertificateSigningRequestDer;
 use x509_parser::{
     certification_request::X509CertificationRequest,
     oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY},
@@ -109,47 +115,83 @@ fn describe_san(san: &SanType) -> String {
 }
 
 /// Errors while signing.
+#[cfg(feature = "server")]
 #[derive(Debug, thiserror::Error)]
 pub enum SignError {
     /// rcgen refused (a bug or a broken key).
     #[error("signing failed: {0}")]
     Rcgen(#[from] rcgen::Error),
+    /// The key is not the one the intermediate certificate certifies.
+    #[error("the intermediate key does not match the intermediate certificate")]
+    KeyMismatch,
     /// The intermediate has expired; nothing can be issued until it is renewed.
-    #[error("the signing intermediate expired; run `meshgate ca init --force` or rotate")]
+    #[error(
+        "the signing intermediate expired: run `meshgate ca intermediate rotate` on the CA host (nodes renew onto the new one by themselves)"
+    )]
     IntermediateExpired,
 }
 
 /// How far before "now" a leaf's validity starts: clock skew between the CA and its nodes of up
 /// to this much is tolerated (Vault back-dates by 30 seconds, Consul's CA by a minute; NTP-less
 /// VMs drift further, so meshgate allows five minutes).
+#[cfg(feature = "server")]
 pub const BACKDATE: Duration = Duration::from_secs(300);
 
 /// Signs SVIDs with the intermediate key.
+#[cfg(feature = "server")]
 pub struct Signer {
     issuer: Issuer<'static, KeyPair>,
     intermediate: CertificateDer<'static>,
     intermediate_not_after: SystemTime,
+    /// Certificates sent after the intermediate: a cross-signed copy of it during a root
+    /// rotation, so peers that hold only the old root verify new leaves too.
+    extra: Vec<CertificateDer<'static>>,
+    root_fingerprint: String,
 }
 
+#[cfg(feature = "server")]
 impl std::fmt::Debug for Signer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Signer")
             .field("intermediate_not_after", &self.intermediate_not_after)
+            .field("root", &self.root_fingerprint)
             .finish_non_exhaustive()
     }
 }
 
+#[cfg(feature = "server")]
 impl Signer {
-    /// A signer from the intermediate's certificate and key.
-    pub fn new(intermediate: CertificateDer<'static>, key: KeyPair) -> Result<Self, SignError> {
-        let info = crate::pki::CertInfo::from_der(&intermediate)
+    /// A signer from the intermediate's certificate and key; `root_fingerprint` names the root
+    /// the intermediate chains to (recorded with every leaf it signs). Refuses a key that is
+    /// not the certificate's.
+    pub fn new(
+        intermediate: CertificateDer<'static>,
+        key: KeyPair,
+        root_fingerprint: &str,
+    ) -> Result<Self, SignError> {
+        use x509_parser::prelude::FromDer as _;
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&intermediate)
             .map_err(|_| SignError::Rcgen(rcgen::Error::CouldNotParseCertificate))?;
+        if *cert.public_key().subject_public_key.data != *rcgen::PublicKeyData::der_bytes(&key) {
+            return Err(SignError::KeyMismatch);
+        }
+        let not_after = cert.validity().not_after.timestamp();
+        let intermediate_not_after =
+            SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(not_after).unwrap_or(0));
         let issuer = Issuer::from_ca_cert_der(&intermediate, key)?;
         Ok(Self {
             issuer,
             intermediate,
-            intermediate_not_after: info.not_after,
+            intermediate_not_after,
+            extra: Vec::new(),
+            root_fingerprint: root_fingerprint.to_owned(),
         })
+    }
+
+    /// Also sends `extra` after the intermediate in every chain (a cross-signed intermediate).
+    pub fn with_extra(mut self, extra: Vec<CertificateDer<'static>>) -> Self {
+        self.extra = extra;
+        self
     }
 
     /// The intermediate certificate that goes with every leaf.
@@ -157,10 +199,21 @@ impl Signer {
         &self.intermediate
     }
 
+    /// When the intermediate expires (every leaf is capped at it).
+    pub fn intermediate_not_after(&self) -> SystemTime {
+        self.intermediate_not_after
+    }
+
+    /// The fingerprint of the root the intermediate chains to.
+    pub fn root_fingerprint(&self) -> &str {
+        &self.root_fingerprint
+    }
+
     /// Signs a leaf for `id` and `public_key`, valid for `ttl` from `now` (capped at the
     /// intermediate's expiry) and back-dated by [`BACKDATE`] so that a node whose clock runs
     /// behind the CA's can use it at once (a quarter of the lifetime for lifetimes under 20
-    /// minutes). Returns the chain: leaf, intermediate.
+    /// minutes). Returns the chain: leaf, intermediate (and the cross-signed intermediate during
+    /// a root rotation).
     pub fn sign(
         &self,
         id: &SpiffeId,
@@ -190,7 +243,11 @@ impl Signer {
         ];
         params.use_authority_key_identifier_extension = true;
         let leaf = params.signed_by(public_key, &self.issuer)?;
-        Ok(vec![leaf.der().clone(), self.intermediate.clone()])
+        let mut chain = Vec::with_capacity(2 + self.extra.len());
+        chain.push(leaf.der().clone());
+        chain.push(self.intermediate.clone());
+        chain.extend(self.extra.iter().cloned());
+        Ok(chain)
     }
 }
 

@@ -1,20 +1,28 @@
 //! The CA's state on disk: root and intermediate (keys 0600, written atomically), join tokens
-//! (stored as SHA-256 hashes, single-use by atomic rename), the node registry (which services a
-//! node may run) and the issuance log.
+//! (stored as SHA-256 hashes, single-use by atomic rename), the node registry (the namespace
+//! and services of each node), revoked nodes, the bundle each node reported holding, the
+//! bundle's sequence number and the issuance log. Root rotation keeps its own files
+//! (see [`crate::rotation`]).
 //!
 //! Layout of `data_dir`:
 //! ```text
 //! root.crt  root.key  intermediate.crt  intermediate.key
+//! intermediates/<serial>.crt         intermediates replaced by `ca intermediate rotate`
 //! tokens/<sha256(token)>.json        unused token  (renamed to .used when consumed,
 //!                                                   .revoked by `meshgate ca token revoke`)
-//! nodes/<node>.json                  services the node may obtain SVIDs for
+//! nodes/<node>.json                  namespace and services the node may obtain SVIDs for
+//! revoked/<node>.json                a revoked node and its certificates still valid then
+//! reports/<node>.json                the trust bundle the node last said it holds
+//! bundle.seq                         the bundle's sequence number and content digest
 //! issued.log                         one JSON line per certificate issued
+//! rotation/                          a root rotation in progress
 //! ```
 //!
 //! A token's ID is the first 12 hex digits of its hash: `ca token list` shows it and
 //! `ca token revoke` takes it, so the secret itself is never needed again.
 
 use std::{
+    collections::BTreeSet,
     fs,
     io::Write,
     path::{Path, PathBuf},
@@ -37,6 +45,18 @@ use crate::{
 pub const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Intermediate lifetime: 1 year.
 pub const INTERMEDIATE_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The CA warns when its signing intermediate has less than this left.
+pub const INTERMEDIATE_WARNING: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// RFC 3339 UTC with seconds, e.g. `2026-11-27T22:40:00Z`.
+pub(crate) fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Unix seconds as RFC 3339.
+pub(crate) fn rfc3339_unix(secs: u64) -> String {
+    rfc3339(UNIX_EPOCH + Duration::from_secs(secs))
+}
 /// How far the root and intermediate are back-dated (clock skew between the CA and nodes).
 pub const CA_BACKDATE: Duration = Duration::from_secs(3600);
 
@@ -93,6 +113,13 @@ pub struct CaMaterial {
     pub intermediate_key: KeyPair,
 }
 
+impl CaMaterial {
+    /// The root's fingerprint (`sha256:…`).
+    pub fn root_fingerprint(&self) -> String {
+        pki::fingerprint(&self.root)
+    }
+}
+
 impl std::fmt::Debug for CaMaterial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CaMaterial")
@@ -115,7 +142,7 @@ pub struct InitReport {
     pub intermediate_not_after: String,
 }
 
-fn ca_params(
+pub(crate) fn ca_params(
     trust_domain: &str,
     cn: &str,
     now: SystemTime,
@@ -214,6 +241,93 @@ pub fn init(
     })
 }
 
+/// A key from a PEM file.
+pub(crate) fn load_key(path: &Path) -> Result<KeyPair, StoreError> {
+    let pem = fs::read_to_string(path).map_err(|source| PkiError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    KeyPair::from_pem(&pem).map_err(|e| StoreError::Corrupt {
+        path: path.display().to_string(),
+        reason: format!("not a usable private key ({e})"),
+    })
+}
+
+/// What `ca intermediate rotate` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct IntermediateReport {
+    /// Serial of the new intermediate, hex.
+    pub serial: String,
+    /// Its expiry, RFC 3339.
+    pub not_after: String,
+    /// Serial of the one it replaced (kept as `intermediates/SERIAL.crt`).
+    pub replaced: String,
+    /// When the replaced one expires, RFC 3339: leaves it signed stay valid until their own
+    /// expiry, which is never later.
+    pub replaced_not_after: String,
+}
+
+/// Makes a new signing intermediate (ECDSA P-256, valid `ttl` from `now`) signed by the root
+/// in `dir`, and puts it in place of the current one, which is kept under `intermediates/`.
+/// A running `ca serve` loads it within its `reload_interval` (or at once on SIGHUP); nodes
+/// renew onto it on their usual schedule, without joining again. Refused during a root
+/// rotation (which brings its own intermediate).
+pub fn rotate_intermediate(
+    dir: &Path,
+    ttl: Duration,
+    now: SystemTime,
+) -> Result<IntermediateReport, StoreError> {
+    let ca = load(dir)?;
+    if crate::rotation::in_progress(dir) {
+        return Err(StoreError::Request(
+            "a root rotation is in progress and brings its own intermediate: finish or abort it first (`meshgate ca rotate status`)".into(),
+        ));
+    }
+    if ttl < Duration::from_secs(10) {
+        return Err(StoreError::Request(format!(
+            "--ttl {} is too short for an intermediate: give at least 10s (the default is 1y; every leaf ends when it does)",
+            humantime::format_duration(ttl)
+        )));
+    }
+    let root_info = CertInfo::from_der(&ca.root)?;
+    let not_after = (now + ttl).min(root_info.not_after);
+    let root_key = load_key(&dir.join("root.key"))?;
+    let root_issuer = rcgen::Issuer::from_ca_cert_der(&ca.root, root_key)?;
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = ca_params(
+        &ca.trust_domain,
+        &format!("meshgate intermediate CA {}", ca.trust_domain),
+        now,
+        ttl,
+        Some(0),
+    )?;
+    params.not_after = not_after.into();
+    let cert = params.signed_by(&key, &root_issuer)?;
+    let old = CertInfo::from_der(&ca.intermediate)?;
+    let archive = dir.join("intermediates");
+    pki::create_private_dir(&archive)?;
+    pki::write_atomic(
+        &archive.join(format!("{}.crt", old.serial)),
+        pki::certs_to_pem(std::slice::from_ref(&ca.intermediate)).as_bytes(),
+        0o644,
+    )?;
+    // key first: a loader that sees the new key with the old certificate refuses the pair
+    // and tries again on its next look
+    pki::write_atomic(
+        &dir.join("intermediate.key"),
+        key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
+    pki::write_atomic(&dir.join("intermediate.crt"), cert.pem().as_bytes(), 0o644)?;
+    let new = CertInfo::from_der(cert.der())?;
+    Ok(IntermediateReport {
+        serial: new.serial,
+        not_after: rfc3339(new.not_after),
+        replaced: old.serial,
+        replaced_not_after: rfc3339(old.not_after),
+    })
+}
+
 /// Loads the CA from `dir`.
 pub fn load(dir: &Path) -> Result<CaMaterial, StoreError> {
     let root_path = dir.join("root.crt");
@@ -222,15 +336,7 @@ pub fn load(dir: &Path) -> Result<CaMaterial, StoreError> {
     }
     let root = first_cert(&root_path)?;
     let intermediate = first_cert(&dir.join("intermediate.crt"))?;
-    let key_path = dir.join("intermediate.key");
-    let key_pem = fs::read_to_string(&key_path).map_err(|source| PkiError::Io {
-        path: key_path.display().to_string(),
-        source,
-    })?;
-    let intermediate_key = KeyPair::from_pem(&key_pem).map_err(|e| StoreError::Corrupt {
-        path: key_path.display().to_string(),
-        reason: format!("not a usable private key ({e})"),
-    })?;
+    let intermediate_key = load_key(&dir.join("intermediate.key"))?;
     let info = CertInfo::from_der(&root)?;
     let trust_domain = info
         .uris
@@ -249,23 +355,8 @@ pub fn load(dir: &Path) -> Result<CaMaterial, StoreError> {
     })
 }
 
-fn first_cert(path: &Path) -> Result<CertificateDer<'static>, StoreError> {
+pub(crate) fn first_cert(path: &Path) -> Result<CertificateDer<'static>, StoreError> {
     Ok(pki::read_pem_certs(path)?.remove(0))
-}
-
-/// RFC 3339 UTC with seconds, e.g. `2026-11-27T22:40:00Z`.
-pub fn rfc3339(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0) as i64;
-    time::OffsetDateTime::from_unix_timestamp(secs)
-        .ok()
-        .and_then(|dt| {
-            dt.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| secs.to_string())
 }
 
 /// A join token's stored record (the token itself is never stored).
@@ -274,6 +365,10 @@ pub fn rfc3339(t: SystemTime) -> String {
 pub struct TokenRecord {
     /// The node the token is bound to.
     pub node: String,
+    /// The node's namespace: every workload certificate it obtains is in it. Absent in tokens
+    /// made before namespaces were bound (then: the namespace of the services, else `default`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
     /// Services (`ns/svc`) the node may obtain workload SVIDs for.
     pub services: Vec<String>,
     /// Unix seconds.
@@ -327,6 +422,73 @@ pub fn normalize_service(s: &str) -> Result<String, SpiffeError> {
     Ok(format!("{ns}/{svc}"))
 }
 
+/// A node's namespace and services from what an operator typed: `namespace` (default: the one
+/// the `ns/svc` entries name, else `default`) and services as `svc` or `ns/svc`, which must
+/// all be in that namespace (a node has exactly one). Returns the namespace and `ns/svc` list.
+pub fn scope(
+    namespace: Option<&str>,
+    services: &[String],
+) -> Result<(String, Vec<String>), StoreError> {
+    let explicit: BTreeSet<&str> = services
+        .iter()
+        .filter_map(|s| s.split_once('/').map(|(ns, _)| ns))
+        .collect();
+    let ns = match (namespace, explicit.len()) {
+        (Some(ns), _) => ns.to_owned(),
+        (None, 0) => "default".to_owned(),
+        (None, 1) => explicit
+            .iter()
+            .next()
+            .map(|s| (*s).to_owned())
+            .unwrap_or_default(),
+        (None, _) => {
+            let list: Vec<&str> = explicit.into_iter().collect();
+            return Err(StoreError::Request(format!(
+                "the services name namespaces {}: a node has exactly one namespace (--namespace), so give each namespace's services to their own node",
+                list.join(" and ")
+            )));
+        }
+    };
+    spiffe::validate_segment(&ns)?;
+    let mut out = Vec::with_capacity(services.len());
+    for s in services {
+        let full = match s.split_once('/') {
+            Some(_) => normalize_service(s)?,
+            None => normalize_service(&format!("{ns}/{s}"))?,
+        };
+        if !full.starts_with(&format!("{ns}/")) {
+            let other = full.split_once('/').map_or("", |(n, _)| n);
+            return Err(StoreError::Request(format!(
+                "service {s} is in namespace {other}, but this node's namespace is {ns}: a node has exactly one namespace (--namespace), so list its services as NAME or {ns}/NAME"
+            )));
+        }
+        out.push(full);
+    }
+    Ok((ns, out))
+}
+
+/// The namespace of a stored scope: `namespace` if recorded, else the one every service
+/// names, else `default` (records made before namespaces were bound).
+fn scope_namespace(namespace: &Option<String>, services: &[String]) -> String {
+    if let Some(ns) = namespace {
+        return ns.clone();
+    }
+    let mut names = services
+        .iter()
+        .filter_map(|s| s.split_once('/').map(|(n, _)| n));
+    match names.next() {
+        Some(first) if names.all(|n| n == first) => first.to_owned(),
+        _ => "default".to_owned(),
+    }
+}
+
+impl TokenRecord {
+    /// The namespace the token binds its node to.
+    pub fn namespace(&self) -> String {
+        scope_namespace(&self.namespace, &self.services)
+    }
+}
+
 /// Join tokens in `data_dir/tokens`.
 #[derive(Debug, Clone)]
 pub struct TokenStore {
@@ -348,29 +510,31 @@ impl TokenStore {
     }
 
     fn path(&self, token: &str, ext: &str) -> PathBuf {
-        self.dir.join(format!(
-            "{}.{ext}",
-            pki::hex(&pki::sha256(token.as_bytes()))
-        ))
+        self.dir
+            .join(format!("{}.{ext}", pki::sha256_hex(token.as_bytes())))
     }
 
-    /// Creates a single-use token for `node`, valid for `ttl` from `now`.
+    /// Creates a single-use token for `node`, valid for `ttl` from `now`. The node's namespace
+    /// is `namespace` (default: the namespace its services name, else `default`); see
+    /// [`scope`].
     pub fn create(
         &self,
         node: &str,
+        namespace: Option<&str>,
         services: &[String],
         ttl: Duration,
         now: SystemTime,
     ) -> Result<NewToken, StoreError> {
         spiffe::validate_segment(node)?;
-        let services = services
-            .iter()
-            .map(|s| normalize_service(s))
-            .collect::<Result<Vec<_>, _>>()?;
+        let (namespace, services) = scope(namespace, services)?;
         pki::create_private_dir(&self.dir)?;
-        let token = format!("mgjt_{}", pki::hex(&pki::random_bytes::<32>()));
+        let token = format!(
+            "mgjt_{}",
+            data_encoding::HEXLOWER.encode(&pki::random_bytes::<32>())
+        );
         let record = TokenRecord {
             node: node.to_owned(),
+            namespace: Some(namespace),
             services,
             created_at: unix(now),
             expires_at: unix(now + ttl),
@@ -404,9 +568,7 @@ impl TokenStore {
             });
         }
         if unix(now) >= record.expires_at {
-            return Err(TokenError::Expired(rfc3339(
-                UNIX_EPOCH + Duration::from_secs(record.expires_at),
-            )));
+            return Err(TokenError::Expired(rfc3339_unix(record.expires_at)));
         }
         match fs::rename(&path, &used) {
             Ok(()) => Ok(record),
@@ -447,6 +609,8 @@ pub struct TokenSummary {
     pub id: String,
     /// The node it is for.
     pub node: String,
+    /// The namespace it binds the node to.
+    pub namespace: String,
     /// Services it grants.
     pub services: Vec<String>,
     /// Its state at the time of listing.
@@ -501,11 +665,12 @@ impl TokenStore {
                 record.created_at,
                 TokenSummary {
                     id: stem.chars().take(TOKEN_ID_LEN).collect(),
+                    namespace: record.namespace(),
                     node: record.node,
                     services: record.services,
                     state,
-                    created_at: rfc3339(UNIX_EPOCH + Duration::from_secs(record.created_at)),
-                    expires_at: rfc3339(UNIX_EPOCH + Duration::from_secs(record.expires_at)),
+                    created_at: rfc3339_unix(record.created_at),
+                    expires_at: rfc3339_unix(record.expires_at),
                 },
             ));
         }
@@ -577,14 +742,26 @@ impl TokenStore {
     }
 }
 
-/// A node's registration: the services it may obtain workload SVIDs for.
+/// A node's registration: its namespace and the services it may obtain workload SVIDs for.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct NodeRecord {
+    /// The namespace fixed at join by the node's token (absent in records made before
+    /// namespaces were bound; see [`NodeRecord::namespace`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
     /// Services as `ns/svc`.
     pub services: Vec<String>,
     /// Unix seconds of the last join.
     pub joined_at: u64,
+}
+
+impl NodeRecord {
+    /// The node's namespace: the one recorded at join, else the one its services name, else
+    /// `default`.
+    pub fn namespace(&self) -> String {
+        scope_namespace(&self.namespace, &self.services)
+    }
 }
 
 /// The node registry in `data_dir/nodes`.
@@ -601,16 +778,18 @@ impl NodeRegistry {
         }
     }
 
-    /// Records (or replaces) a node's services at join.
+    /// Records (or replaces) a node's namespace and services at join.
     pub fn register(
         &self,
         node: &str,
+        namespace: &str,
         services: &[String],
         now: SystemTime,
     ) -> Result<(), StoreError> {
         spiffe::validate_segment(node)?;
         pki::create_private_dir(&self.dir)?;
         let rec = NodeRecord {
+            namespace: Some(namespace.to_owned()),
             services: services.to_vec(),
             joined_at: unix(now),
         };
@@ -626,17 +805,17 @@ impl NodeRegistry {
         serde_json::from_slice(&data).ok()
     }
 
-    /// Replaces the services a node that has joined may obtain SVIDs for (`svc` means
-    /// `default/svc`). The CA reads the registry on every request, so this applies at once,
-    /// without a new token and without touching the node's data dir.
+    /// Replaces the services a node that has joined may obtain SVIDs for (`svc` means a
+    /// service in the node's namespace, which stays what its token fixed). The CA reads the
+    /// registry on every request, so this applies at once, without a new token and without
+    /// touching the node's data dir.
     pub fn set_services(&self, node: &str, services: &[String]) -> Result<NodeRecord, StoreError> {
-        let services = services
-            .iter()
-            .map(|s| normalize_service(s))
-            .collect::<Result<Vec<_>, _>>()?;
         let Some(mut rec) = self.get(node) else {
             return Err(StoreError::UnknownNode(node.to_owned()));
         };
+        let namespace = rec.namespace();
+        let (_, services) = scope(Some(&namespace), services)?;
+        rec.namespace = Some(namespace);
         rec.services = services;
         let json = serde_json::to_vec_pretty(&rec).expect("invariant: record serializes");
         pki::write_atomic(&self.dir.join(format!("{node}.json")), &json, 0o600)?;
@@ -690,6 +869,17 @@ pub struct IssuedRecord {
     pub node: String,
     /// RFC 3339.
     pub not_after: String,
+    /// Fingerprint of the root the certificate chains to (absent in lines written before root
+    /// rotation existed: those count as signed under the root that was in place).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<String>,
+}
+
+impl IssuedRecord {
+    /// `not_after` as a time (the epoch if unreadable, so a bad line never blocks anything).
+    pub fn expires(&self) -> SystemTime {
+        humantime::parse_rfc3339(&self.not_after).unwrap_or(UNIX_EPOCH)
+    }
 }
 
 /// Appends to `data_dir/issued.log` (0600).
@@ -708,6 +898,222 @@ pub fn append_issued(data_dir: &Path, rec: &IssuedRecord) -> Result<(), PkiError
             path: path.display().to_string(),
             source,
         })
+}
+
+/// Every certificate in `data_dir/issued.log` still valid at `now` (unreadable lines skipped).
+pub fn issued_alive(data_dir: &Path, now: SystemTime) -> Vec<IssuedRecord> {
+    let Ok(text) = fs::read_to_string(data_dir.join("issued.log")) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<IssuedRecord>(l).ok())
+        .filter(|r| r.expires() > now)
+        .collect()
+}
+
+/// One certificate of a revoked node.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RevokedSerial {
+    /// Serial, lowercase hex.
+    pub serial: String,
+    /// Its SPIFFE ID.
+    pub spiffe_id: String,
+    /// Unix seconds of its expiry: it leaves the denylist then.
+    pub not_after: u64,
+}
+
+/// `revoked/<node>.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RevokedRecord {
+    /// Unix seconds of the revocation.
+    pub revoked_at: u64,
+    /// Whether the node name itself is still refused (false once `ca node remove` let it join
+    /// again; its old certificates stay refused until they expire).
+    pub node_refused: bool,
+    /// The node's certificates that were valid when it was revoked.
+    pub serials: Vec<RevokedSerial>,
+}
+
+/// Revoked nodes, in `data_dir/revoked`.
+#[derive(Debug, Clone)]
+pub struct Denylist {
+    dir: PathBuf,
+}
+
+impl Denylist {
+    /// The denylist of a CA data dir.
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            dir: data_dir.join("revoked"),
+        }
+    }
+
+    fn path(&self, node: &str) -> PathBuf {
+        self.dir.join(format!("{node}.json"))
+    }
+
+    /// Revokes `node`: its name and every certificate issued to it that is still valid at
+    /// `now` (from the issuance log) go on the denylist that travels with the trust bundle.
+    /// Returns the record; revoking again adds certificates issued since.
+    pub fn revoke(&self, node: &str, now: SystemTime) -> Result<RevokedRecord, StoreError> {
+        spiffe::validate_segment(node)?;
+        let data_dir = self.dir.parent().unwrap_or_else(|| Path::new("."));
+        let mut serials: Vec<RevokedSerial> = issued_alive(data_dir, now)
+            .into_iter()
+            .filter(|r| r.node == node)
+            .map(|r| RevokedSerial {
+                not_after: unix(r.expires()),
+                serial: r.serial.to_ascii_lowercase(),
+                spiffe_id: r.spiffe_id,
+            })
+            .collect();
+        let mut rec = self.get(node).unwrap_or(RevokedRecord {
+            revoked_at: unix(now),
+            node_refused: true,
+            serials: Vec::new(),
+        });
+        rec.node_refused = true;
+        serials.retain(|s| !rec.serials.iter().any(|o| o.serial == s.serial));
+        rec.serials.extend(serials);
+        pki::create_private_dir(&self.dir)?;
+        let json = serde_json::to_vec_pretty(&rec).expect("invariant: record serializes");
+        pki::write_atomic(&self.path(node), &json, 0o600)?;
+        Ok(rec)
+    }
+
+    /// The record of `node`, if it was ever revoked.
+    pub fn get(&self, node: &str) -> Option<RevokedRecord> {
+        spiffe::validate_segment(node).ok()?;
+        let data = fs::read(self.path(node)).ok()?;
+        serde_json::from_slice(&data).ok()
+    }
+
+    /// When `node` was revoked, if its name is refused now.
+    pub fn refused(&self, node: &str) -> Option<SystemTime> {
+        self.get(node)
+            .filter(|r| r.node_refused)
+            .map(|r| UNIX_EPOCH + Duration::from_secs(r.revoked_at))
+    }
+
+    /// Lets `node` join again (its old certificates stay refused until they expire). Returns
+    /// whether it was refused.
+    pub fn release(&self, node: &str) -> Result<bool, StoreError> {
+        let Some(mut rec) = self.get(node) else {
+            return Ok(false);
+        };
+        let was = rec.node_refused;
+        rec.node_refused = false;
+        let json = serde_json::to_vec_pretty(&rec).expect("invariant: record serializes");
+        pki::write_atomic(&self.path(node), &json, 0o600)?;
+        Ok(was)
+    }
+
+    /// Every record, by node; records whose certificates all expired and whose node may join
+    /// again are deleted on the way.
+    pub fn list(&self, now: SystemTime) -> Vec<(String, RevokedRecord)> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let Some(name) = path.file_stem().and_then(|s| s.to_str()).map(str::to_owned) else {
+                continue;
+            };
+            let Some(mut rec) = self.get(&name) else {
+                continue;
+            };
+            rec.serials.retain(|s| s.not_after > unix(now));
+            if !rec.node_refused && rec.serials.is_empty() {
+                let _ = fs::remove_file(&path);
+                continue;
+            }
+            out.push((name, rec));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+}
+
+/// `reports/<node>.json`: the trust bundle a node last said it holds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BundleReportRecord {
+    /// The bundle's sequence.
+    pub sequence: u64,
+    /// Fingerprints of its roots.
+    pub roots: Vec<String>,
+    /// Unix seconds of the report.
+    pub at: u64,
+}
+
+/// What nodes report holding, in `data_dir/reports`.
+#[derive(Debug, Clone)]
+pub struct Reports {
+    dir: PathBuf,
+}
+
+impl Reports {
+    /// The reports of a CA data dir.
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            dir: data_dir.join("reports"),
+        }
+    }
+
+    /// Records that `node` holds the bundle of `sequence` with `roots`.
+    pub fn record(
+        &self,
+        node: &str,
+        sequence: u64,
+        roots: Vec<String>,
+        now: SystemTime,
+    ) -> Result<(), StoreError> {
+        spiffe::validate_segment(node)?;
+        pki::create_private_dir(&self.dir)?;
+        let rec = BundleReportRecord {
+            sequence,
+            roots,
+            at: unix(now),
+        };
+        if self
+            .get(node)
+            .is_some_and(|r| r.sequence == rec.sequence && r.roots == rec.roots)
+        {
+            return Ok(());
+        }
+        let json = serde_json::to_vec(&rec).expect("invariant: record serializes");
+        pki::write_atomic(&self.dir.join(format!("{node}.json")), &json, 0o600)?;
+        Ok(())
+    }
+
+    /// What `node` last reported.
+    pub fn get(&self, node: &str) -> Option<BundleReportRecord> {
+        spiffe::validate_segment(node).ok()?;
+        let data = fs::read(self.dir.join(format!("{node}.json"))).ok()?;
+        serde_json::from_slice(&data).ok()
+    }
+}
+
+/// The sequence number for a bundle whose content digest is `digest`: the stored one if the
+/// content did not change, else one more (stored in `data_dir/bundle.seq`). Sequences so grow
+/// across restarts of the CA and agree between replicas that share the data dir.
+pub fn bundle_sequence(data_dir: &Path, digest: &str) -> Result<u64, StoreError> {
+    let path = data_dir.join("bundle.seq");
+    let stored = fs::read_to_string(&path).ok().and_then(|t| {
+        let (seq, dig) = t.trim().split_once(' ')?;
+        Some((seq.parse::<u64>().ok()?, dig.to_owned()))
+    });
+    match stored {
+        Some((seq, dig)) if dig == digest => Ok(seq),
+        other => {
+            let seq = other.map_or(1, |(s, _)| s + 1);
+            pki::write_atomic(&path, format!("{seq} {digest}\n").as_bytes(), 0o644)?;
+            Ok(seq)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -757,12 +1163,14 @@ mod tests {
         let t = store
             .create(
                 "node-a",
+                Some("prod"),
                 &["web".into(), "prod/users".into()],
                 Duration::from_secs(3600),
                 now,
             )
             .expect("create");
-        assert_eq!(t.record.services, vec!["default/web", "prod/users"]);
+        assert_eq!(t.record.services, vec!["prod/web", "prod/users"]);
+        assert_eq!(t.record.namespace(), "prod");
         // the secret is not on disk
         for e in fs::read_dir(dir.path().join("tokens")).expect("ls") {
             let body = fs::read_to_string(e.expect("entry").path()).expect("read");
@@ -800,12 +1208,12 @@ mod tests {
         let now = SystemTime::now();
         let hour = Duration::from_secs(3600);
         let a = store
-            .create("node-a", &["web".into()], hour, now)
+            .create("node-a", None, &["web".into()], hour, now)
             .expect("a");
         let b = store
-            .create("node-b", &[], hour, now - 2 * hour)
+            .create("node-b", None, &[], hour, now - 2 * hour)
             .expect("b");
-        let c = store.create("node-c", &[], hour, now).expect("c");
+        let c = store.create("node-c", None, &[], hour, now).expect("c");
         store.consume(&c.token, "node-c", now).expect("used");
         let list = store.list(now).expect("list");
         let state = |node: &str| list.iter().find(|t| t.node == node).map(|t| t.state);
@@ -849,17 +1257,170 @@ mod tests {
             Err(StoreError::UnknownNode(_))
         ));
         nodes
-            .register("node-a", &["default/web".into()], now)
+            .register("node-a", "default", &["default/web".into()], now)
             .expect("register");
         let rec = nodes
-            .set_services("node-a", &["web".into(), "prod/users".into()])
+            .set_services("node-a", &["web".into(), "default/users".into()])
             .expect("set");
-        assert_eq!(rec.services, ["default/web", "prod/users"]);
+        assert_eq!(rec.services, ["default/web", "default/users"]);
         assert_eq!(nodes.get("node-a").expect("get").services, rec.services);
         assert!(nodes.set_services("node-a", &["a/b/c".into()]).is_err());
+        let err = nodes
+            .set_services("node-a", &["prod/users".into()])
+            .expect_err("another namespace")
+            .to_string();
+        assert!(err.contains("exactly one namespace"), "{err}");
         assert_eq!(nodes.list().len(), 1);
         assert!(nodes.remove("node-a").expect("remove"));
         assert!(!nodes.remove("node-a").expect("again"));
         assert!(nodes.get("node-a").is_none());
+    }
+
+    #[test]
+    fn scopes_bind_one_namespace() {
+        // (--namespace, --services, namespace or error, services)
+        type Case<'a> = (
+            Option<&'a str>,
+            &'a [&'a str],
+            Result<&'a str, &'a str>,
+            &'a [&'a str],
+        );
+        let cases: &[Case<'_>] = &[
+            (None, &["web"], Ok("default"), &["default/web"]),
+            (None, &[], Ok("default"), &[]),
+            (
+                None,
+                &["prod/web", "prod/api"],
+                Ok("prod"),
+                &["prod/web", "prod/api"],
+            ),
+            (
+                Some("prod"),
+                &["web", "prod/api"],
+                Ok("prod"),
+                &["prod/web", "prod/api"],
+            ),
+            (
+                None,
+                &["api", "prod/web"],
+                Ok("prod"),
+                &["prod/api", "prod/web"],
+            ),
+            (
+                None,
+                &["prod/web", "other/api"],
+                Err("exactly one namespace"),
+                &[],
+            ),
+            (Some("prod"), &["other/web"], Err("namespace other"), &[]),
+            (Some("a/b"), &["web"], Err("invalid path segment"), &[]),
+        ];
+        for (ns, services, want, list) in cases {
+            let services: Vec<String> = services.iter().map(|s| s.to_string()).collect();
+            match (scope(*ns, &services), want) {
+                (Ok((got_ns, got)), Ok(w)) => {
+                    let got: Vec<&str> = got.iter().map(String::as_str).collect();
+                    assert_eq!(
+                        (got_ns.as_str(), got.as_slice()),
+                        (*w, *list),
+                        "{ns:?} {services:?}"
+                    )
+                }
+                (Err(e), Err(w)) => assert!(e.to_string().contains(w), "{ns:?} {services:?}: {e}"),
+                (got, _) => panic!("{ns:?} {services:?}: {got:?}"),
+            }
+        }
+        // records written before namespaces were bound
+        let legacy: NodeRecord =
+            serde_json::from_str(r#"{"services":["prod/web"],"joined_at":1}"#).expect("legacy");
+        assert_eq!(legacy.namespace(), "prod");
+        let mixed: NodeRecord =
+            serde_json::from_str(r#"{"services":["prod/web","default/x"],"joined_at":1}"#)
+                .expect("legacy");
+        assert_eq!(mixed.namespace(), "default");
+    }
+
+    #[test]
+    fn revocation_takes_the_live_certificates_and_sequences_grow_with_content() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = SystemTime::now();
+        let rec = |serial: &str, node: &str, left: i64| IssuedRecord {
+            serial: serial.into(),
+            spiffe_id: format!("spiffe://td/node/{node}"),
+            node: node.into(),
+            not_after: rfc3339(if left >= 0 {
+                now + Duration::from_secs(left as u64)
+            } else {
+                now - Duration::from_secs((-left) as u64)
+            }),
+            root: None,
+        };
+        for r in [
+            rec("AA", "node-c", 60),
+            rec("bb", "node-c", -60),
+            rec("cc", "node-d", 60),
+        ] {
+            append_issued(dir.path(), &r).expect("log");
+        }
+        let deny = Denylist::new(dir.path());
+        let r = deny.revoke("node-c", now).expect("revoke");
+        assert!(r.node_refused);
+        assert_eq!(
+            r.serials
+                .iter()
+                .map(|s| s.serial.as_str())
+                .collect::<Vec<_>>(),
+            ["aa"],
+            "only live certificates of that node"
+        );
+        assert!(deny.refused("node-c").is_some() && deny.refused("node-d").is_none());
+        assert_eq!(deny.list(now).len(), 1);
+        assert!(deny.release("node-c").expect("release"));
+        assert!(deny.refused("node-c").is_none());
+        assert_eq!(deny.list(now).len(), 1, "its certificate stays refused");
+        assert!(
+            deny.list(now + Duration::from_secs(120)).is_empty(),
+            "dropped once it expired"
+        );
+
+        assert_eq!(bundle_sequence(dir.path(), "d1").expect("seq"), 1);
+        assert_eq!(bundle_sequence(dir.path(), "d1").expect("seq"), 1);
+        assert_eq!(bundle_sequence(dir.path(), "d2").expect("seq"), 2);
+        assert_eq!(bundle_sequence(dir.path(), "d1").expect("seq"), 3);
+    }
+
+    #[test]
+    fn intermediate_rotation_keeps_the_root_and_archives_the_old_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = SystemTime::now();
+        init(dir.path(), "mesh.example", false, now).expect("init");
+        let before = load(dir.path()).expect("load");
+        let err = rotate_intermediate(dir.path(), Duration::from_secs(1), now)
+            .expect_err("too short")
+            .to_string();
+        assert!(err.contains("at least 10s"), "{err}");
+        let r = rotate_intermediate(dir.path(), Duration::from_secs(3600), now).expect("rotate");
+        let after = load(dir.path()).expect("load");
+        assert_eq!(after.root, before.root);
+        assert_ne!(after.intermediate, before.intermediate);
+        let info = CertInfo::from_der(&after.intermediate).expect("int");
+        assert_eq!(info.serial, r.serial);
+        assert!(info.lifetime() <= Duration::from_secs(3600) + CA_BACKDATE);
+        assert!(
+            dir.path()
+                .join(format!("intermediates/{}.crt", r.replaced))
+                .exists()
+        );
+        crate::signer::Signer::new(after.intermediate, after.intermediate_key, "fp")
+            .expect("the new key matches the new certificate");
+        let mismatched = crate::signer::Signer::new(
+            before.intermediate,
+            load_key(&dir.path().join("intermediate.key")).expect("key"),
+            "fp",
+        );
+        assert!(matches!(
+            mismatched,
+            Err(crate::signer::SignError::KeyMismatch)
+        ));
     }
 }

@@ -2,9 +2,11 @@
 //!
 //! A peer is accepted when its chain verifies to a root in the current [`TrustBundle`] (read
 //! through an `ArcSwap`, so bundle updates apply to live configs), its leaf has exactly one URI
-//! SAN, that URI is a SPIFFE ID in our trust domain, and (for servers) it is one of the IDs the
-//! caller expects. TLS versions are not decided here: configs built on these verifiers are
-//! TLS 1.3 only (see [`tls13_server_config`], [`tls13_client_config`]).
+//! SAN, that URI is a SPIFFE ID in our trust domain, it is not on the bundle's denylist, and
+//! (for servers) it is exactly one of the IDs the caller expects. TLS versions are not decided
+//! here: configs built on these verifiers are TLS 1.3 only (see [`tls13_server_config`],
+//! [`tls13_client_config`]), and the server configs meshgate builds never resume sessions, so
+//! every connection is verified afresh.
 
 use std::{fmt, sync::Arc};
 
@@ -16,95 +18,10 @@ use rustls::{
     crypto::{CryptoProvider, WebPkiSupportedAlgorithms},
     server::danger::{ClientCertVerified, ClientCertVerifier},
 };
-use rustls_pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
+pub use crate::bundle::{BundleError, TrustBundle};
 use crate::{pki::CertInfo, spiffe::SpiffeId};
-
-/// The roots a trust domain trusts, with a sequence number that grows on every change.
-#[derive(Clone)]
-pub struct TrustBundle {
-    trust_domain: String,
-    roots: Vec<CertificateDer<'static>>,
-    anchors: Vec<TrustAnchor<'static>>,
-    sequence: u64,
-}
-
-impl fmt::Debug for TrustBundle {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TrustBundle")
-            .field("trust_domain", &self.trust_domain)
-            .field("roots", &self.roots.len())
-            .field("sequence", &self.sequence)
-            .finish()
-    }
-}
-
-/// Why a bundle cannot be built.
-#[derive(Debug, thiserror::Error)]
-pub enum BundleError {
-    /// A bundle needs at least one root.
-    #[error("trust bundle for {0} has no roots")]
-    Empty(String),
-    /// A root is not a usable trust anchor.
-    #[error("trust bundle root #{index} is not a valid CA certificate: {reason}")]
-    BadRoot {
-        /// Position in the list.
-        index: usize,
-        /// What webpki said.
-        reason: String,
-    },
-}
-
-impl TrustBundle {
-    /// Builds a bundle; every root must parse as a trust anchor.
-    pub fn new(
-        trust_domain: &str,
-        roots: Vec<CertificateDer<'static>>,
-        sequence: u64,
-    ) -> Result<Self, BundleError> {
-        if roots.is_empty() {
-            return Err(BundleError::Empty(trust_domain.to_owned()));
-        }
-        let anchors = roots
-            .iter()
-            .enumerate()
-            .map(|(index, r)| {
-                webpki::anchor_from_trusted_cert(r)
-                    .map(|a| a.to_owned())
-                    .map_err(|e| BundleError::BadRoot {
-                        index,
-                        reason: e.to_string(),
-                    })
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(Self {
-            trust_domain: trust_domain.to_owned(),
-            roots,
-            anchors,
-            sequence,
-        })
-    }
-
-    /// The trust domain.
-    pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
-    }
-
-    /// The roots, DER.
-    pub fn roots(&self) -> &[CertificateDer<'static>] {
-        &self.roots
-    }
-
-    /// Grows with every change.
-    pub fn sequence(&self) -> u64 {
-        self.sequence
-    }
-
-    /// Whether a root with this fingerprint (`sha256:…`) is in the bundle.
-    pub fn contains_fingerprint(&self, fp: &str) -> bool {
-        self.roots.iter().any(|r| crate::pki::fingerprint(r) == fp)
-    }
-}
 
 /// A bundle shared between its owner (who swaps in updates) and live TLS configs.
 pub type SharedBundle = Arc<ArcSwap<TrustBundle>>;
@@ -112,13 +29,133 @@ pub type SharedBundle = Arc<ArcSwap<TrustBundle>>;
 /// Which server identities a client accepts.
 #[derive(Debug, Clone)]
 pub enum ExpectedPeer {
-    /// Exactly one of these SPIFFE IDs.
+    /// Exactly one of these SPIFFE IDs: how the data plane verifies a destination agent (the
+    /// node discovery names for the endpoint, or the nodes the hosting map allows to host the
+    /// service) and how agents verify the CA.
     AnyOf(Vec<SpiffeId>),
-    /// Any node identity (`spiffe://TD/node/*`) of the bundle's trust domain: how agents
-    /// verify each other's inbound ports, which present the node SVID.
+    /// Any node identity (`spiffe://TD/node/*`) of the bundle's trust domain. Not for the data
+    /// plane (any node could then answer for any service); tools and tests only.
     AnyNode,
     /// Any ID in the bundle's trust domain.
     TrustDomain,
+}
+
+/// The server presented a valid SVID, but not one the caller expects: a verification failure
+/// the caller can tell apart from the others (downcast the [`OtherError`] of the TLS error).
+/// Its `Debug` is its message, since rustls prints the inner error that way.
+#[derive(Clone, PartialEq, Eq)]
+pub struct UnexpectedPeer {
+    /// What the server presented.
+    pub presented: SpiffeId,
+    /// What the caller accepts (empty with [`ExpectedPeer::AnyNode`]).
+    pub expected: Vec<SpiffeId>,
+}
+
+impl fmt::Display for UnexpectedPeer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.expected.is_empty() {
+            return write!(
+                f,
+                "server identity {} is not a node identity",
+                self.presented
+            );
+        }
+        let want: Vec<String> = self.expected.iter().map(ToString::to_string).collect();
+        write!(
+            f,
+            "server identity {} is not the expected {}",
+            self.presented,
+            want.join(" or ")
+        )
+    }
+}
+
+impl fmt::Debug for UnexpectedPeer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::error::Error for UnexpectedPeer {}
+
+/// The peer's certificate is on the bundle's denylist (downcast the [`OtherError`]). Its
+/// `Debug` is its message.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RevokedPeer {
+    /// The peer.
+    pub id: SpiffeId,
+    /// Why.
+    pub reason: crate::bundle::Revocation,
+}
+
+impl fmt::Display for RevokedPeer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "peer {} is revoked: {}", self.id, self.reason)
+    }
+}
+
+impl fmt::Debug for RevokedPeer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::error::Error for RevokedPeer {}
+
+/// The [`UnexpectedPeer`] or [`RevokedPeer`] inside a TLS error, if that is why it failed.
+pub fn peer_refusal(e: &TlsError) -> Option<PeerRefusal<'_>> {
+    let TlsError::InvalidCertificate(CertificateError::Other(o)) = e else {
+        return None;
+    };
+    if let Some(u) = o.0.downcast_ref::<UnexpectedPeer>() {
+        return Some(PeerRefusal::Unexpected(u));
+    }
+    o.0.downcast_ref::<RevokedPeer>().map(PeerRefusal::Revoked)
+}
+
+/// Why a verified peer was refused anyway.
+#[derive(Debug, Clone, Copy)]
+pub enum PeerRefusal<'a> {
+    /// Not the identity the caller expects.
+    Unexpected(&'a UnexpectedPeer),
+    /// On the denylist.
+    Revoked(&'a RevokedPeer),
+}
+
+/// [`verify_svid`] over a whole presented chain (leaf first), then the bundle's denylist: what
+/// a live connection is re-checked with when the bundle changes or time passes.
+pub fn check_chain(
+    bundle: &TrustBundle,
+    chain: &[CertificateDer<'_>],
+    now: UnixTime,
+    usage: Usage,
+) -> Result<SpiffeId, TlsError> {
+    let (leaf, rest) = chain
+        .split_first()
+        .ok_or(TlsError::NoCertificatesPresented)?;
+    let id = verify_svid(bundle, leaf, rest, now, usage)?;
+    check_revocation(bundle, &id, leaf)?;
+    Ok(id)
+}
+
+/// Refuses `leaf` (of peer `id`) when the bundle's denylist names it.
+fn check_revocation(
+    bundle: &TrustBundle,
+    id: &SpiffeId,
+    leaf: &CertificateDer<'_>,
+) -> Result<(), TlsError> {
+    if bundle.revoked_nodes().is_empty() && bundle.revoked_serials().is_empty() {
+        return Ok(());
+    }
+    let info = CertInfo::from_der(leaf)
+        .map_err(|_| TlsError::InvalidCertificate(CertificateError::BadEncoding))?;
+    match bundle.revocation(id, &info.serial) {
+        Some(reason) => Err(other_error(RevokedPeer {
+            id: id.clone(),
+            reason,
+        })),
+        None => Ok(()),
+    }
 }
 
 /// Which extended key usage a verified certificate must allow.
@@ -149,7 +186,7 @@ pub fn verify_svid(
     let ee = webpki::EndEntityCert::try_from(end_entity).map_err(webpki_error)?;
     ee.verify_for_usage(
         algs.all,
-        &bundle.anchors,
+        bundle.anchors(),
         intermediates,
         now,
         usage,
@@ -257,19 +294,20 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             ExpectedPeer::TrustDomain => {}
             ExpectedPeer::AnyNode if matches!(id.subject(), crate::spiffe::Subject::Node(_)) => {}
             ExpectedPeer::AnyNode => {
-                return Err(other(&format!(
-                    "server identity {id} is not a node identity"
-                )));
+                return Err(other_error(UnexpectedPeer {
+                    presented: id,
+                    expected: Vec::new(),
+                }));
             }
             ExpectedPeer::AnyOf(ids) if ids.contains(&id) => {}
             ExpectedPeer::AnyOf(ids) => {
-                let want: Vec<String> = ids.iter().map(ToString::to_string).collect();
-                return Err(other(&format!(
-                    "server identity {id} is not the expected {}",
-                    want.join(" or ")
-                )));
+                return Err(other_error(UnexpectedPeer {
+                    presented: id,
+                    expected: ids.clone(),
+                }));
             }
         }
+        check_revocation(&bundle, &id, end_entity)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -304,6 +342,7 @@ pub struct SpiffeClientVerifier {
     bundle: SharedBundle,
     mandatory: bool,
     expired_grace: std::time::Duration,
+    revocation: bool,
     algs: WebPkiSupportedAlgorithms,
 }
 
@@ -312,6 +351,7 @@ impl fmt::Debug for SpiffeClientVerifier {
         f.debug_struct("SpiffeClientVerifier")
             .field("mandatory", &self.mandatory)
             .field("expired_grace", &self.expired_grace)
+            .field("revocation", &self.revocation)
             .finish()
     }
 }
@@ -323,8 +363,17 @@ impl SpiffeClientVerifier {
             bundle,
             mandatory,
             expired_grace: std::time::Duration::ZERO,
+            revocation: true,
             algs: provider_algorithms(),
         }
+    }
+
+    /// Whether peers on the bundle's denylist are refused in the handshake (default: yes).
+    /// The CA turns it off and refuses revoked nodes in its RPCs instead, with a message that
+    /// says what happened rather than a bare TLS alert.
+    pub fn with_revocation(mut self, on: bool) -> Self {
+        self.revocation = on;
+        self
     }
 
     /// Also accepts a leaf that expired less than `grace` ago (its chain must have verified
@@ -362,7 +411,12 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     ) -> Result<ClientCertVerified, TlsError> {
         let bundle = self.bundle.load();
         match verify_svid(&bundle, end_entity, intermediates, now, Usage::Client) {
-            Ok(_) => Ok(ClientCertVerified::assertion()),
+            Ok(id) => {
+                if self.revocation {
+                    check_revocation(&bundle, &id, end_entity)?;
+                }
+                Ok(ClientCertVerified::assertion())
+            }
             Err(TlsError::InvalidCertificate(CertificateError::Expired))
                 if !self.expired_grace.is_zero() =>
             {
@@ -379,7 +433,10 @@ impl ClientCertVerifier for SpiffeClientVerifier {
                     .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                     .map(UnixTime::since_unix_epoch)
                     .ok_or(TlsError::InvalidCertificate(CertificateError::Expired))?;
-                verify_svid(&bundle, end_entity, intermediates, before, Usage::Client)?;
+                let id = verify_svid(&bundle, end_entity, intermediates, before, Usage::Client)?;
+                if self.revocation {
+                    check_revocation(&bundle, &id, end_entity)?;
+                }
                 Ok(ClientCertVerified::assertion())
             }
             Err(e) => Err(e),
@@ -427,6 +484,15 @@ pub fn tls13_server_config() -> rustls::ConfigBuilder<rustls::ServerConfig, rust
     rustls::ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("invariant: aws-lc-rs supports TLS 1.3")
+}
+
+/// Makes a server config forget sessions: no session cache and no TLS 1.3 tickets, so every
+/// connection is a full handshake whose peer certificate is verified against the bundle and
+/// denylist of that moment. A resumed session would restore the peer's certificate from when
+/// the session was made without checking expiry, the bundle or the denylist again.
+pub fn disable_resumption(cfg: &mut rustls::ServerConfig) {
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
 }
 
 /// A TLS 1.3-only client config builder on the process provider.
@@ -500,9 +566,11 @@ fn describe_certificate_error(e: &CertificateError) -> String {
 }
 
 fn other(msg: &str) -> TlsError {
-    TlsError::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(VerifyError(
-        msg.to_owned(),
-    )))))
+    other_error(VerifyError(msg.to_owned()))
+}
+
+fn other_error(e: impl std::error::Error + Send + Sync + 'static) -> TlsError {
+    TlsError::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
 }
 
 #[derive(Debug)]

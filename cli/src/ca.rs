@@ -1,5 +1,7 @@
-//! `meshgate ca …`: create the CA, serve it, make and manage join tokens, and manage the
-//! nodes that joined (which services each may run).
+//! `meshgate ca …`: create the CA, serve it, make and manage join tokens, manage the nodes that
+//! joined (which services each may run, revocation), and rotate the intermediate and the root.
+//! Every command but `serve` works on the data dir directly; a running `ca serve` picks up what
+//! they change within its `reload_interval` (or at once on SIGHUP).
 
 use std::{
     path::{Path, PathBuf},
@@ -10,15 +12,16 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use meshgate_agent::config_check::{CheckOptions, FileKind, Finding, check_consul, check_file};
 use meshgate_ca::{
-    pki,
-    server::{CaConfig, CaServer},
-    store::{self, NodeRegistry, TokenStore},
+    pki, rotation,
+    server::CaServer,
+    store::{self, Denylist, NodeRegistry, Reports, TokenStore},
 };
 use serde::Serialize;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::{
+    config::CaConfig,
     outln,
     output::{Output, print_json, print_table, quiet},
     signals::Signals,
@@ -65,10 +68,15 @@ enum CaCommand {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
-    /// Serve the CA's gRPC API over TLS (default 0.0.0.0:15012). SIGHUP re-reads the bundle roots.
+    /// Serve the CA's gRPC API over TLS (default 0.0.0.0:15012).
+    ///
+    /// Every reload_interval (default 2s), and at once on SIGHUP, it looks at its data dir:
+    /// a new intermediate, root rotation steps, revoked nodes and changed node services apply
+    /// without a restart.
     Serve {
         /// ca.yaml: trust_domain, data_dir, listen, workload_ttl, node_ttl,
-        /// expired_renewal_grace. Relative paths in it are relative to its directory.
+        /// expired_renewal_grace, reload_interval, consul. Relative paths in it are relative
+        /// to its directory.
         #[arg(long, short)]
         config: PathBuf,
         #[command(flatten)]
@@ -84,10 +92,84 @@ enum CaCommand {
         #[command(subcommand)]
         command: TokenCommand,
     },
-    /// The nodes that joined: list them, change their services, remove them.
+    /// The nodes that joined: list them, change their services, revoke or remove them.
     Node {
         #[command(subcommand)]
         command: NodeCommand,
+    },
+    /// The signing intermediate: replace it before it expires.
+    Intermediate {
+        #[command(subcommand)]
+        command: IntermediateCommand,
+    },
+    /// Root rotation, in stages: plan, start, status, finish, abort.
+    ///
+    /// Stage 1 (add-root) puts a new root next to the old one in every trust bundle and waits
+    /// until every node holds it; stage 2 (reissue) signs under the new root, with a
+    /// cross-signed intermediate so both roots verify new certificates, and waits until no
+    /// certificate of the old root is valid; finish retires the old root. The state lives in
+    /// the data dir, so a CA restart resumes the same stage.
+    Rotate {
+        #[command(subcommand)]
+        command: RotateCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum IntermediateCommand {
+    /// Make a new signing intermediate under the same root and put it in place.
+    ///
+    /// A running `ca serve` loads it within its reload_interval; nodes renew onto it on their
+    /// usual schedule, without joining again. The old one is kept under intermediates/;
+    /// certificates it signed stay valid until they expire.
+    Rotate {
+        #[command(flatten)]
+        dir: DataDir,
+        /// Lifetime of the new intermediate, e.g. 1y, 180d (capped at the root's expiry).
+        #[arg(long, default_value = "1y", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RotateCommand {
+    /// Show what a root rotation does and what each stage would wait for now; changes nothing.
+    Plan {
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// Begin: make the new root, its intermediate and the cross-signed copy (stage add-root).
+    Start {
+        #[command(flatten)]
+        dir: DataDir,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// The stage, and what it waits for (which nodes lack the new root, which certificates of
+    /// the old root are still valid).
+    Status {
+        #[command(flatten)]
+        dir: DataDir,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Retire the old root; refused (with what it waits for) until that is safe.
+    Finish {
+        #[command(flatten)]
+        dir: DataDir,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Go back to the old root alone, from stage add-root or reissue.
+    Abort {
+        #[command(flatten)]
+        dir: DataDir,
     },
 }
 
@@ -100,7 +182,12 @@ enum TokenCommand {
         /// The node the token is for.
         #[arg(long)]
         node: String,
-        /// Services the node may get SVIDs for: `svc` (namespace default) or `ns/svc`, comma-separated.
+        /// The node's namespace, fixed at join: every workload certificate it gets is in it.
+        /// Default: the namespace its `ns/svc` services name, else `default`.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Services the node may get SVIDs for: `svc` (in the node's namespace) or `ns/svc`,
+        /// comma-separated. With Consul, each must also be registered on the node.
         #[arg(long, value_delimiter = ',')]
         services: Vec<String>,
         /// How long the token stays valid, e.g. 30m, 1h, 2d.
@@ -140,7 +227,8 @@ enum TokenCommand {
 
 #[derive(Debug, Subcommand)]
 enum NodeCommand {
-    /// The nodes that joined and the services each may obtain certificates for.
+    /// The nodes that joined: namespace, services, state (active or revoked) and the trust
+    /// bundle each last reported holding.
     List {
         #[command(flatten)]
         dir: DataDir,
@@ -160,8 +248,18 @@ enum NodeCommand {
         services: Vec<String>,
     },
     /// Forget a node: the CA refuses its renewals and certificate requests from now on, so it
-    /// leaves the mesh when its certificates expire. It can join again with a new token.
+    /// leaves the mesh when its certificates expire. It can join again with a new token (also
+    /// after a revocation: its old certificates stay refused until they expire).
     Remove {
+        #[command(flatten)]
+        dir: DataDir,
+        /// The node.
+        node: String,
+    },
+    /// Revoke a node now (a stolen key, a compromised machine): the CA refuses its renewals
+    /// and certificate requests, and the denylist in every trust bundle makes every agent
+    /// refuse its certificates and close the tunnels it has open.
+    Revoke {
         #[command(flatten)]
         dir: DataDir,
         /// The node.
@@ -180,10 +278,17 @@ struct TokenJson<'a> {
     join_command: Option<String>,
 }
 
+/// The fingerprint new joins pin: the root the CA signs under (the new one once a root
+/// rotation reached its reissue stage).
 fn root_fingerprint(data_dir: &Path) -> anyhow::Result<String> {
-    let root = pki::read_pem_certs(&data_dir.join("root.crt"))
-        .map_err(|_| store::StoreError::Missing(data_dir.display().to_string()))?;
-    Ok(pki::fingerprint(&root[0]))
+    if !data_dir.join("root.crt").exists() {
+        return Err(store::StoreError::Missing(data_dir.display().to_string()).into());
+    }
+    Ok(rotation::signing(data_dir)?.signing_root().to_owned())
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 /// This machine's name, for the default CA address in join commands.
@@ -355,6 +460,111 @@ pub(crate) async fn run(args: CaArgs) -> anyhow::Result<()> {
         }
         CaCommand::Token { command } => token(command),
         CaCommand::Node { command } => node(command),
+        CaCommand::Intermediate { command } => intermediate(command),
+        CaCommand::Rotate { command } => rotate(command),
+    }
+}
+
+fn intermediate(command: IntermediateCommand) -> anyhow::Result<()> {
+    match command {
+        IntermediateCommand::Rotate { dir, ttl, output } => {
+            let r = store::rotate_intermediate(&dir.data_dir, ttl, SystemTime::now())?;
+            match output {
+                Output::Json => print_json(&r)?,
+                Output::Table if quiet() => outln!("{}", r.serial),
+                Output::Table => {
+                    outln!(
+                        "new signing intermediate {} (expires {}) in {}",
+                        r.serial,
+                        r.not_after,
+                        dir.data_dir.display()
+                    );
+                    outln!(
+                        "  it replaces {} (expires {}); certificates that one signed stay valid until they expire",
+                        r.replaced,
+                        r.replaced_not_after
+                    );
+                    outln!(
+                        "  a running `meshgate ca serve` signs with it within its reload_interval (SIGHUP: at once); nodes renew onto it by themselves"
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn rotate(command: RotateCommand) -> anyhow::Result<()> {
+    let now = SystemTime::now();
+    match command {
+        RotateCommand::Plan { dir } => {
+            outln!("{}", rotation::plan(&dir.data_dir, now)?);
+            Ok(())
+        }
+        RotateCommand::Start { dir, output } => {
+            let state = rotation::start(&dir.data_dir, now)?;
+            match output {
+                Output::Json => print_json(&state)?,
+                Output::Table if quiet() => outln!("{}", state.new_root),
+                Output::Table => {
+                    outln!(
+                        "root rotation started: stage add-root, new root {}",
+                        state.new_root
+                    );
+                    outln!(
+                        "  every trust bundle now carries both roots (a running `meshgate ca serve` publishes it within its reload_interval)"
+                    );
+                    outln!(
+                        "  next: `meshgate ca rotate status --data-dir {}` says what each stage waits for",
+                        dir.data_dir.display()
+                    );
+                }
+            }
+            Ok(())
+        }
+        RotateCommand::Status { dir, output } => {
+            let status = rotation::status(&dir.data_dir, now)?;
+            match output {
+                Output::Json => print_json(&serde_json::json!({
+                    "stage": status.stage(),
+                    "can_finish": status.can_finish(),
+                    "waiting_for": status.waiting_for(),
+                    "status": status,
+                }))?,
+                Output::Table => outln!("{status}"),
+            }
+            Ok(())
+        }
+        RotateCommand::Finish { dir, output } => {
+            let r = rotation::finish(&dir.data_dir, now)?;
+            match output {
+                Output::Json => print_json(&r)?,
+                Output::Table if quiet() => outln!("{}", r.root),
+                Output::Table => {
+                    outln!(
+                        "root rotation finished: {} retired, {} in place",
+                        r.retired_root,
+                        r.root
+                    );
+                    outln!(
+                        "  new joins pin {}: put it in `ca.fingerprint` of node configs (nodes that joined need no change)",
+                        r.root
+                    );
+                }
+            }
+            Ok(())
+        }
+        RotateCommand::Abort { dir } => {
+            let state = rotation::abort(&dir.data_dir)?;
+            if !quiet() {
+                outln!(
+                    "root rotation aborted (it was in stage {}); signing under {} again; certificates issued under the new root keep verifying through the cross-signed intermediate, and nodes renew them",
+                    state.stage,
+                    state.old_root
+                );
+            }
+            Ok(())
+        }
     }
 }
 
@@ -364,6 +574,7 @@ fn token(command: TokenCommand) -> anyhow::Result<()> {
         TokenCommand::Create {
             dir,
             node,
+            namespace,
             services,
             ttl,
             print_join_command,
@@ -376,10 +587,22 @@ fn token(command: TokenCommand) -> anyhow::Result<()> {
             if ttl.is_zero() {
                 anyhow::bail!("--ttl must be more than zero, e.g. --ttl 1h");
             }
-            let t = TokenStore::new(&data_dir).create(&node, &services, ttl, now)?;
-            let id = pki::hex(&pki::sha256(t.token.as_bytes()))[..store::TOKEN_ID_LEN].to_owned();
+            if let Some(at) = Denylist::new(&data_dir).refused(&node) {
+                anyhow::bail!(
+                    "node {node} was revoked at {}: run `meshgate ca node remove {node}` first if it may join again",
+                    rfc3339(at)
+                );
+            }
+            let t = TokenStore::new(&data_dir).create(
+                &node,
+                namespace.as_deref(),
+                &services,
+                ttl,
+                now,
+            )?;
+            let id = pki::sha256_hex(t.token.as_bytes())[..store::TOKEN_ID_LEN].to_owned();
             let expires_at =
-                store::rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(t.record.expires_at));
+                rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(t.record.expires_at));
             let ca_address = ca_address.unwrap_or_else(|| format!("https://{}:15012", hostname()));
             let join = print_join_command
                 .then(|| join_command(&node, &t.token, &fingerprint, &ca_address, &token_path));
@@ -397,6 +620,7 @@ fn token(command: TokenCommand) -> anyhow::Result<()> {
                     outln!("join token:      {}", t.token);
                     outln!("token id:        {id}   (for `meshgate ca token revoke`)");
                     outln!("node:            {node}");
+                    outln!("namespace:       {}", t.record.namespace());
                     let services = if t.record.services.is_empty() {
                         "(none)".to_owned()
                     } else {
@@ -454,41 +678,63 @@ fn token(command: TokenCommand) -> anyhow::Result<()> {
 }
 
 fn node(command: NodeCommand) -> anyhow::Result<()> {
+    let now = SystemTime::now();
     match command {
         NodeCommand::List { dir, output } => {
             let nodes = NodeRegistry::new(&dir.data_dir).list();
+            let deny = Denylist::new(&dir.data_dir);
+            let reports = Reports::new(&dir.data_dir);
+            let unix = |s: u64| rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(s));
+            let mut rows = Vec::new();
+            let mut json_rows = Vec::new();
+            for (name, r) in &nodes {
+                let revoked = deny.refused(name);
+                let report = reports.get(name);
+                json_rows.push(serde_json::json!({
+                    "node": name,
+                    "namespace": r.namespace(),
+                    "services": r.services,
+                    "state": if revoked.is_some() { "revoked" } else { "active" },
+                    "revoked_at": revoked.map(rfc3339),
+                    "bundle_sequence": report.as_ref().map(|b| b.sequence),
+                    "bundle_roots": report.as_ref().map(|b| &b.roots),
+                    "bundle_reported_at": report.as_ref().map(|b| unix(b.at)),
+                    "joined_at": unix(r.joined_at),
+                }));
+                rows.push(vec![
+                    name.clone(),
+                    r.namespace(),
+                    if r.services.is_empty() {
+                        "-".into()
+                    } else {
+                        r.services
+                            .iter()
+                            .map(|s| s.split_once('/').map_or(s.as_str(), |(_, n)| n))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    },
+                    match revoked {
+                        Some(at) => format!("revoked {}", rfc3339(at)),
+                        None => "active".into(),
+                    },
+                    report.as_ref().map_or_else(
+                        || "-".into(),
+                        |b| format!("{} ({})", b.sequence, unix(b.at)),
+                    ),
+                    unix(r.joined_at),
+                ]);
+            }
             if output == Output::Json {
-                let rows: Vec<serde_json::Value> = nodes
-                    .iter()
-                    .map(|(name, r)| {
-                        serde_json::json!({
-                            "node": name,
-                            "services": r.services,
-                            "joined_at": store::rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(r.joined_at)),
-                        })
-                    })
-                    .collect();
-                return print_json(&rows);
+                return print_json(&json_rows);
             }
             if nodes.is_empty() {
                 outln!("no node has joined the CA in {}", dir.data_dir.display());
                 return Ok(());
             }
-            let rows: Vec<Vec<String>> = nodes
-                .iter()
-                .map(|(name, r)| {
-                    vec![
-                        name.clone(),
-                        if r.services.is_empty() {
-                            "-".into()
-                        } else {
-                            r.services.join(",")
-                        },
-                        store::rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(r.joined_at)),
-                    ]
-                })
-                .collect();
-            print_table(&["NODE", "SERVICES", "JOINED"], &rows)
+            print_table(
+                &["NODE", "NAMESPACE", "SERVICES", "STATE", "BUNDLE", "JOINED"],
+                &rows,
+            )
         }
         NodeCommand::SetServices {
             dir,
@@ -509,14 +755,38 @@ fn node(command: NodeCommand) -> anyhow::Result<()> {
             Ok(())
         }
         NodeCommand::Remove { dir, node } => {
-            if !NodeRegistry::new(&dir.data_dir).remove(&node)? {
+            let released = Denylist::new(&dir.data_dir).release(&node)?;
+            if !NodeRegistry::new(&dir.data_dir).remove(&node)? && !released {
                 anyhow::bail!(
                     "node {node:?} has not joined this CA; `meshgate ca node list` shows those that have"
                 );
             }
             if !quiet() {
+                if released {
+                    outln!(
+                        "removed node {node}: it may join again with a new token; the certificates it held when it was revoked stay refused until they expire"
+                    );
+                } else {
+                    outln!(
+                        "removed node {node}: the CA refuses its renewals from now on; its current certificates stay valid until they expire (`meshgate ca node revoke {node}` ends them at once)"
+                    );
+                }
+            }
+            Ok(())
+        }
+        NodeCommand::Revoke { dir, node } => {
+            let known = NodeRegistry::new(&dir.data_dir).get(&node).is_some();
+            let r = Denylist::new(&dir.data_dir).revoke(&node, now)?;
+            if !known {
+                warn!(
+                    node,
+                    "this node has not joined (or was removed); revoking its name anyway"
+                );
+            }
+            if !quiet() {
                 outln!(
-                    "removed node {node}: the CA refuses its renewals from now on; its current certificates stay valid until they expire"
+                    "revoked node {node}: {} of its certificates are refused from now on; a running `meshgate ca serve` pushes the denylist to every node within its reload_interval, and they close the node's tunnels",
+                    r.serials.len()
                 );
             }
             Ok(())
@@ -527,7 +797,15 @@ fn node(command: NodeCommand) -> anyhow::Result<()> {
 async fn serve(path: PathBuf, lifecycle: crate::lifecycle::LifecycleArgs) -> anyhow::Result<()> {
     let config = crate::config::load_ca(&path)?;
     crate::config::refuse_errors(&path, check_config(&config, CheckOptions::default()))?;
-    let server = CaServer::start(&config)
+    let catalog = match &config.consul {
+        Some(c) => {
+            let client = meshgate_agent::discovery::consul::ConsulClient::new(c)
+                .with_context(|| format!("{}: consul", path.display()))?;
+            Some(std::sync::Arc::new(client) as std::sync::Arc<dyn meshgate_ca::catalog::Catalog>)
+        }
+        None => None,
+    };
+    let server = CaServer::start(&config, catalog)
         .await
         .with_context(|| format!("cannot start the CA from {}", path.display()))?;
     let mut signals = Signals::new()?;
@@ -540,10 +818,10 @@ async fn serve(path: PathBuf, lifecycle: crate::lifecycle::LifecycleArgs) -> any
             how = signals.recv() => break how,
             _ = hup.recv() => {
                 life.reloading();
-                match server.reload_bundle() {
-                    Ok(true) => info!("trust bundle reloaded"),
-                    Ok(false) => info!("trust bundle unchanged"),
-                    Err(e) => warn!(error = %e, "trust bundle reload failed; keeping the current one"),
+                match server.reload() {
+                    Ok(c) if c.bundle || c.signer => info!(bundle = c.bundle, signer = c.signer, "reloaded the data dir"),
+                    Ok(_) => info!("data dir unchanged"),
+                    Err(e) => warn!(error = %e, "reloading the data dir failed; keeping the current state"),
                 }
                 life.ready(&status);
             }

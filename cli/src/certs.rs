@@ -4,13 +4,16 @@ use std::{path::PathBuf, time::SystemTime};
 
 use clap::Args;
 use meshgate_agent::identity::list_certs;
-use meshgate_ca::store::rfc3339;
 use serde::Serialize;
 
 use crate::{
     outln,
     output::{Output, human_left, print_json, print_table},
 };
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
 
 /// Arguments of `meshgate certs`.
 #[derive(Debug, Args)]

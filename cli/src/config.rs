@@ -15,7 +15,9 @@ use meshgate_agent::{
     config::AgentConfig,
     config_check::{CheckOptions, Finding, Severity, split_config_path},
 };
-use meshgate_ca::server::CaConfig;
+/// `ca.yaml`: the CA's settings, its `consul:` section read as the agent's Consul settings.
+pub(crate) type CaConfig =
+    meshgate_ca::server::CaConfig<meshgate_agent::discovery::consul::ConsulConfig>;
 use meshgate_gateway::config::GatewayConfig;
 use serde::{Serialize, de::DeserializeOwned};
 
@@ -271,8 +273,17 @@ pub(crate) fn load_gateway(path: &Path) -> anyhow::Result<GatewayConfig> {
 /// Reads a CA config, with relative paths resolved against the file's directory.
 pub(crate) fn load_ca(path: &Path) -> anyhow::Result<CaConfig> {
     let mut c: CaConfig = load_yaml(path)?;
-    c.resolve_paths(&base_dir(path));
+    resolve_ca_paths(&mut c, &base_dir(path));
     Ok(c)
+}
+
+/// Makes the data dir and the Consul files of a CA config relative to `base` (the directory
+/// of the file it was read from) instead of the working directory.
+pub(crate) fn resolve_ca_paths(c: &mut CaConfig, base: &Path) {
+    meshgate_agent::config_check::resolve_path(&mut c.data_dir, base);
+    if let Some(consul) = &mut c.consul {
+        consul.resolve_paths(base);
+    }
 }
 
 /// An error a crate reported about `path`'s config (`routes[1] (users): …`), pointed at its
@@ -456,7 +467,7 @@ fn validate_file(file: &Path, kind: Option<Kind>, opts: CheckOptions) -> FileRep
             )
         }),
         Kind::Ca => parse::<CaConfig>(file, &text).map(|mut c| {
-            c.resolve_paths(&base);
+            resolve_ca_paths(&mut c, &base);
             (
                 crate::ca::check_config(&c, opts),
                 format!("CA config for trust domain {}", c.trust_domain),

@@ -286,7 +286,7 @@ pub(crate) fn render() -> String {
         (
             "Certificate authority",
             "ca.yaml",
-            serde_json::to_value(schemars::schema_for!(meshgate_ca::server::CaConfig)),
+            serde_json::to_value(schemars::schema_for!(crate::config::CaConfig)),
         ),
         (
             "Node agent",
@@ -339,7 +339,7 @@ mod tests {
         for (file, schema) in [
             (
                 "ca",
-                serde_json::to_value(schemars::schema_for!(meshgate_ca::server::CaConfig)),
+                serde_json::to_value(schemars::schema_for!(crate::config::CaConfig)),
             ),
             (
                 "agent",

@@ -6,13 +6,14 @@
 
 use std::{convert::Infallible, net::SocketAddr, path::PathBuf, time::Duration, time::SystemTime};
 
+use crate::config::CaConfig;
 use anyhow::Context;
 use bytes::Bytes;
 use clap::Args;
 use http_body_util::Full;
 use meshgate_agent::{app::Agent, config::AgentConfig};
 use meshgate_ca::{
-    server::{CaConfig, CaServer},
+    server::CaServer,
     store::{self, TokenStore},
 };
 use meshgate_gateway::{app::GatewayApp, config::GatewayConfig};
@@ -220,11 +221,12 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         listen: port(b, 12)?,
         ..CaConfig::new(td, &ca_dir)
     };
-    let ca = CaServer::start(&ca_cfg).await?;
+    let ca = CaServer::start(&ca_cfg, None).await?;
     let tokens = TokenStore::new(&ca_dir);
     let token = |node: &str, services: &[&str]| -> anyhow::Result<PathBuf> {
         let t = tokens.create(
             node,
+            None,
             &services.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
             Duration::from_secs(600),
             SystemTime::now(),
@@ -297,7 +299,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     let signing = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let point = signing.public_key_raw().to_vec();
     let jwk = json!({"kty": "EC", "crv": "P-256", "kid": "dev-1", "use": "sig", "alg": "ES256",
-                     "x": meshgate_ca::pki::base64url(&point[1..33]), "y": meshgate_ca::pki::base64url(&point[33..])});
+                     "x": data_encoding::BASE64URL_NOPAD.encode(&point[1..33]), "y": data_encoding::BASE64URL_NOPAD.encode(&point[33..])});
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)?
         .as_secs();
@@ -310,8 +312,9 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         &jsonwebtoken::EncodingKey::from_ec_pem(signing.serialize_pem().as_bytes())?,
     )?;
     let demo_key = format!(
-        "mgk_demo_{}",
-        meshgate_ca::pki::hex(&meshgate_ca::pki::random_bytes::<12>())
+        "mgk_demo_{:016x}{:016x}",
+        meshgate_agent::rand::secure_u64(),
+        meshgate_agent::rand::secure_u64()
     );
     let gateway_http = port(b, 80)?;
     let gw_cfg: GatewayConfig = serde_json::from_value(json!({

@@ -7,9 +7,9 @@ use std::{
     path::Path,
 };
 
+use crate::config::CaConfig;
 use anyhow::Context;
 use meshgate_agent::config::AgentConfig;
-use meshgate_ca::server::CaConfig;
 use meshgate_gateway::config::GatewayConfig;
 
 /// The ports dev binds, as offsets from `--port-base`, with what each is for.

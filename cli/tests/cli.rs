@@ -294,17 +294,24 @@ async fn services_and_endpoints_read_a_running_agent() {
     let ca_dir = tmp.path().join("ca");
     meshgate_ca::store::init(&ca_dir, "mesh.example", false, std::time::SystemTime::now())
         .expect("init");
-    let ca = meshgate_ca::server::CaServer::start(&meshgate_ca::server::CaConfig {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        workload_ttl: Duration::from_secs(3600),
-        node_ttl: Duration::from_secs(3600),
-        ..meshgate_ca::server::CaConfig::new("mesh.example", &ca_dir)
-    })
+    let ca = meshgate_ca::server::CaServer::start(
+        &meshgate_ca::server::CaConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            workload_ttl: Duration::from_secs(3600),
+            node_ttl: Duration::from_secs(3600),
+            ..meshgate_ca::server::CaConfig::<meshgate_ca::server::NoCatalog>::new(
+                "mesh.example",
+                &ca_dir,
+            )
+        },
+        None,
+    )
     .await
     .expect("ca");
     let token = meshgate_ca::store::TokenStore::new(&ca_dir)
         .create(
             "node-a",
+            None,
             &["web".to_owned()],
             Duration::from_secs(600),
             std::time::SystemTime::now(),
@@ -574,17 +581,24 @@ async fn gateway_binary_reloads_on_file_change_and_sighup_and_refuses_invalid_fi
     let ca_dir = tmp.path().join("ca");
     meshgate_ca::store::init(&ca_dir, "mesh.example", false, std::time::SystemTime::now())
         .expect("init");
-    let ca = meshgate_ca::server::CaServer::start(&meshgate_ca::server::CaConfig {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        workload_ttl: Duration::from_secs(3600),
-        node_ttl: Duration::from_secs(3600),
-        ..meshgate_ca::server::CaConfig::new("mesh.example", &ca_dir)
-    })
+    let ca = meshgate_ca::server::CaServer::start(
+        &meshgate_ca::server::CaConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            workload_ttl: Duration::from_secs(3600),
+            node_ttl: Duration::from_secs(3600),
+            ..meshgate_ca::server::CaConfig::<meshgate_ca::server::NoCatalog>::new(
+                "mesh.example",
+                &ca_dir,
+            )
+        },
+        None,
+    )
     .await
     .expect("ca");
     let token = meshgate_ca::store::TokenStore::new(&ca_dir)
         .create(
             "gw",
+            None,
             &["gateway".to_owned()],
             Duration::from_secs(600),
             std::time::SystemTime::now(),
@@ -731,7 +745,7 @@ fn auth_explain_names_the_failing_check_without_printing_the_token() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
     let p = key.public_key_raw().to_vec();
-    let jwk = serde_json::json!({"kty": "EC", "crv": "P-256", "kid": "k1", "x": meshgate_ca::pki::base64url(&p[1..33]), "y": meshgate_ca::pki::base64url(&p[33..])});
+    let jwk = serde_json::json!({"kty": "EC", "crv": "P-256", "kid": "k1", "x": data_encoding::BASE64URL_NOPAD.encode(&p[1..33]), "y": data_encoding::BASE64URL_NOPAD.encode(&p[33..])});
     let cfg = tmp.path().join("gw.yaml");
     std::fs::write(
         &cfg,
@@ -795,4 +809,152 @@ fn auth_explain_names_the_failing_check_without_printing_the_token() {
         "{t}"
     );
     assert!(t.contains("INVALID") && !t.contains(&expired), "{t}");
+}
+
+#[test]
+fn ca_commands_bind_namespaces_rotate_in_stages_and_revoke_nodes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("ca");
+    let fp = init_ca(&dir)["ca_fingerprint"]
+        .as_str()
+        .expect("fp")
+        .to_owned();
+    let d = dir.to_str().expect("utf8");
+    let ok = |args: &[&str]| {
+        let out = meshgate(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let fails = |args: &[&str]| {
+        let out = meshgate(args);
+        assert!(
+            !out.status.success(),
+            "{args:?} succeeded: {}",
+            text(&out.stdout)
+        );
+        text(&out.stderr)
+    };
+
+    // a node has one namespace, fixed by its token
+    let token = ok(&[
+        "ca",
+        "token",
+        "create",
+        "--data-dir",
+        d,
+        "--node",
+        "node-a",
+        "--namespace",
+        "prod",
+        "--services",
+        "web,prod/api",
+    ]);
+    assert!(token.contains("namespace:       prod"), "{token}");
+    assert!(token.contains("prod/web, prod/api"), "{token}");
+    let err = fails(&[
+        "ca",
+        "token",
+        "create",
+        "--data-dir",
+        d,
+        "--node",
+        "node-b",
+        "--services",
+        "prod/web,dev/api",
+    ]);
+    assert!(err.contains("exactly one namespace"), "{err}");
+
+    // the intermediate rotates under the same root
+    let int: serde_json::Value = serde_json::from_str(&ok(&[
+        "ca",
+        "intermediate",
+        "rotate",
+        "--data-dir",
+        d,
+        "--ttl",
+        "90d",
+        "-o",
+        "json",
+    ]))
+    .expect("json");
+    assert!(
+        dir.join(format!(
+            "intermediates/{}.crt",
+            int["replaced"].as_str().expect("replaced")
+        ))
+        .exists()
+    );
+    assert_eq!(ok(&["ca", "fingerprint", "--data-dir", d]).trim(), fp);
+    let status = ok(&["ca", "rotate", "status", "--data-dir", d]);
+    assert!(status.contains("root rotation: idle"), "{status}");
+    assert!(status.contains("signing intermediate expires"), "{status}");
+
+    // root rotation: plan changes nothing; start; refusals while in progress; abort
+    let plan = ok(&["ca", "rotate", "plan", "--data-dir", d]);
+    assert!(
+        plan.contains("1. add-root") && plan.contains("3. retire"),
+        "{plan}"
+    );
+    assert!(!dir.join("rotation").exists(), "plan changed nothing");
+    let started = ok(&["ca", "rotate", "start", "--data-dir", d]);
+    assert!(started.contains("stage add-root"), "{started}");
+    let err = fails(&["ca", "rotate", "start", "--data-dir", d]);
+    assert!(err.contains("already in progress"), "{err}");
+    let err = fails(&["ca", "intermediate", "rotate", "--data-dir", d]);
+    assert!(err.contains("root rotation is in progress"), "{err}");
+    let status: serde_json::Value = serde_json::from_str(&ok(&[
+        "ca",
+        "rotate",
+        "status",
+        "--data-dir",
+        d,
+        "-o",
+        "json",
+    ]))
+    .expect("json");
+    assert_eq!(status["stage"], "add-root");
+    assert_eq!(status["can_finish"], false);
+    // no node joined yet, so stage 1 waits for nothing but the CA's own look
+    let err = fails(&["ca", "rotate", "finish", "--data-dir", d]);
+    assert!(err.contains("cannot be retired yet"), "{err}");
+    assert_eq!(
+        ok(&["ca", "fingerprint", "--data-dir", d]).trim(),
+        fp,
+        "new joins pin the old root until stage 2"
+    );
+    let aborted = ok(&["ca", "rotate", "abort", "--data-dir", d]);
+    assert!(aborted.contains("aborted"), "{aborted}");
+    let err = fails(&["ca", "rotate", "abort", "--data-dir", d]);
+    assert!(err.contains("no root rotation is in progress"), "{err}");
+
+    // revocation: listed, refuses new tokens until the node is removed
+    meshgate_ca::store::NodeRegistry::new(&dir)
+        .register(
+            "node-c",
+            "default",
+            &["default/batch".into()],
+            std::time::SystemTime::now(),
+        )
+        .expect("register");
+    let revoked = ok(&["ca", "node", "revoke", "--data-dir", d, "node-c"]);
+    assert!(revoked.contains("revoked node node-c"), "{revoked}");
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&["ca", "node", "list", "--data-dir", d, "-o", "json"]))
+            .expect("json");
+    assert_eq!(list[0]["node"], "node-c");
+    assert_eq!(list[0]["state"], "revoked");
+    assert_eq!(list[0]["namespace"], "default");
+    let table = ok(&["ca", "node", "list", "--data-dir", d]);
+    assert!(
+        table.contains("NAMESPACE") && table.contains("revoked"),
+        "{table}"
+    );
+    let err = fails(&["ca", "token", "create", "--data-dir", d, "--node", "node-c"]);
+    assert!(
+        err.contains("was revoked") && err.contains("ca node remove node-c"),
+        "{err}"
+    );
+    let removed = ok(&["ca", "node", "remove", "--data-dir", d, "node-c"]);
+    assert!(removed.contains("may join again"), "{removed}");
+    ok(&["ca", "token", "create", "--data-dir", d, "--node", "node-c"]);
 }

@@ -345,23 +345,23 @@ fn ca_and_agent_tell_systemd_when_they_are_ready_reload_and_stop() {
 /// An in-process CA for tests that only need one to be there.
 async fn test_ca(dir: &Path, ttl: Duration) -> meshgate_ca::server::CaServer {
     meshgate_ca::store::init(dir, "mesh.example", false, SystemTime::now()).expect("init");
-    meshgate_ca::server::CaServer::start(&meshgate_ca::server::CaConfig {
-        trust_domain: "mesh.example".into(),
-        data_dir: dir.to_owned(),
+    let config: meshgate_ca::server::CaConfig = meshgate_ca::server::CaConfig {
         listen: "127.0.0.1:0".parse().expect("addr"),
         workload_ttl: ttl,
         node_ttl: ttl,
-        consul: None,
         expired_renewal_grace: Duration::ZERO,
-    })
-    .await
-    .expect("ca")
+        ..meshgate_ca::server::CaConfig::new("mesh.example", dir)
+    };
+    meshgate_ca::server::CaServer::start(&config, None)
+        .await
+        .expect("ca")
 }
 
 fn ca_token(ca_dir: &Path, node: &str, services: &[&str], file: &Path) {
     let t = meshgate_ca::store::TokenStore::new(ca_dir)
         .create(
             node,
+            None,
             &services.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
             Duration::from_secs(600),
             SystemTime::now(),

@@ -290,7 +290,7 @@ fn every_printing_command_exits_141_without_panicking_when_stdout_closes() {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
     let p = key.public_key_raw().to_vec();
     let jwk = serde_json::json!({"kty": "EC", "crv": "P-256", "kid": "k1",
-        "x": meshgate_ca::pki::base64url(&p[1..33]), "y": meshgate_ca::pki::base64url(&p[33..])});
+        "x": data_encoding::BASE64URL_NOPAD.encode(&p[1..33]), "y": data_encoding::BASE64URL_NOPAD.encode(&p[33..])});
     let jwt_cfg = tmp.path().join("jwt.yaml");
     std::fs::write(
         &jwt_cfg,
@@ -303,12 +303,13 @@ fn every_printing_command_exits_141_without_panicking_when_stdout_closes() {
         ),
     )
     .expect("write");
-    let b64 = |v: serde_json::Value| meshgate_ca::pki::base64url(v.to_string().as_bytes());
+    let b64 =
+        |v: serde_json::Value| data_encoding::BASE64URL_NOPAD.encode(v.to_string().as_bytes());
     let token = format!(
         "{}.{}.{}",
         b64(serde_json::json!({"alg": "ES256", "kid": "k1"})),
         b64(serde_json::json!({"sub": "a", "exp": 1})),
-        meshgate_ca::pki::base64url(b"not a signature")
+        data_encoding::BASE64URL_NOPAD.encode(b"not a signature")
     );
     let jwt_cfg = jwt_cfg.to_str().expect("utf8").to_owned();
     let commands: Vec<Vec<&str>> = vec![

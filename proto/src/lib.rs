@@ -1,7 +1,8 @@
 //! Protobuf definitions and generated gRPC code, nothing else.
 //!
 //! - [`ca::v1`]: the certificate authority API (`JoinNode`, `RenewNode`, `SignWorkload`,
-//!   `TrustBundle`), served by `meshgate ca serve` and called by every agent and gateway.
+//!   `TrustBundle`, `ReportBundle`), served by `meshgate ca serve` and called by every agent
+//!   and gateway.
 //! - [`test::v1`]: `Echo`, the four gRPC call kinds, for end-to-end tests only (not an API).
 //! - [`demo::orders::v1`]: `Orders`, the demo service `meshgate dev` transcodes (REST/JSON via
 //!   `google.api.http` rules, a server-streaming method).

@@ -21,7 +21,6 @@ use http::{Method, Request, Response, StatusCode, header::CONTENT_TYPE};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use meshgate_ca::store::rfc3339;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tracing::warn;
@@ -169,6 +168,22 @@ pub struct CertView {
     pub not_after: String,
     /// Seconds until expiry.
     pub time_left_seconds: u64,
+    /// The signing intermediate in its chain: RFC 3339 expiry.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub intermediate_not_after: Option<String>,
+    /// Seconds until the intermediate expires.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub intermediate_time_left_seconds: Option<u64>,
+    /// Fingerprint of the root the CA signs under, when the bundle names it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signing_root: Option<String>,
+    /// Sequence of the trust bundle held.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bundle_sequence: Option<u64>,
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 impl AdminState {
@@ -177,16 +192,24 @@ impl AdminState {
             return Vec::new();
         };
         let now = SystemTime::now();
+        let bundle = ids.bundle().load_full();
         ids.identities()
             .await
             .into_iter()
-            .filter_map(|i| i.info().map(|info| (i.id.to_string(), info)))
-            .map(|(id, info)| CertView {
+            .filter_map(|i| {
+                i.info()
+                    .map(|info| (i.intermediate_info(), i.id.to_string(), info))
+            })
+            .map(|(int, id, info)| CertView {
                 spiffe_id: id,
                 serial: info.serial.clone(),
                 not_before: rfc3339(info.not_before),
                 not_after: rfc3339(info.not_after),
                 time_left_seconds: info.remaining(now).as_secs(),
+                intermediate_not_after: int.as_ref().map(|i| rfc3339(i.not_after)),
+                intermediate_time_left_seconds: int.map(|i| i.remaining(now).as_secs()),
+                signing_root: bundle.signing_root().map(str::to_owned),
+                bundle_sequence: Some(bundle.sequence()),
             })
             .collect()
     }
@@ -194,6 +217,13 @@ impl AdminState {
     async fn metrics_text(&self) -> String {
         if let Some(ids) = self.identity.get() {
             let problems = ids.problems().await;
+            if let Some(int) = ids.node().intermediate_info() {
+                self.metrics.set_intermediate_expiry(
+                    i64::try_from(int.remaining(SystemTime::now()).as_secs()).unwrap_or(i64::MAX),
+                );
+            }
+            self.metrics
+                .set_bundle_sequence(ids.bundle().load().sequence());
             for c in self.certs().await {
                 self.metrics.set_cert_expiry(
                     &c.spiffe_id,

@@ -4,6 +4,12 @@
 //! A records give addresses on the configured port (default: the mesh inbound port); SRV records
 //! give target and port, the targets resolved with A/AAAA lookups. A failed lookup keeps the last
 //! good endpoints (marked stale) and retries with backoff.
+//!
+//! Node names: an SRV target of the form `NODE.node.REST` (Consul's own naming of node
+//! targets, e.g. `node-b.node.dc1.consul.`; in a zone of your own, name the targets that way)
+//! pins its endpoints to node `NODE`, so only that node's certificate is accepted there. A
+//! records and other SRV targets carry no node: any node the CA's hosting map allows for the
+//! service may answer.
 
 use std::{
     collections::BTreeMap,
@@ -22,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use super::ServiceEntry;
-use crate::telemetry::Metrics;
+use crate::{balance::Target, telemetry::Metrics};
 
 fn default_min_refresh() -> Duration {
     Duration::from_secs(1)
@@ -105,12 +111,22 @@ pub fn resolver(cfg: &DnsConfig) -> Result<TokioResolver, String> {
     builder.build().map_err(|e| e.to_string())
 }
 
+/// The node an SRV target names by the `NODE.node.REST` convention (trailing dot or not).
+pub fn node_of_target(target: &str) -> Option<&str> {
+    let mut labels = target.trim_end_matches('.').split('.');
+    let node = labels.next()?;
+    (labels.next() == Some("node")
+        && labels.next().is_some()
+        && meshgate_ca::spiffe::validate_segment(node).is_ok())
+    .then_some(node)
+}
+
 /// Looks `svc` up once: the endpoints and how long the answer is valid.
 pub async fn lookup(
     resolver: &TokioResolver,
     svc: &DnsService,
     default_port: u16,
-) -> Result<(Vec<SocketAddr>, Duration), String> {
+) -> Result<(Vec<Target>, Duration), String> {
     let now = std::time::Instant::now();
     match svc.record {
         RecordKind::A => {
@@ -119,7 +135,10 @@ pub async fn lookup(
                 .await
                 .map_err(|e| e.to_string())?;
             let port = svc.port.unwrap_or(default_port);
-            let addrs = ips.iter().map(|ip| SocketAddr::new(ip, port)).collect();
+            let addrs = ips
+                .iter()
+                .map(|ip| Target::from(SocketAddr::new(ip, port)))
+                .collect();
             Ok((addrs, ips.valid_until().saturating_duration_since(now)))
         }
         RecordKind::Srv => {
@@ -154,7 +173,15 @@ pub async fn lookup(
                 } else {
                     extra
                 };
-                addrs.extend(ips.into_iter().map(|ip| SocketAddr::new(ip, s.port)));
+                let target = s.target.to_utf8();
+                let node = node_of_target(&target);
+                addrs.extend(ips.into_iter().map(|ip| {
+                    let addr = SocketAddr::new(ip, s.port);
+                    match node {
+                        Some(n) => Target::pinned(addr, n),
+                        None => Target::from(addr),
+                    }
+                }));
             }
             Ok((addrs, valid))
         }
@@ -197,6 +224,25 @@ pub async fn watch(
                 tokio::time::sleep(backoff.max(cfg.min_refresh)).await;
                 failures = failures.saturating_add(1);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn srv_targets_name_nodes_by_convention() {
+        for (target, want) in [
+            ("node-b.node.dc1.consul.", Some("node-b")),
+            ("node-b.node.example", Some("node-b")),
+            ("0a000002.addr.dc1.consul.", None),
+            ("node-b.node.", None),
+            ("users.service.consul.", None),
+            ("node", None),
+        ] {
+            assert_eq!(node_of_target(target), want, "{target}");
         }
     }
 }

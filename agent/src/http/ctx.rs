@@ -70,7 +70,7 @@ thread_local! {
 }
 
 fn seed() -> u64 {
-    u64::from_le_bytes(meshgate_ca::pki::random_bytes::<8>()) | 1
+    crate::rand::secure_u64() | 1
 }
 
 /// A fast per-thread xorshift draw, for request ids, trace ids and balancing rolls (not for

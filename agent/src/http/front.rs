@@ -45,7 +45,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::{Notify, Semaphore},
 };
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{Body, body::ResponseBody, respond::Problem};
 pub use super::{ctx::ConnInfo, pipeline::Handler};
@@ -154,8 +154,9 @@ pub enum Security {
     /// TLS with ALPN h2 / http/1.1; client certificates when the acceptor asks for them.
     Tls(tokio_rustls::TlsAcceptor),
     /// The mesh inbound port: mutual TLS with SVIDs, HTTP/2 only; the peer's SPIFFE ID goes
-    /// into [`ConnInfo::peer_id`].
-    Mesh(tokio_rustls::TlsAcceptor),
+    /// into [`ConnInfo::peer_id`]. The watch closes a connection once the peer's certificate
+    /// stops being trusted (expired, its root left the bundle, revoked).
+    Mesh(tokio_rustls::TlsAcceptor, crate::identity::PeerWatch),
 }
 
 impl std::fmt::Debug for Security {
@@ -163,7 +164,7 @@ impl std::fmt::Debug for Security {
         f.write_str(match self {
             Security::Plain => "Plain",
             Security::Tls(_) => "Tls",
-            Security::Mesh(_) => "Mesh",
+            Security::Mesh(..) => "Mesh",
         })
     }
 }
@@ -794,8 +795,8 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, security: Security, front: &Fr
             };
             serve_io(tcp, ConnInfo::plain(peer), proto, front).await;
         }
-        Security::Tls(ref acceptor) | Security::Mesh(ref acceptor) => {
-            let mesh = matches!(security, Security::Mesh(_));
+        Security::Tls(ref acceptor) | Security::Mesh(ref acceptor, _) => {
+            let mesh = matches!(security, Security::Mesh(..));
             let tls =
                 match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => s,
@@ -825,6 +826,10 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, security: Security, front: &Fr
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .map(|c| c.clone().into_owned());
+            let chain: Vec<rustls_pki_types::CertificateDer<'static>> = session
+                .peer_certificates()
+                .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                .unwrap_or_default();
             let h2 = session.alpn_protocol() == Some(b"h2");
             let mut info = ConnInfo::plain(peer);
             info.tls = true;
@@ -851,7 +856,23 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, security: Security, front: &Fr
                     .tunnel_opened(crate::telemetry::Direction::Inbound);
                 debug!(src.addr = %peer, peer.identity = info.peer_id.as_ref().map(ToString::to_string).unwrap_or_default(), "tunnel accepted");
             }
-            serve_io(tls, info, proto, front).await;
+            match &security {
+                Security::Mesh(_, watch) => {
+                    let peer_id = info.peer_id.as_ref().map(ToString::to_string);
+                    let cut =
+                        watch
+                            .clone()
+                            .cut_off(chain, meshgate_ca::verify::Usage::Client, None);
+                    tokio::select! {
+                        () = serve_io(tls, info, proto, front) => {}
+                        c = cut => {
+                            front.metrics.tunnel_cut_off(crate::telemetry::Direction::Inbound, c.reason.as_str());
+                            info!(src.addr = %peer, peer.identity = peer_id.unwrap_or_default(), reason = c.reason.as_str(), "closing tunnel connection: {c}");
+                        }
+                    }
+                }
+                _ => serve_io(tls, info, proto, front).await,
+            }
             if mesh {
                 front
                     .metrics

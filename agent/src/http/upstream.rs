@@ -289,6 +289,7 @@ impl MeshClient {
         let endpoint = match &e {
             TunnelError::Connect { addr, .. }
             | TunnelError::Handshake { addr, .. }
+            | TunnelError::WrongDestination { addr, .. }
             | TunnelError::NotProcessed { addr, .. }
             | TunnelError::Http2 { addr, .. }
             | TunnelError::Refused { addr, .. } => Some(*addr),
@@ -312,7 +313,9 @@ impl MeshClient {
                 reason: e.to_string(),
                 refused: matches!(
                     e,
-                    TunnelError::Connect { .. } | TunnelError::Handshake { .. }
+                    TunnelError::Connect { .. }
+                        | TunnelError::Handshake { .. }
+                        | TunnelError::WrongDestination { .. }
                 ),
             },
             e => UpstreamError::Failed {
@@ -384,7 +387,11 @@ impl Upstream for MeshService {
             );
             *req.version_mut() = Version::HTTP_2;
             let started = Instant::now();
-            match c.pool.request(&c.source, ep.addr(), req).await {
+            match c
+                .pool
+                .request(&c.source, &self.name, ep.target(), req)
+                .await
+            {
                 Ok((response, lease)) => {
                     if let Some(e) = classify_local(&self.name, ep.addr(), &response) {
                         if matches!(e, UpstreamError::NotProcessed { .. }) {
@@ -423,7 +430,7 @@ impl Upstream for MeshService {
                     Err(e) => return Err(last.unwrap_or(e)),
                 };
                 let in_flight = ep.start();
-                match c.pool.connect(&c.source, ep.addr(), &self.name).await {
+                match c.pool.connect(&c.source, ep.target(), &self.name).await {
                     Ok((io, lease)) => {
                         ep.record_success(Instant::now(), Duration::ZERO);
                         let response = http1_upgrade(io, req, Some(ep.addr())).await?;

@@ -4,7 +4,11 @@
 //! `data_dir`, mode 0600), joins the mesh with a single-use token while pinning the CA root by
 //! fingerprint, obtains the node SVID and workload SVIDs, renews each at 2/3 of its lifetime with
 //! jitter (retrying with backoff and keeping the current certificate until it expires), follows
-//! the CA's trust bundle stream, and builds TLS 1.3 rustls configs that verify peers as SVIDs.
+//! the CA's trust bundle stream (roots, hosting map, denylist; kept in `bundle.json` and reported
+//! back to the CA), and builds TLS 1.3 rustls configs that verify peers as SVIDs and never
+//! resume sessions. When the bundle names a new signing root (root rotation), every held
+//! certificate that chains to another root is renewed at once. [`PeerWatch`] tells a live
+//! connection when its peer's certificate stops being acceptable.
 //!
 //! Joining just works: while the CA cannot be reached the manager keeps trying (1s doubling to
 //! 60s, each attempt logged) and spends its token only once the CA answers; a node whose
@@ -17,6 +21,7 @@
 
 mod ca_client;
 mod clock;
+mod watch;
 
 use std::{
     collections::HashMap,
@@ -34,15 +39,14 @@ use meshgate_ca::{
     pki::{self, CertInfo, PkiError},
     signer::make_csr,
     spiffe::{SpiffeId, validate_segment, validate_trust_domain},
-    store::rfc3339,
     tls::CertSlot,
     verify::{
         ExpectedPeer, SharedBundle, SpiffeClientVerifier, SpiffeServerVerifier, TrustBundle, Usage,
-        tls13_client_config_at, tls13_server_config_at, verify_svid,
+        disable_resumption, tls13_client_config_at, tls13_server_config_at, verify_svid,
     },
 };
 use meshgate_proto::ca::v1::{
-    Bundle, CsrRequest, JoinNodeRequest, SvidResponse, TrustBundleRequest,
+    Bundle, BundleReport, CsrRequest, JoinNodeRequest, SvidResponse, TrustBundleRequest,
 };
 use rcgen::KeyPair;
 use rustls::{ClientConfig, ServerConfig};
@@ -52,6 +56,7 @@ use tracing::{error, info, warn};
 
 pub use ca_client::{CaClient, connect as connect_ca, error_chain};
 pub use clock::{Clock, SkewedClock, SystemClock};
+pub use watch::{CutOff, CutOffReason, ExtraCheck, PeerWatch};
 
 use clock::{ClockTime, unix_time};
 
@@ -198,22 +203,56 @@ struct RenewFailure {
 pub struct Identity {
     /// The SPIFFE ID.
     pub id: SpiffeId,
+    namespace: Arc<str>,
     slot: Arc<CertSlot>,
     renewal: Arc<Mutex<Option<RenewFailure>>>,
+    /// When the current certificate arrived from the CA (None: loaded from disk).
+    arrived: Arc<Mutex<Option<SystemTime>>>,
 }
 
 impl Identity {
     fn new(id: SpiffeId) -> Self {
+        let namespace = match id.subject() {
+            meshgate_ca::spiffe::Subject::Workload { namespace, .. } => {
+                Arc::from(namespace.as_str())
+            }
+            _ => Arc::from("default"),
+        };
         Self {
             id,
+            namespace,
             slot: CertSlot::new(),
             renewal: Arc::new(Mutex::new(None)),
+            arrived: Arc::new(Mutex::new(None)),
         }
+    }
+
+    fn arrived(&self) -> Option<SystemTime> {
+        self.arrived.lock().ok().and_then(|a| *a)
+    }
+
+    /// The namespace of a workload identity (`default` for the node identity): the namespace
+    /// of the services it calls.
+    pub fn namespace(&self) -> &Arc<str> {
+        &self.namespace
     }
 
     /// The current chain, leaf first.
     pub fn chain(&self) -> Vec<CertificateDer<'static>> {
         self.slot.chain().unwrap_or_default()
+    }
+
+    /// When the current chain stops being valid (the earliest end over leaf and
+    /// intermediates), if a certificate is held.
+    pub fn chain_not_after(&self) -> Option<SystemTime> {
+        self.slot.chain().and_then(|c| pki::chain_not_after(&c))
+    }
+
+    /// The signing intermediate of the current chain (the certificate after the leaf).
+    pub fn intermediate_info(&self) -> Option<CertInfo> {
+        self.slot
+            .chain()
+            .and_then(|c| c.get(1).and_then(|i| CertInfo::from_der(i).ok()))
     }
 
     /// The current leaf's details.
@@ -282,6 +321,8 @@ struct Inner {
     node_id: SpiffeId,
     ca_id: SpiffeId,
     bundle: SharedBundle,
+    /// Every applied bundle, for renewal loops and live connections.
+    bundle_tx: tokio::sync::watch::Sender<Arc<TrustBundle>>,
     node: Held,
     workloads: tokio::sync::Mutex<HashMap<SpiffeId, Identity>>,
     renewals: AtomicU64,
@@ -358,11 +399,15 @@ fn validate(cfg: &IdentityConfig) -> Result<(), IdentityError> {
     Ok(())
 }
 
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
 /// The file that records which join token this node used last (its SHA-256, never the token).
 const USED_TOKEN_FILE: &str = "join-token.sha256";
 
 fn token_hash(token: &str) -> String {
-    pki::hex(&pki::sha256(token.trim().as_bytes()))
+    pki::sha256_hex(token.trim().as_bytes())
 }
 
 fn last_used_token(data_dir: &Path) -> Option<String> {
@@ -471,10 +516,12 @@ impl IdentityManager {
                 joiner.join_retrying(&token).await?
             }
         };
+        let bundle = Arc::new(bundle);
         let inner = Arc::new(Inner {
             node_id: node_id.clone(),
             ca_id,
-            bundle: Arc::new(ArcSwap::from_pointee(bundle)),
+            bundle_tx: tokio::sync::watch::channel(bundle.clone()).0,
+            bundle: Arc::new(ArcSwap::new(bundle)),
             node,
             workloads: tokio::sync::Mutex::new(HashMap::new()),
             renewals: AtomicU64::new(0),
@@ -492,6 +539,7 @@ impl IdentityManager {
         let tasks = Arc::new(Tasks(Mutex::new(Vec::new())));
         tasks.push(tokio::spawn(renew_loop(inner.clone(), None)));
         tasks.push(tokio::spawn(follow_bundle(inner.clone())));
+        tasks.push(tokio::spawn(report_bundles(inner.clone())));
         Ok(Self { inner, tasks })
     }
 
@@ -546,6 +594,21 @@ impl IdentityManager {
         self.inner.bundle.clone()
     }
 
+    /// Every bundle from now on, as it is applied.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Arc<TrustBundle>> {
+        self.inner.bundle_tx.subscribe()
+    }
+
+    /// Watches peers' certificates for live connections (see [`PeerWatch`]).
+    pub fn peer_watch(&self) -> PeerWatch {
+        PeerWatch::new(self.subscribe(), self.inner.clock.clone())
+    }
+
+    /// Now, by the manager's clock (the one certificates are checked with).
+    pub fn now(&self) -> SystemTime {
+        self.inner.clock.now()
+    }
+
     /// Counters.
     pub fn status(&self) -> IdentityStatus {
         IdentityStatus {
@@ -578,12 +641,16 @@ impl IdentityManager {
     }
 
     /// A TLS 1.3 server config that presents `identity`, requires a client SVID from the trust
-    /// bundle, and offers ALPN h2. Renewals and bundle updates apply to it live.
+    /// bundle (not on its denylist), and offers ALPN h2. Renewals and bundle updates apply to
+    /// it live; sessions are never resumed.
     pub fn server_config(&self, identity: &Identity) -> Arc<ServerConfig> {
         let mut cfg = tls13_server_config_at(self.inner.time())
             .with_client_cert_verifier(Arc::new(SpiffeClientVerifier::new(self.bundle(), true)))
             .with_cert_resolver(identity.slot.clone());
         cfg.alpn_protocols = vec![b"h2".to_vec()];
+        // a resumed session would skip the certificate checks; tunnels are long-lived, so a
+        // full handshake per connection costs nothing that matters
+        disable_resumption(&mut cfg);
         Arc::new(cfg)
     }
 
@@ -598,6 +665,7 @@ impl IdentityManager {
             )))
             .with_client_cert_resolver(identity.slot.clone());
         cfg.alpn_protocols = vec![b"h2".to_vec()];
+        cfg.resumption = rustls::client::Resumption::disabled();
         Arc::new(cfg)
     }
 }
@@ -724,6 +792,19 @@ impl Inner {
         ca_client::connect(&self.cfg.ca_address, tls).await
     }
 
+    /// Reports the bundle this node holds to the CA.
+    async fn report(&self, bundle: &TrustBundle) -> Result<(), IdentityError> {
+        let mut client = self.node_client().await?;
+        client
+            .report_bundle(BundleReport {
+                sequence: bundle.sequence(),
+                root_fingerprints: bundle.fingerprints(),
+            })
+            .await
+            .map_err(|s| refused("ReportBundle", &self.cfg.ca_address, s))?;
+        Ok(())
+    }
+
     /// Asks the CA for a fresh SVID for `held` (new key each time), verifies and stores it.
     async fn request(&self, held: &Held, rpc: &'static str) -> Result<(), IdentityError> {
         let (key, csr) =
@@ -737,6 +818,13 @@ impl Inner {
         }
         .map_err(|s| refused(rpc, &self.cfg.ca_address, s))?
         .into_inner();
+        // the answer carries the CA's bundle of that moment: take it first, so a certificate
+        // under a root this node learns of only now verifies (and the denylist is current)
+        if let Some(b) = resp.bundle.clone()
+            && let Err(e) = self.apply_bundle(b)
+        {
+            warn!(error = %e, "trust bundle in the CA's answer ignored");
+        }
         let bundle = self.bundle.load_full();
         accept_svid(
             &bundle,
@@ -799,19 +887,23 @@ impl Inner {
         }
         let next = bundle_from_proto(&msg)?;
         let cur = self.bundle.load();
-        if next.roots() == cur.roots() {
+        if next.same_content(&cur) {
+            if next.sequence() != cur.sequence() {
+                self.bundle.store(Arc::new(
+                    TrustBundle::clone(&cur).with_sequence(next.sequence()),
+                ));
+            }
             return Ok(false);
         }
-        pki::write_atomic(
-            &self.cfg.data_dir.join("bundle.pem"),
-            pki::certs_to_pem(next.roots()).as_bytes(),
-            0o644,
-        )?;
-        self.bundle.store(Arc::new(next));
+        store_bundle(&self.cfg.data_dir, &next)?;
+        let next = Arc::new(next);
+        self.bundle.store(next.clone());
+        self.bundle_tx.send_replace(next);
         self.bundle_updates.fetch_add(1, Ordering::Relaxed);
         info!(
             sequence = msg.sequence,
             roots = msg.roots_der.len(),
+            revoked = msg.revoked_nodes.len(),
             "trust bundle updated"
         );
         Ok(true)
@@ -836,13 +928,33 @@ fn refused(rpc: &'static str, address: &str, s: tonic::Status) -> IdentityError 
 }
 
 fn bundle_from_proto(msg: &Bundle) -> Result<TrustBundle, IdentityError> {
-    let roots = msg
-        .roots_der
-        .iter()
-        .map(|r| CertificateDer::from(r.clone()))
-        .collect();
-    TrustBundle::new(&msg.trust_domain, roots, msg.sequence)
-        .map_err(|e| IdentityError::BadResponse(e.to_string()))
+    TrustBundle::from_proto(msg).map_err(|e| IdentityError::BadResponse(e.to_string()))
+}
+
+/// Writes the bundle to the data dir: `bundle.json` (everything, read back at start) and
+/// `bundle.pem` (the roots, for people and tools).
+fn store_bundle(data_dir: &Path, bundle: &TrustBundle) -> Result<(), IdentityError> {
+    pki::write_atomic(&data_dir.join("bundle.json"), &bundle.to_json(), 0o644)?;
+    pki::write_atomic(
+        &data_dir.join("bundle.pem"),
+        pki::certs_to_pem(bundle.roots()).as_bytes(),
+        0o644,
+    )?;
+    Ok(())
+}
+
+/// Reads the bundle from the data dir: `bundle.json`, else the roots of `bundle.pem` (a data
+/// dir from before bundles carried a hosting map; the CA's next message fills it in).
+fn read_bundle(cfg: &IdentityConfig) -> Option<TrustBundle> {
+    if let Ok(data) = fs::read(cfg.data_dir.join("bundle.json")) {
+        match TrustBundle::from_json(&data) {
+            Ok(b) if b.trust_domain() == cfg.trust_domain => return Some(b),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "bundle.json unreadable; using bundle.pem"),
+        }
+    }
+    let roots = pki::read_pem_certs(&cfg.data_dir.join("bundle.pem")).ok()?;
+    TrustBundle::new(&cfg.trust_domain, roots, 0).ok()
 }
 
 /// Joins: pinned TLS to the CA, JoinNode, then checks that the bundle holds the pinned root
@@ -891,11 +1003,7 @@ async fn join(
         )));
     }
     accept_svid(&bundle, node_id, resp, &key, node, now)?;
-    pki::write_atomic(
-        &cfg.data_dir.join("bundle.pem"),
-        pki::certs_to_pem(bundle.roots()).as_bytes(),
-        0o644,
-    )?;
+    store_bundle(&cfg.data_dir, &bundle)?;
     info!(node = %node_id, ca = %cfg.ca_address, "joined the mesh");
     Ok(bundle)
 }
@@ -939,6 +1047,9 @@ fn accept_svid(
         .map_err(|e| {
             IdentityError::BadResponse(format!("certificate does not match our key: {e}"))
         })?;
+    if let Ok(mut at) = held.identity.arrived.lock() {
+        *at = Some(now);
+    }
     pki::write_atomic(&held.key, key.serialize_pem().as_bytes(), 0o600)?;
     pki::write_atomic(&held.crt, pki::certs_to_pem(&chain).as_bytes(), 0o644)?;
     Ok(())
@@ -946,10 +1057,7 @@ fn accept_svid(
 
 /// Reads the bundle and the node SVID from the data dir.
 fn load_from_disk(cfg: &IdentityConfig, node: &Held, now: SystemTime) -> OnDisk {
-    let Ok(roots) = pki::read_pem_certs(&cfg.data_dir.join("bundle.pem")) else {
-        return OnDisk::Nothing;
-    };
-    let Ok(bundle) = TrustBundle::new(&cfg.trust_domain, roots, 0) else {
+    let Some(bundle) = read_bundle(cfg) else {
         return OnDisk::Nothing;
     };
     match load_svid(
@@ -1070,8 +1178,8 @@ pub fn renew_retry_delay(failures: u32, lifetime: Duration) -> Duration {
 }
 
 fn jitter() -> f64 {
-    let b = pki::random_bytes::<4>();
-    (f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX)) * 2.0 - 1.0
+    let b = (crate::rand::secure_u64() & 0xffff_ffff) as u32;
+    (f64::from(b) / f64::from(u32::MAX)) * 2.0 - 1.0
 }
 
 /// Renews the node SVID (`held` = None) or a workload SVID forever.
@@ -1079,13 +1187,42 @@ async fn renew_loop(inner: Arc<Inner>, held: Option<Held>) {
     let held = held.as_ref().unwrap_or(&inner.node);
     let is_node = held.identity.id == inner.node_id;
     let rpc = if is_node { "RenewNode" } else { "SignWorkload" };
+    let mut bundles = inner.bundle_tx.subscribe();
     loop {
         let Some(info) = held.identity.info() else {
             return;
         };
-        // never less than a second between renewals, whatever the certificate says
-        let delay = renew_delay(info.not_before, info.not_after, inner.clock.now(), jitter());
-        tokio::time::sleep(delay.max(Duration::from_secs(1))).await;
+        // 2/3 of the lifetime counted from when this certificate arrived from the CA (a CA
+        // back-dates its leaves by minutes, which near an intermediate's end — where leaves are
+        // cut short — would put the renewal after the expiry; one loaded from disk counts from
+        // its start); never less than a second between renewals, whatever it says
+        let now = inner.clock.now();
+        let start = match held.identity.arrived() {
+            Some(at) => info.not_before.max(at),
+            None => info.not_before,
+        };
+        let delay = renew_delay(start, info.not_after, now, jitter());
+        let due = tokio::time::sleep(delay.max(Duration::from_secs(1)));
+        tokio::pin!(due);
+        loop {
+            tokio::select! {
+                () = &mut due => break,
+                changed = bundles.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let bundle = bundles.borrow_and_update().clone();
+                    if needs_reissue(&held.identity, &bundle, inner.clock.now()) {
+                        // spread the renewals of a whole mesh over a moment
+                        let spread = (info.lifetime() / 10).min(Duration::from_secs(2));
+                        let wait = spread.mul_f64(jitter().abs());
+                        info!(spiffe_id = %held.identity.id, signing_root = bundle.signing_root().unwrap_or("-"), "the CA signs under another root now; renewing at once");
+                        tokio::time::sleep(wait).await;
+                        break;
+                    }
+                }
+            }
+        }
         let mut failures = 0u32;
         let mut told_expired = false;
         loop {
@@ -1122,6 +1259,71 @@ async fn renew_loop(inner: Arc<Inner>, held: Option<Held>) {
                     failures = failures.saturating_add(1);
                 }
             }
+        }
+    }
+}
+
+/// Whether `identity`'s chain does not lead to the root the bundle says the CA signs under
+/// now (through the intermediate right after the leaf): a root rotation moved on, so the
+/// certificate should be renewed at once rather than at its usual time.
+fn needs_reissue(identity: &Identity, bundle: &TrustBundle, now: SystemTime) -> bool {
+    let Some(fp) = bundle.signing_root() else {
+        return false;
+    };
+    let chain = identity.chain();
+    let (Some(leaf), Some(int)) = (chain.first(), chain.get(1)) else {
+        return false;
+    };
+    let Some(root) = bundle.roots().iter().find(|r| pki::fingerprint(r) == fp) else {
+        return false;
+    };
+    let Ok(only) = TrustBundle::new(bundle.trust_domain(), vec![root.clone()], 0) else {
+        return false;
+    };
+    let Some(at) = unix_time(now) else {
+        return false;
+    };
+    verify_svid(&only, leaf, std::slice::from_ref(int), at, Usage::Client).is_err()
+}
+
+/// Tells the CA which bundle this node holds: the current one at start, then every one
+/// applied (root rotation waits for these). Retries with backoff until it got through or a
+/// newer bundle replaced it.
+async fn report_bundles(inner: Arc<Inner>) {
+    let mut rx = inner.bundle_tx.subscribe();
+    let mut failures = 0u32;
+    loop {
+        let bundle = rx.borrow_and_update().clone();
+        loop {
+            match inner.report(&bundle).await {
+                Ok(()) => {
+                    failures = 0;
+                    break;
+                }
+                Err(IdentityError::Refused {
+                    code: tonic::Code::Unimplemented,
+                    ..
+                }) => {
+                    info!("the CA does not take bundle reports (an older version); not reporting");
+                    return;
+                }
+                Err(e) => {
+                    warn!(error = %e, sequence = bundle.sequence(), "could not report the held trust bundle to the CA; retrying");
+                    failures = failures.saturating_add(1);
+                    tokio::select! {
+                        () = tokio::time::sleep(retry_backoff(failures)) => {}
+                        changed = rx.changed() => {
+                            if changed.is_err() {
+                                return;
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if !rx.has_changed().unwrap_or(false) && rx.changed().await.is_err() {
+            return;
         }
     }
 }

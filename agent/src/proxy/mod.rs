@@ -6,7 +6,7 @@ pub mod outbound;
 
 /// A small xorshift generator for load-balancing choices (not for secrets).
 pub(crate) fn rng() -> impl FnMut() -> u64 {
-    let seed = u64::from_le_bytes(meshgate_ca::pki::random_bytes::<8>()) | 1;
+    let seed = crate::rand::secure_u64() | 1;
     let mut x = seed;
     move || {
         x ^= x << 13;

@@ -1,7 +1,8 @@
 //! Outbound: each upstream listener accepts local TCP connections, picks an endpoint (power of
 //! two choices over peak-EWMA latency, passive ejection), opens a tunnel stream presenting the
-//! owning service's SVID, and splices. A failed endpoint is skipped for the next one before the
-//! client sees anything, so a dead node costs no client-visible error.
+//! owning service's SVID, and splices. A failed endpoint — dead, too slow to connect, or not
+//! the node that must answer there — is skipped for the next one before the client sees
+//! anything, so a dead or impersonating node costs no client-visible error.
 
 use std::{
     sync::Arc,
@@ -97,6 +98,7 @@ pub async fn open_stream(
     metrics: &Metrics,
 ) -> Result<(Upgraded, InFlight, Lease), OpenError> {
     let mut rand = super::rng();
+    let name: Arc<str> = Arc::from(service);
     let mut exclude = Vec::new();
     let mut last = None;
     for _ in 0..MAX_ATTEMPTS {
@@ -105,7 +107,7 @@ pub async fn open_stream(
         };
         let in_flight = ep.start();
         let started = Instant::now();
-        match pool.connect(source, ep.addr(), service).await {
+        match pool.connect(source, ep.target(), &name).await {
             Ok((tunnel, lease)) => {
                 ep.record_success(Instant::now(), started.elapsed());
                 return Ok((tunnel, in_flight, lease));

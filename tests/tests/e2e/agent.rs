@@ -75,7 +75,10 @@ async fn hashing_service() -> u16 {
                         }
                     }
                 }
-                let reply = format!("{total} {}", meshgate_ca::pki::hex(ctx.finish().as_ref()));
+                let reply = format!(
+                    "{total} {}",
+                    data_encoding::HEXLOWER.encode(ctx.finish().as_ref())
+                );
                 let _ = s.write_all(reply.as_bytes()).await;
                 let _ = s.shutdown().await;
             });
@@ -99,11 +102,7 @@ async fn hundred_mib_arrive_intact_through_the_tunnel() {
         x ^= x << 17;
         chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
     }
-    let want = format!(
-        "{} {}",
-        data.len(),
-        meshgate_ca::pki::hex(&meshgate_ca::pki::sha256(&data))
-    );
+    let want = format!("{} {}", data.len(), meshgate_ca::pki::sha256_hex(&data));
     let (mut r, mut w) = client.split();
     let send = async {
         w.write_all(&data).await.expect("send");
@@ -400,8 +399,13 @@ async fn inbound_port_refuses_what_it_must() {
 
     // an expired certificate from the right CA
     let material = store::load(&ca.data_dir()).expect("ca");
-    let signer = meshgate_ca::signer::Signer::new(material.intermediate, material.intermediate_key)
-        .expect("signer");
+    let root_fp = material.root_fingerprint();
+    let signer = meshgate_ca::signer::Signer::new(
+        material.intermediate,
+        material.intermediate_key,
+        &root_fp,
+    )
+    .expect("signer");
     let id = SpiffeId::workload(TD, "default", "web").expect("id");
     let (key, _) = make_csr(&id).expect("key");
     let past = std::time::SystemTime::now() - Duration::from_secs(3 * 3600);

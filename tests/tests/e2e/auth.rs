@@ -29,7 +29,7 @@ const TD: &str = "mesh.example";
 pub(crate) const ISS: &str = "https://issuer.test";
 
 fn b64url(bytes: &[u8]) -> String {
-    meshgate_ca::pki::base64url(bytes)
+    data_encoding::BASE64URL_NOPAD.encode(bytes)
 }
 
 pub(crate) struct SigningKey {

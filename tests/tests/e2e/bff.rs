@@ -219,7 +219,7 @@ async fn the_openapi_document_passes_a_real_validator_and_is_served() {
     let signing = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
     let point = signing.public_key_raw().to_vec();
     let jwk = json!({"kty": "EC", "crv": "P-256", "kid": "k1", "alg": "ES256",
-                     "x": meshgate_ca::pki::base64url(&point[1..33]), "y": meshgate_ca::pki::base64url(&point[33..])});
+                     "x": data_encoding::BASE64URL_NOPAD.encode(&point[1..33]), "y": data_encoding::BASE64URL_NOPAD.encode(&point[33..])});
     let mesh = TestMesh::new()
         .agent(AgentSpec::new("node-b").service(ServiceSpec::http("users", users.port)).service(ServiceSpec::grpc("orders", 1)))
         .intention(Intention::allow("gateway", "*"))

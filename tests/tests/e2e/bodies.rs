@@ -38,7 +38,7 @@ fn sha_of(chunks: usize) -> String {
     for i in 0..chunks {
         ctx.update(&chunk(i));
     }
-    meshgate_ca::pki::hex(ctx.finish().as_ref())
+    data_encoding::HEXLOWER.encode(ctx.finish().as_ref())
 }
 
 /// A backend that hashes uploads (`POST /upload` answers `BYTES SHA256`) and streams
@@ -66,8 +66,10 @@ async fn bulk_backend() -> u16 {
                                     n += d.len();
                                 }
                             }
-                            let out =
-                                format!("{n} {}", meshgate_ca::pki::hex(ctx.finish().as_ref()));
+                            let out = format!(
+                                "{n} {}",
+                                data_encoding::HEXLOWER.encode(ctx.finish().as_ref())
+                            );
                             crate::clients::full(out)
                         } else if let Some(n) = path
                             .strip_prefix("/download/")
@@ -184,7 +186,7 @@ async fn two_hundred_mib_stream_up_and_down_with_flat_gateway_memory() {
                 n += d.len();
             }
         }
-        (n, meshgate_ca::pki::hex(ctx.finish().as_ref()))
+        (n, data_encoding::HEXLOWER.encode(ctx.finish().as_ref()))
     })
     .await
     .expect("download within 180s");

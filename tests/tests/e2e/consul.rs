@@ -3,8 +3,8 @@
 
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
+use meshgate_agent::discovery::consul::{CatalogEntry, HealthEntry, ServiceRegistration};
 use meshgate_agent::identity::IdentityError;
-use meshgate_ca::consul::{CatalogEntry, HealthEntry, ServiceRegistration};
 use serde_json::json;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},

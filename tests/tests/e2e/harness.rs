@@ -3,8 +3,12 @@
 
 use std::{future::Future, path::PathBuf, sync::Once, time::Duration};
 
-use meshgate_agent::identity::{IdentityConfig, IdentityManager};
+use meshgate_agent::{
+    discovery::consul::{ConsulClient, ConsulConfig},
+    identity::{IdentityConfig, IdentityManager},
+};
 use meshgate_ca::{
+    catalog::Catalog,
     server::{CaConfig, CaServer},
     store::{self, TokenStore},
 };
@@ -71,7 +75,15 @@ pub(crate) struct TestCa {
     pub(crate) dir: TempDir,
     pub(crate) server: CaServer,
     pub(crate) trust_domain: String,
-    config: CaConfig,
+    config: CaConfig<ConsulConfig>,
+}
+
+/// The catalog a CA config's `consul:` section asks for, as the CLI builds it.
+fn catalog_of(config: &CaConfig<ConsulConfig>) -> Option<std::sync::Arc<dyn Catalog>> {
+    config.consul.as_ref().map(|c| {
+        std::sync::Arc::new(ConsulClient::new(c).expect("consul client"))
+            as std::sync::Arc<dyn Catalog>
+    })
 }
 
 impl TestCa {
@@ -93,7 +105,31 @@ impl TestCa {
     pub(crate) async fn start_full(
         trust_domain: &str,
         ttl: Duration,
-        consul: Option<meshgate_ca::consul::ConsulConfig>,
+        consul: Option<ConsulConfig>,
+    ) -> Self {
+        Self::start_configured(trust_domain, |c| {
+            c.workload_ttl = ttl;
+            c.node_ttl = ttl;
+            c.consul = consul;
+        })
+        .await
+    }
+
+    /// A CA whose config (1h lifetimes, a 200ms reload interval, 127.0.0.1:0) `tweak` changes
+    /// before it starts; `before_start` may change the fresh data dir first (a short-lived
+    /// intermediate…).
+    pub(crate) async fn start_configured(
+        trust_domain: &str,
+        tweak: impl FnOnce(&mut CaConfig<ConsulConfig>),
+    ) -> Self {
+        Self::start_prepared(trust_domain, |_| {}, tweak).await
+    }
+
+    /// Like [`TestCa::start_configured`], running `prepare` on the data dir after `ca init`.
+    pub(crate) async fn start_prepared(
+        trust_domain: &str,
+        prepare: impl FnOnce(&std::path::Path),
+        tweak: impl FnOnce(&mut CaConfig<ConsulConfig>),
     ) -> Self {
         init();
         let dir = tempfile::tempdir().expect("tempdir");
@@ -104,16 +140,18 @@ impl TestCa {
             std::time::SystemTime::now(),
         )
         .expect("ca init");
-        let config = CaConfig {
-            trust_domain: trust_domain.into(),
-            data_dir: dir.path().into(),
+        prepare(dir.path());
+        let mut config = CaConfig {
             listen: "127.0.0.1:0".parse().expect("addr"),
-            workload_ttl: ttl,
-            node_ttl: ttl,
-            consul,
-            expired_renewal_grace: Duration::from_secs(24 * 3600),
+            workload_ttl: Duration::from_secs(3600),
+            node_ttl: Duration::from_secs(3600),
+            reload_interval: Duration::from_millis(200),
+            ..CaConfig::new(trust_domain, dir.path())
         };
-        let server = CaServer::start(&config).await.expect("ca serve");
+        tweak(&mut config);
+        let server = CaServer::start(&config, catalog_of(&config))
+            .await
+            .expect("ca serve");
         Self {
             dir,
             server,
@@ -129,7 +167,9 @@ impl TestCa {
         self.server.shutdown(Duration::from_millis(100)).await;
         while_down.await;
         self.config.listen = addr;
-        self.server = CaServer::start(&self.config).await.expect("ca restart");
+        self.server = CaServer::start(&self.config, catalog_of(&self.config))
+            .await
+            .expect("ca restart");
         self
     }
 
@@ -138,7 +178,7 @@ impl TestCa {
     }
 
     pub(crate) fn fingerprint(&self) -> String {
-        self.server.fingerprint().to_owned()
+        self.server.fingerprint()
     }
 
     pub(crate) fn token(&self, node: &str, services: &[&str]) -> String {
@@ -146,6 +186,7 @@ impl TestCa {
         TokenStore::new(self.dir.path())
             .create(
                 node,
+                None,
                 &services,
                 Duration::from_secs(3600),
                 std::time::SystemTime::now(),

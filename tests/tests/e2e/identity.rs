@@ -39,7 +39,9 @@ fn refused(e: IdentityError) -> (tonic::Code, String) {
 async fn join_get_svids_and_handshake_over_mtls() {
     let ca = TestCa::start(TD).await;
     let (node_a, dir_a) = ca.join("node-a", &["users"]).await;
-    let (node_b, _dir_b) = ca.join("node-b", &["web", "prod/billing"]).await;
+    let (node_b, _dir_b) = ca.join("node-b", &["web"]).await;
+    // a node has one namespace, fixed by its token
+    let (node_p, _dir_p) = ca.join("node-p", &["prod/billing"]).await;
 
     // node SVID: exact URI SAN, chains to the bundle, files private
     let node = node_a.node();
@@ -63,7 +65,7 @@ async fn join_get_svids_and_handshake_over_mtls() {
 
     let users = node_a.workload("default", "users").await.expect("users");
     let web = node_b.workload("default", "web").await.expect("web");
-    let billing = node_b
+    let billing = node_p
         .workload("prod", "billing")
         .await
         .expect("billing in prod");
@@ -181,7 +183,7 @@ async fn bad_tokens_are_refused_and_issue_nothing() {
     // expired
     let past = std::time::SystemTime::now() - Duration::from_secs(7200);
     let expired = TokenStore::new(&ca.data_dir())
-        .create("node-a", &[], Duration::from_secs(3600), past)
+        .create("node-a", None, &[], Duration::from_secs(3600), past)
         .expect("token")
         .token;
     let (cfg, _d) = ca.node_config("node-a", Some(expired));
@@ -409,10 +411,13 @@ async fn certificates_renew_before_expiry() {
 async fn trust_bundle_updates_reach_nodes() {
     let ca = TestCa::start(TD).await;
     let (node, dir) = ca.join("node-a", &[]).await;
-    let next_root = rcgen::generate_simple_self_signed(vec!["next-root".to_owned()]).expect("root");
-    let mut roots = ca.server.state().bundle().roots().to_vec();
-    roots.push(next_root.cert.der().clone());
-    ca.server.set_bundle_roots(roots).expect("bundle");
+    // a root the operator adds by hand (extra-roots.pem), picked up on reload (SIGHUP)
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut params = rcgen::CertificateParams::default();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let next_root = params.self_signed(&key).expect("root");
+    std::fs::write(ca.data_dir().join("extra-roots.pem"), next_root.pem()).expect("extra roots");
+    assert!(ca.server.reload().expect("reload").bundle);
     let updated = eventually(Duration::from_secs(10), || {
         let node = node.clone();
         async move { node.bundle().load().roots().len() == 2 }

@@ -22,3 +22,4 @@ mod mesh;
 mod paths;
 mod tls_profile;
 mod transcode;
+mod trust;

@@ -27,7 +27,9 @@ use std::{
 };
 
 use meshgate_agent::{
+    balance::Target,
     config::{AgentConfig, Protocol, ServiceConfig, UpstreamConfig},
+    discovery::{StaticEndpoint, consul::ConsulConfig},
     policy::authz::{Action, AuthzConfig, RuleConfig},
 };
 use meshgate_gateway::{
@@ -46,6 +48,21 @@ pub(crate) const TD: &str = "mesh.example";
 
 /// A config change applied to the typed agent config after the builder wrote it.
 type AgentTweak = Box<dyn FnOnce(&mut AgentConfig) + Send>;
+/// A change to the CA's config before it starts.
+type CaTweak = Box<dyn FnOnce(&mut meshgate_ca::server::CaConfig<ConsulConfig>) + Send>;
+/// A change to the CA's fresh data dir before it starts.
+type CaPrepare = Box<dyn FnOnce(&std::path::Path) + Send>;
+
+/// How [`TestMesh::agent_endpoint`] lists an agent's inbound address.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Listed {
+    /// `IP:PORT`: any node the hosting map allows for the service may answer there.
+    Plain,
+    /// `NODE@IP:PORT` with the agent's own node name.
+    Pinned,
+    /// `NAME@IP:PORT` with another node's name (an address that answers with the wrong node).
+    PinnedAs(&'static str),
+}
 /// A config change applied to the typed gateway config after the builder wrote it.
 type GatewayTweak = Box<dyn FnOnce(&mut GatewayConfig) + Send>;
 
@@ -382,6 +399,10 @@ pub(crate) struct TestMesh {
     intentions: Vec<Intention>,
     gateway: Option<GatewaySpec>,
     extra_endpoints: BTreeMap<String, Vec<SocketAddr>>,
+    /// (service, node, how): an agent's inbound address listed as an endpoint of a service.
+    agent_endpoints: Vec<(String, String, Listed)>,
+    ca_tweaks: Vec<CaTweak>,
+    ca_prepare: Vec<CaPrepare>,
 }
 
 impl Default for TestMesh {
@@ -399,7 +420,33 @@ impl TestMesh {
             intentions: Vec::new(),
             gateway: None,
             extra_endpoints: BTreeMap::new(),
+            agent_endpoints: Vec::new(),
+            ca_tweaks: Vec::new(),
+            ca_prepare: Vec::new(),
         }
+    }
+
+    /// Lists agent `node`'s inbound address as an endpoint of `service` (whether it runs it
+    /// or not), for everyone who calls `service`; `node` starts before them.
+    pub(crate) fn agent_endpoint(mut self, service: &str, node: &str, how: Listed) -> Self {
+        self.agent_endpoints
+            .push((service.into(), node.into(), how));
+        self
+    }
+
+    /// Changes the CA's config (lifetimes, grace, reload interval) before it starts.
+    pub(crate) fn ca_config(
+        mut self,
+        f: impl FnOnce(&mut meshgate_ca::server::CaConfig<ConsulConfig>) + Send + 'static,
+    ) -> Self {
+        self.ca_tweaks.push(Box::new(f));
+        self
+    }
+
+    /// Runs `f` on the CA's data dir after `ca init`, before it starts (a short intermediate…).
+    pub(crate) fn ca_prepare(mut self, f: impl FnOnce(&std::path::Path) + Send + 'static) -> Self {
+        self.ca_prepare.push(Box::new(f));
+        self
     }
 
     /// Adds an agent.
@@ -431,7 +478,13 @@ impl TestMesh {
 
     /// The order agents start in: each after the agents running the services it calls.
     fn start_order(&self) -> Vec<usize> {
-        let runs = |i: usize, svc: &str| self.agents[i].services.iter().any(|s| s.name == svc);
+        let runs = |i: usize, svc: &str| {
+            self.agents[i].services.iter().any(|s| s.name == svc)
+                || self
+                    .agent_endpoints
+                    .iter()
+                    .any(|(s, n, _)| s == svc && *n == self.agents[i].node)
+        };
         let mut done: Vec<usize> = Vec::new();
         let mut left: BTreeSet<usize> = (0..self.agents.len()).collect();
         while !left.is_empty() {
@@ -478,7 +531,16 @@ impl TestMesh {
     /// Starts the CA and the agents; returns the mesh and the gateway spec still to start
     /// (in process by [`TestMesh::start`], or in a child process).
     pub(crate) async fn start_agents(mut self) -> (Mesh, Option<GatewaySpec>) {
-        let ca = TestCa::start(&self.trust_domain).await;
+        let (prepare, tweaks) = (
+            std::mem::take(&mut self.ca_prepare),
+            std::mem::take(&mut self.ca_tweaks),
+        );
+        let ca = TestCa::start_prepared(
+            &self.trust_domain,
+            |dir| prepare.into_iter().for_each(|f| f(dir)),
+            |c| tweaks.into_iter().for_each(|f| f(c)),
+        )
+        .await;
         let order = self.start_order();
         let authz = AuthzConfig {
             default: Action::Deny,
@@ -486,7 +548,11 @@ impl TestMesh {
         };
         let mut specs: Vec<Option<AgentSpec>> = self.agents.drain(..).map(Some).collect();
         let mut running: Vec<(String, TestAgent)> = Vec::new();
-        let mut runs: BTreeMap<String, Vec<SocketAddr>> = self.extra_endpoints.clone();
+        let mut runs: BTreeMap<String, Vec<StaticEndpoint>> = self
+            .extra_endpoints
+            .iter()
+            .map(|(s, a)| (s.clone(), a.iter().copied().map(Into::into).collect()))
+            .collect();
         for i in order {
             let spec = specs[i].take().expect("each agent starts once");
             let (mut cfg, dir) = ca.agent_base(&spec.node, &spec_services(&spec));
@@ -528,7 +594,20 @@ impl TestMesh {
             for s in &spec.services {
                 runs.entry(s.name.clone())
                     .or_default()
-                    .push(agent.inbound());
+                    .push(agent.inbound().into());
+            }
+            for (svc, _, how) in self
+                .agent_endpoints
+                .iter()
+                .filter(|(_, n, _)| *n == spec.node)
+            {
+                let at = agent.inbound();
+                let e = match how {
+                    Listed::Plain => at.into(),
+                    Listed::Pinned => Target::pinned(at, &spec.node).into(),
+                    Listed::PinnedAs(other) => Target::pinned(at, other).into(),
+                };
+                runs.entry(svc.clone()).or_default().push(e);
             }
             running.push((spec.node.clone(), agent));
         }
@@ -555,7 +634,7 @@ pub(crate) struct Mesh {
     agents: Vec<(String, TestAgent)>,
     gateway: Option<TestGateway>,
     /// Service -> the inbound addresses of the agents running it (plus extra endpoints).
-    runs: BTreeMap<String, Vec<SocketAddr>>,
+    runs: BTreeMap<String, Vec<StaticEndpoint>>,
 }
 
 impl Mesh {

@@ -7,7 +7,16 @@
 //!
 //! Registration: each local service as `SERVICE-NODE` with tags, meta (`meshgate-inbound`,
 //! `meshgate-protocol`, `meshgate-node`) and an HTTP or TCP check against the local service;
-//! deregistered on clean shutdown.
+//! deregistered on clean shutdown. The `meshgate-node` meta is what pins an endpoint to the
+//! node identity that must answer for it. The HTTP client itself is [`client`].
+
+pub mod client;
+
+pub use client::{
+    AgentService, CatalogEntry, CheckDefinition, ConsulClient, ConsulConfig, ConsulError,
+    ConsulTls, HealthCheck, HealthEntry, Node, QueryMeta, ServiceAddress, ServiceRegistration,
+    go_duration,
+};
 
 use std::{
     collections::BTreeMap,
@@ -16,14 +25,12 @@ use std::{
     time::Duration,
 };
 
-use meshgate_ca::consul::{
-    CheckDefinition, ConsulClient, ConsulError, HealthEntry, ServiceRegistration, go_duration,
-};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::ServiceEntry;
 use crate::{
+    balance::Target,
     config::{Protocol, RegistrationConfig, ServiceConfig},
     telemetry::Metrics,
 };
@@ -37,19 +44,28 @@ pub fn next_index(previous: u64, returned: u64) -> u64 {
 }
 
 /// Where to reach an instance's agent: `meshgate-inbound` meta (`addr:port`), else the
-/// service address (or the node's when empty) on `inbound_port`.
-pub fn endpoint_of(entry: &HealthEntry, inbound_port: u16) -> Option<SocketAddr> {
-    if let Some(v) = entry.service.meta.get("meshgate-inbound") {
-        return v.parse().ok();
-    }
-    let addr = if entry.service.address.is_empty() {
-        &entry.node.address
-    } else {
-        &entry.service.address
+/// service address (or the node's when empty) on `inbound_port`; pinned to the node its
+/// `meshgate-node` meta names (what meshgate agents register). `None` when the address is
+/// unusable or the node name is not one (such an instance could never be verified).
+pub fn endpoint_of(entry: &HealthEntry, inbound_port: u16) -> Option<Target> {
+    let addr = match entry.service.meta.get("meshgate-inbound") {
+        Some(v) => v.parse().ok()?,
+        None => {
+            let addr = if entry.service.address.is_empty() {
+                &entry.node.address
+            } else {
+                &entry.service.address
+            };
+            SocketAddr::new(addr.parse::<IpAddr>().ok()?, inbound_port)
+        }
     };
-    addr.parse::<IpAddr>()
-        .ok()
-        .map(|ip| SocketAddr::new(ip, inbound_port))
+    match entry.service.meta.get("meshgate-node") {
+        None => Some(Target::from(addr)),
+        Some(node) => {
+            meshgate_ca::spiffe::validate_segment(node).ok()?;
+            Some(Target::pinned(addr, node))
+        }
+    }
 }
 
 /// A token bucket against busy loops: `burst` immediate calls, then one per `every`.
@@ -88,8 +104,7 @@ impl Limiter {
 
 fn jittered_backoff(failures: u32) -> Duration {
     let base = Duration::from_millis(500u64 << failures.min(6)).min(Duration::from_secs(30));
-    let r =
-        f64::from(u16::from_le_bytes(meshgate_ca::pki::random_bytes::<2>())) / f64::from(u16::MAX);
+    let r = (crate::rand::secure_u64() & 0xffff) as f64 / f64::from(u16::MAX);
     base.mul_f64(0.5 + r / 2.0)
 }
 
@@ -120,7 +135,7 @@ pub async fn watch(
                     info!(dst.service = %service, previous = index, returned = meta.index, "consul index went backwards; resetting the watch");
                 }
                 index = next;
-                let addrs: Vec<SocketAddr> = entries
+                let addrs: Vec<Target> = entries
                     .iter()
                     .filter_map(|e| endpoint_of(e, inbound_port))
                     .collect();
@@ -248,27 +263,37 @@ mod tests {
 
     #[test]
     fn endpoints_from_every_documented_sample_shape() {
-        let sample = include_str!("../../../tests/fixtures/consul/health_service.json");
+        let sample = include_str!("../../../../tests/fixtures/consul/health_service.json");
         let entries: Vec<HealthEntry> =
             serde_json::from_str(sample).expect("documented sample decodes");
-        assert_eq!(
-            endpoint_of(&entries[0], 15008),
-            Some("10.1.10.12:15008".parse().expect("addr"))
-        );
+        let at = |s: &str| Some(Target::from(s.parse::<SocketAddr>().expect("addr")));
+        assert_eq!(endpoint_of(&entries[0], 15008), at("10.1.10.12:15008"));
         let mut e = entries[0].clone();
         e.service.address.clear();
         e.node.address = "10.0.0.9".into();
-        assert_eq!(
-            endpoint_of(&e, 15008),
-            Some("10.0.0.9:15008".parse().expect("addr"))
-        );
+        assert_eq!(endpoint_of(&e, 15008), at("10.0.0.9:15008"));
         e.service
             .meta
             .insert("meshgate-inbound".into(), "10.0.0.7:16008".into());
+        assert_eq!(endpoint_of(&e, 15008), at("10.0.0.7:16008"));
+        // a meshgate agent's registration pins the endpoint to its node
+        e.service
+            .meta
+            .insert("meshgate-node".into(), "node-b".into());
         assert_eq!(
             endpoint_of(&e, 15008),
-            Some("10.0.0.7:16008".parse().expect("addr"))
+            Some(Target::pinned(
+                "10.0.0.7:16008".parse().expect("addr"),
+                "node-b"
+            ))
         );
+        e.service.meta.insert("meshgate-node".into(), "a/b".into());
+        assert_eq!(
+            endpoint_of(&e, 15008),
+            None,
+            "a node name that cannot be verified"
+        );
+        e.service.meta.remove("meshgate-node");
         e.service
             .meta
             .insert("meshgate-inbound".into(), "nonsense".into());

@@ -1,11 +1,11 @@
 //! A thin client for the parts of Consul's HTTP API meshgate uses: health and catalog reads
 //! (blocking queries, `X-Consul-Index`), agent service registration, and the ACL token.
 //!
-//! It lives here, in the lowest crate, because both the CA (catalog checks before signing, and
-//! later its HA state in KV) and the agent (discovery, registration) use it. It decodes Consul's
-//! payloads leniently (unknown fields ignored, both casings of service `TaggedAddresses` keys)
-//! and classifies errors the way Consul does (status plus body substring). The existing Consul
-//! crates do not fit our dependency set (see the design notes).
+//! The agent uses it for discovery and registration; the CA's catalog check (a
+//! [`meshgate_ca::catalog::Catalog`], wired by the CLI) goes through it too, so the CA crate
+//! speaks no HTTP itself. It decodes Consul's payloads leniently (unknown fields ignored, both
+//! casings of service `TaggedAddresses` keys) and classifies errors the way Consul does (status
+//! plus body substring). The existing Consul crates do not fit our dependency set.
 
 use std::{collections::BTreeMap, fmt, path::PathBuf, time::Duration};
 
@@ -74,14 +74,14 @@ impl ConsulConfig {
     /// Makes the token and TLS file paths relative to `base` (the config file's directory).
     pub fn resolve_paths(&mut self, base: &std::path::Path) {
         if let Some(p) = &mut self.token_file {
-            crate::server::resolve(p, base);
+            crate::config_check::resolve_path(p, base);
         }
         if let Some(t) = &mut self.tls {
             for p in [&mut t.ca_file, &mut t.cert_file, &mut t.key_file]
                 .into_iter()
                 .flatten()
             {
-                crate::server::resolve(p, base);
+                crate::config_check::resolve_path(p, base);
             }
         }
     }
@@ -382,16 +382,17 @@ fn tls_config(tls: Option<&ConsulTls>) -> Result<rustls::ClientConfig, ConsulErr
     let mut roots = rustls::RootCertStore::empty();
     if let Some(ca) = tls.and_then(|t| t.ca_file.as_ref()) {
         for cert in
-            crate::pki::read_pem_certs(ca).map_err(|e| ConsulError::Config(e.to_string()))?
+            meshgate_ca::pki::read_pem_certs(ca).map_err(|e| ConsulError::Config(e.to_string()))?
         {
             roots
                 .add(cert)
                 .map_err(|e| ConsulError::Config(format!("{}: {e}", ca.display())))?;
         }
     }
-    let builder = rustls::ClientConfig::builder_with_provider(crate::verify::crypto_provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ConsulError::Config(e.to_string()))?;
+    let builder =
+        rustls::ClientConfig::builder_with_provider(meshgate_ca::verify::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ConsulError::Config(e.to_string()))?;
     let builder = if roots.is_empty() {
         return Err(ConsulError::Config(
             "https Consul addresses need tls.ca_file (the CA that signed Consul's certificate)"
@@ -402,8 +403,8 @@ fn tls_config(tls: Option<&ConsulTls>) -> Result<rustls::ClientConfig, ConsulErr
     };
     let cfg = match tls.map(|t| (&t.cert_file, &t.key_file)) {
         Some((Some(cert), Some(key))) => {
-            let chain =
-                crate::pki::read_pem_certs(cert).map_err(|e| ConsulError::Config(e.to_string()))?;
+            let chain = meshgate_ca::pki::read_pem_certs(cert)
+                .map_err(|e| ConsulError::Config(e.to_string()))?;
             let key = PrivateKeyDer::from_pem_file(key)
                 .map_err(|e| ConsulError::Config(format!("{}: {e}", key.display())))?;
             builder
@@ -638,6 +639,32 @@ impl ConsulClient {
             Ok(_) | Err(ConsulError::Status { status: 404, .. }) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+}
+
+impl meshgate_ca::catalog::Catalog for ConsulClient {
+    /// `GET /v1/catalog/service/:service?filter=Node == "node"`: true when an instance of
+    /// `service` is registered on `node`.
+    fn node_runs<'a>(
+        &'a self,
+        node: &'a str,
+        service: &'a str,
+    ) -> meshgate_ca::catalog::CatalogFuture<'a> {
+        Box::pin(async move {
+            let (entries, _) = self
+                .catalog_service(service, Some(node))
+                .await
+                .map_err(|e| meshgate_ca::catalog::CatalogError {
+                    message: e.to_string(),
+                })?;
+            Ok(entries
+                .iter()
+                .any(|e| e.node == node && e.service_name == service))
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("Consul at {}", self.base)
     }
 }
 
