@@ -25,7 +25,10 @@ use crate::{
         inbound::{Inbound, InboundHandler, LocalService},
         outbound::{self, Upstream},
     },
-    telemetry::Metrics,
+    telemetry::{
+        Metrics,
+        access::{AccessLog, AccessLogError, Mode as AccessMode},
+    },
 };
 
 /// Why the agent could not start.
@@ -51,6 +54,9 @@ pub enum AgentError {
     /// Obtaining a workload certificate failed.
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    /// The access log cannot be opened.
+    #[error(transparent)]
+    AccessLog(#[from] AccessLogError),
 }
 
 /// Retries Consul registration with backoff until it succeeds.
@@ -127,6 +133,11 @@ impl Agent {
             );
         }));
         let drain = Drain::new();
+        let access = AccessLog::start(
+            &cfg.telemetry.access_log,
+            AccessMode::Agent,
+            metrics.access_log_dropped(),
+        )?;
 
         let admin_listener = bind("admin", cfg.listen.admin).await?;
         let admin_addr = local_addr("admin", &admin_listener, cfg.listen.admin)?;
@@ -232,6 +243,7 @@ impl Agent {
                 tunnel: cfg.tunnel.clone(),
                 metrics: metrics.clone(),
                 drain: drain.clone(),
+                access,
             }),
             request_metrics,
         );

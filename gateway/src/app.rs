@@ -20,7 +20,10 @@ use meshgate_agent::{
         upstream::{External, ExternalConfig, MeshClient, Upstream},
     },
     identity::{IdentityError, IdentityManager},
-    telemetry::Metrics,
+    telemetry::{
+        Metrics,
+        access::{AccessLog, Mode as AccessMode},
+    },
 };
 use prometheus_client::{
     metrics::{counter::Counter, family::Family},
@@ -375,6 +378,7 @@ fn fixed_fields(c: &GatewayConfig) -> Vec<(&'static str, serde_json::Value)> {
         ("client_auth", j(&c.client_auth)),
         ("discovery", j(&c.discovery)),
         ("tunnel", j(&c.tunnel)),
+        ("telemetry", j(&c.telemetry)),
         ("auth.jwks_ca_file", j(&c.auth.jwks_ca_file)),
         ("auth.rate_limit_store", j(&c.auth.rate_limit_store)),
         (
@@ -490,7 +494,13 @@ impl GatewayApp {
         let (compiled, fresh) = caches.compile(&cfg, &stores, &failures, &upstreams, https_port)?;
         caches.load(fresh).await;
         let table = Arc::new(ArcSwap::new(compiled.table.clone()));
-        let pipeline = Pipeline::new(compiled.pipeline, gw_metrics.requests.clone());
+        let access = AccessLog::start(
+            &cfg.telemetry.access_log,
+            AccessMode::Gateway,
+            metrics.access_log_dropped(),
+        )
+        .map_err(|e| GatewayError::Setup(e.to_string()))?;
+        let pipeline = Pipeline::new(compiled.pipeline, gw_metrics.requests.clone(), access);
         let _ = state.extension.set(Arc::new(RoutesApi {
             table: table.clone(),
         }));

@@ -119,6 +119,11 @@ pub struct Ctx {
     pub endpoint: Option<SocketAddr>,
     /// Why meshgate answered itself (a problem slug), for the access log.
     pub local_reason: Option<&'static str>,
+    /// The `traceparent` this hop sends on (hygiene sets it at the gateway; the access log
+    /// and the trace read it). Only filled in when something reads it.
+    pub traceparent: Option<String>,
+    /// Who authenticated (API key consumer or JWT subject), for the access log.
+    pub consumer: Option<String>,
 }
 
 impl Ctx {
@@ -140,6 +145,8 @@ impl Ctx {
             upstream: None,
             endpoint: None,
             local_reason: None,
+            traceparent: None,
+            consumer: None,
         }
     }
 

@@ -16,7 +16,12 @@
 //! The pipeline's configuration is a [`PipelineConfig`] swapped whole on reload: requests in
 //! flight finish on the one they started with.
 
-use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -28,7 +33,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family},
     registry::Registry,
 };
-use tracing::{debug, info};
+use tracing::debug;
 
 use super::{
     Body,
@@ -39,6 +44,7 @@ use super::{
     path::{PathOptions, normalize},
     respond::{Problem, is_grpc},
 };
+use crate::telemetry::access::{AccessLog, HttpRecord, LoggedBody};
 
 /// A resolved route: its filters, its action, and the body limits it applies.
 #[derive(Debug)]
@@ -141,6 +147,7 @@ pub trait Handler: Send + Sync + 'static {
 pub struct Pipeline {
     cfg: ArcSwap<PipelineConfig>,
     metrics: Arc<RequestMetrics>,
+    access: Option<AccessLog>,
     none: Arc<str>,
 }
 
@@ -226,11 +233,17 @@ fn set_path(req: &mut request::Parts, path: &str) -> Result<(), Problem> {
 }
 
 impl Pipeline {
-    /// A pipeline running `cfg`, counting requests into `metrics`.
-    pub fn new(cfg: PipelineConfig, metrics: Arc<RequestMetrics>) -> Arc<Self> {
+    /// A pipeline running `cfg`, counting requests into `metrics` and, when `access` is set,
+    /// writing an access record per request.
+    pub fn new(
+        cfg: PipelineConfig,
+        metrics: Arc<RequestMetrics>,
+        access: Option<AccessLog>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             cfg: ArcSwap::from_pointee(cfg),
             metrics,
+            access,
             none: Arc::from("-"),
         })
     }
@@ -253,7 +266,13 @@ impl Pipeline {
         ctx.grpc = is_grpc(&parts.headers);
         ctx.method = parts.method.clone();
         ctx.has_body = !http_body::Body::is_end_stream(&body);
-        let method = parts.method.clone();
+        if self.access.is_some() {
+            ctx.traceparent = parts
+                .headers
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+        }
         let mut route: Option<Arc<Route>> = None;
         let outcome = self.run(&cfg, &mut parts, body, &mut ctx, &mut route).await;
         let resp = match outcome {
@@ -265,22 +284,54 @@ impl Pipeline {
         let status = resp.status().as_u16();
         let route_name = ctx.route.clone().unwrap_or_else(|| self.none.clone());
         self.metrics.count(&route_name, status, ctx.local_reason);
-        info!(
-            target: "access",
-            request_id = %ctx.request_id,
-            src.addr = %ctx.conn.peer,
-            client_ip = %ctx.client_ip,
-            method = %method,
-            authority = %ctx.authority,
-            path = %parts.uri.path(),
-            route = %route_name,
+        match &self.access {
+            None => resp,
+            Some(log) => self.logged(log, resp, ctx, route_name, &parts),
+        }
+    }
+
+    /// Wraps the response body so that its access record goes out when the body ends.
+    fn logged(
+        &self,
+        log: &AccessLog,
+        resp: Response<Body>,
+        ctx: Ctx,
+        route: Arc<str>,
+        req: &request::Parts,
+    ) -> Response<Body> {
+        let status = resp.status().as_u16();
+        let path = match (log.include_query(), req.uri.path_and_query()) {
+            (true, Some(pq)) => pq.as_str().to_owned(),
+            _ => req.uri.path().to_owned(),
+        };
+        let elapsed = ctx.started.elapsed();
+        let body_in = ctx.extensions.get::<Arc<BodyState>>().cloned();
+        let rec = HttpRecord {
+            at: SystemTime::now().checked_sub(elapsed).unwrap_or(UNIX_EPOCH),
+            upstream_status: match (ctx.local_reason, &ctx.upstream) {
+                (None, Some(_)) => Some(status),
+                _ => None,
+            },
+            request_id: ctx.request_id,
+            traceparent: ctx.traceparent,
+            route,
+            consumer: ctx.consumer,
+            method: ctx.method,
+            authority: ctx.authority,
+            path,
             status,
-            upstream = ctx.upstream.as_deref().unwrap_or("-"),
-            reason = ctx.local_reason.unwrap_or("-"),
-            duration_ms = u64::try_from(ctx.started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            "request"
-        );
-        resp
+            duration: elapsed,
+            upstream: ctx.upstream,
+            endpoint: ctx.endpoint,
+            bytes_in: 0,
+            bytes_out: 0,
+            client_ip: ctx.client_ip,
+            peer_identity: ctx.conn.peer_workload.as_ref().map(|(_, id)| id.clone()),
+            reason: ctx.local_reason,
+        };
+        let (head, body) = resp.into_parts();
+        let body = LoggedBody::new(body, log.clone(), rec, ctx.started, body_in);
+        Response::from_parts(head, body.boxed())
     }
 
     async fn run(

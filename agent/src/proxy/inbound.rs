@@ -39,7 +39,10 @@ use crate::{
         upstream::{LocalProtocol, LocalService as LocalUpstream},
     },
     policy::authz::{Action, HttpRequest, Peer, Policy, Target},
-    telemetry::{DenyReason, Direction, Metrics},
+    telemetry::{
+        DenyReason, Direction, Metrics,
+        access::{Record, TcpRecord},
+    },
     transport::{forward::splice, hbone::SERVICE_HEADER},
 };
 
@@ -67,6 +70,8 @@ pub struct Inbound {
     pub metrics: Arc<Metrics>,
     /// Drain state.
     pub drain: Drain,
+    /// The access log, when on (L7 requests and L4 streams).
+    pub access: Option<crate::telemetry::access::AccessLog>,
 }
 
 /// The inbound port's limits: tunnels are long-lived and carry many streams.
@@ -267,6 +272,7 @@ impl InboundHandler {
                 max_head_bytes: 256 * 1024,
             },
             request_metrics,
+            ctx.access.clone(),
         );
         Arc::new(Self {
             ctx,
@@ -369,6 +375,7 @@ impl InboundHandler {
                 };
                 let _ = upstream.set_nodelay(true);
                 let this = self.clone();
+                let started = (std::time::SystemTime::now(), std::time::Instant::now());
                 tokio::spawn(async move {
                     let _guards = (tracked, metered, hold);
                     let tunnel = match on_upgrade.await {
@@ -379,13 +386,27 @@ impl InboundHandler {
                         }
                     };
                     let (mut tunnel, mut upstream) = (TokioIo::new(tunnel), upstream);
-                    match splice(&mut tunnel, &mut upstream).await {
+                    let (sent, received, close) = match splice(&mut tunnel, &mut upstream).await {
                         Ok((sent, received)) => {
-                            this.ctx.metrics.bytes(Direction::Inbound, sent, received)
+                            this.ctx.metrics.bytes(Direction::Inbound, sent, received);
+                            (sent, received, "closed")
                         }
                         Err(e) => {
-                            debug!(dst.service = %service, error = %e, "inbound stream ended with an error")
+                            debug!(dst.service = %service, error = %e, "inbound stream ended with an error");
+                            (0, 0, "error")
                         }
+                    };
+                    if let Some(log) = &this.ctx.access {
+                        log.send(Record::Tcp(Box::new(TcpRecord {
+                            at: started.0,
+                            src_identity: from_id,
+                            dst_service: service,
+                            dst_identity: target_id,
+                            bytes_sent: sent,
+                            bytes_received: received,
+                            duration: started.1.elapsed(),
+                            close,
+                        })));
                     }
                 });
             }

@@ -58,6 +58,10 @@ impl Filter for AuthFilter {
                 req.uri =
                     http::Uri::from_parts(parts).unwrap_or_else(|_| http::Uri::from_static("/"));
             }
+            ctx.consumer = principal
+                .consumer
+                .clone()
+                .or_else(|| principal.user.clone());
             ctx.extensions.insert(principal);
             Verdict::Continue
         }))

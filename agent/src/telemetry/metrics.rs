@@ -1,5 +1,5 @@
-//! The agent's metrics (Prometheus text via prometheus-client), named `meshgate_<area>_<name>`
-//! with small, bounded label sets. Logging setup belongs to the CLI.
+//! The process's metrics (Prometheus text via prometheus-client), named `meshgate_<area>_<name>`
+//! with small, bounded label sets. docs/metrics.md lists every one; a test keeps it complete.
 
 use std::sync::Arc;
 
@@ -76,6 +76,7 @@ pub struct Metrics {
     http_connections_active: Family<Labels, Gauge>,
     http_connections_refused: Family<Labels, Counter>,
     http_reset_floods: Family<Labels, Counter>,
+    access_log_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -116,6 +117,7 @@ impl Metrics {
             http_connections_active: Family::default(),
             http_connections_refused: Family::default(),
             http_reset_floods: Family::default(),
+            access_log_dropped: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -207,6 +209,11 @@ impl Metrics {
             "meshgate_http_reset_floods",
             "connections cut off for cancelling streams faster than they complete, by listener",
             m.http_reset_floods.clone(),
+        );
+        registry.register(
+            "meshgate_access_log_dropped",
+            "access records dropped because the writer fell behind (the queue was full)",
+            m.access_log_dropped.clone(),
         );
         registry.register("meshgate_discovery_errors", "discovery and registration errors, by source and kind (unreachable, token, permission, status, decode, lookup)", m.discovery_errors.clone());
         Self { registry, ..m }
@@ -344,6 +351,11 @@ impl Metrics {
         self.http_reset_floods
             .get_or_create(&vec![("listener", listener.to_owned())])
             .inc();
+    }
+
+    /// The counter of dropped access records, for [`super::access::AccessLog::start`].
+    pub fn access_log_dropped(&self) -> Counter {
+        self.access_log_dropped.clone()
     }
 
     /// Prometheus text exposition.
