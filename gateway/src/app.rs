@@ -440,6 +440,16 @@ impl GatewayApp {
                 "JWT checks by provider and result (verified: signature checked; cache_hit: a token verified before, its exp/nbf checked again)",
                 stores.jwt_checks.clone(),
             );
+            r.register(
+                "meshgate_gateway_auth_failures",
+                "refused authentications by route and reason (missing, expired, invalid, forbidden)",
+                stores.auth_failures.clone(),
+            );
+            r.register(
+                "meshgate_gateway_rate_limit_decisions",
+                "rate-limit decisions by route, policy and decision (allowed, limited; limited also covers a store error when the policy fails closed)",
+                stores.rate_decisions.clone(),
+            );
         }));
         if let Some(r) = &cfg.auth.rate_limit_store {
             stores.redis = Some(

@@ -284,11 +284,22 @@ async fn route(req: Request<Incoming>, state: Arc<AdminState>) -> Response<Full<
             version: VERSION,
             kind: state.kind(),
         }),
-        "/metrics" => respond(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            state.metrics_text().await,
-        ),
+        "/metrics" => {
+            let text = state.metrics_text().await;
+            if wants_openmetrics(req.headers()) {
+                respond(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    text,
+                )
+            } else {
+                respond(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    prometheus_text(&text),
+                )
+            }
+        }
         "/config" => json(&**state.config.load()),
         "/certs" => json(&state.certs().await),
         "/endpoints" => match state.endpoints.get() {
@@ -309,6 +320,47 @@ async fn route(req: Request<Incoming>, state: Arc<AdminState>) -> Response<Full<
             ),
         },
     }
+}
+
+/// Whether the scraper asked for OpenMetrics (`Accept: application/openmetrics-text`).
+fn wants_openmetrics(h: &http::HeaderMap) -> bool {
+    h.get_all(http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"))
+}
+
+/// The Prometheus text format (0.0.4) of an OpenMetrics exposition: counters' `HELP` and `TYPE`
+/// lines name the `_total` series, and `# UNIT` and `# EOF` go.
+pub fn prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut help: Option<&str> = None;
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = Some(rest);
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let series = if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_owned()
+            };
+            if let Some(h) = help.take() {
+                let text = h.split_once(' ').map(|(_, t)| t).unwrap_or("");
+                out.push_str(&format!("# HELP {series} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {series} {kind}\n"));
+            continue;
+        }
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 /// Serves the admin API until the process ends (it keeps answering while draining).
@@ -338,6 +390,23 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
 #[cfg(test)]
 mod tests {
     use super::redacted;
+
+    #[test]
+    fn prometheus_text_names_counter_series() {
+        let m = crate::telemetry::Metrics::new();
+        m.denied(crate::telemetry::DenyReason::Policy);
+        m.tunnel_connected(std::time::Duration::from_millis(3));
+        let text = super::prometheus_text(&m.encode());
+        assert!(
+            text.contains("# TYPE meshgate_authz_denials_total counter\n"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP meshgate_authz_denials_total connections"));
+        assert!(text.contains("meshgate_authz_denials_total{reason=\"policy\"} 1\n"));
+        assert!(text.contains("# TYPE meshgate_tunnel_connect_duration_seconds histogram\n"));
+        assert!(text.contains("meshgate_tunnel_connect_duration_seconds_count 1\n"));
+        assert!(!text.contains("# EOF") && !text.contains("# UNIT"));
+    }
 
     #[test]
     fn secrets_never_reach_config_output() {

@@ -196,7 +196,20 @@ impl Proxy {
     }
 
     /// Sends `req` to `up` and returns its response (streaming), or the problem to answer.
+    /// Records how long the exchange took in `ctx.upstream_duration`.
     pub async fn forward(
+        &self,
+        up: &dyn Upstream,
+        req: Request<Body>,
+        ctx: &mut Ctx,
+    ) -> Result<Response<Body>, Problem> {
+        let t0 = std::time::Instant::now();
+        let r = self.exchange(up, req, ctx).await;
+        ctx.upstream_duration = Some(t0.elapsed());
+        r
+    }
+
+    async fn exchange(
         &self,
         up: &dyn Upstream,
         req: Request<Body>,

@@ -124,6 +124,8 @@ pub struct Ctx {
     pub traceparent: Option<String>,
     /// Who authenticated (API key consumer or JWT subject), for the access log.
     pub consumer: Option<String>,
+    /// How long the upstream exchange took (set by the proxy action), for metrics.
+    pub upstream_duration: Option<std::time::Duration>,
 }
 
 impl Ctx {
@@ -147,6 +149,7 @@ impl Ctx {
             local_reason: None,
             traceparent: None,
             consumer: None,
+            upstream_duration: None,
         }
     }
 

@@ -30,7 +30,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family},
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
     registry::Registry,
 };
 use tracing::debug;
@@ -44,7 +44,10 @@ use super::{
     path::{PathOptions, normalize},
     respond::{Problem, is_grpc},
 };
-use crate::telemetry::access::{AccessLog, HttpRecord, LoggedBody};
+use crate::telemetry::{
+    access::{AccessLog, HttpRecord, LoggedBody},
+    metrics::{LatencyFamily, latency_family},
+};
 
 /// A resolved route: its filters, its action, and the body limits it applies.
 #[derive(Debug)]
@@ -61,6 +64,8 @@ pub struct Route {
     pub body_idle_timeout: Duration,
     /// Whether TRACE requests may use this route (405 otherwise).
     pub allow_trace: bool,
+    /// Its metric handles (start with `RouteStats::default()`).
+    pub stats: RouteStats,
 }
 
 /// Picks the route for a request: a pure function of the config (and discovery snapshot).
@@ -86,6 +91,7 @@ pub struct PipelineConfig {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteCode {
     route: Arc<str>,
+    method: &'static str,
     code: u16,
 }
 
@@ -95,16 +101,71 @@ struct RouteReason {
     reason: &'static str,
 }
 
-/// Request metrics of one pipeline, registered by the composition under its own names.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabel {
+    service: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceResult {
+    service: Arc<str>,
+    result: &'static str,
+}
+
+/// The method as a bounded label value: the common methods by name, everything else `other`.
+pub fn method_class(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// A route's metric handles, resolved on its first request and kept with the compiled route
+/// (a reload compiles new routes, which resolve again).
 #[derive(Debug, Default)]
+pub struct RouteStats {
+    duration: std::sync::OnceLock<Histogram>,
+}
+
+/// Request metrics of one pipeline, registered by the composition under its own names.
+#[derive(Debug)]
 pub struct RequestMetrics {
     requests: Family<RouteCode, Counter>,
     local: Family<RouteReason, Counter>,
+    duration: LatencyFamily<RouteLabel>,
+    upstream_duration: LatencyFamily<ServiceLabel>,
+    upstream_results: Family<ServiceResult, Counter>,
+}
+
+impl Default for RequestMetrics {
+    fn default() -> Self {
+        Self {
+            requests: Family::default(),
+            local: Family::default(),
+            duration: latency_family(),
+            upstream_duration: latency_family(),
+            upstream_results: Family::default(),
+        }
+    }
 }
 
 impl RequestMetrics {
-    /// Registers the request counter as `name` (e.g. `meshgate_gateway_requests`) and the
-    /// counter of local answers (refusals) by reason as `{name}_local`.
+    /// Registers the request counter as `{name}` (e.g. `meshgate_gateway_requests`, by route,
+    /// method class and code), the counter of local answers by reason as `{name}_local`, the
+    /// request latency histogram as `{name without the s}_duration_seconds`, and the upstream
+    /// metrics `meshgate_upstream_request_duration_seconds{service}` and
+    /// `meshgate_upstream_requests{service,result}`.
     pub fn register(&self, registry: &mut Registry, name: &str, help: &str) {
         registry.register(name, help, self.requests.clone());
         registry.register(
@@ -112,12 +173,28 @@ impl RequestMetrics {
             "requests answered by meshgate itself, by route and reason (the problem type)",
             self.local.clone(),
         );
+        registry.register(
+            format!("{}_duration_seconds", name.trim_end_matches('s')),
+            "request latency by route: head received to response head ready (time to first byte for streamed answers)",
+            self.duration.clone(),
+        );
+        registry.register(
+            "meshgate_upstream_request_duration_seconds",
+            "upstream exchange latency by service: first attempt sent to response head (retries and failover included)",
+            self.upstream_duration.clone(),
+        );
+        registry.register(
+            "meshgate_upstream_requests",
+            "requests sent upstream by service and result (ok, or the problem type: upstream-refused, upstream-timeout, no-endpoints, denied-by-intention, upstream-failed...)",
+            self.upstream_results.clone(),
+        );
     }
 
-    fn count(&self, route: &Arc<str>, code: u16, local: Option<&'static str>) {
+    fn count(&self, route: &Arc<str>, method: &Method, code: u16, local: Option<&'static str>) {
         self.requests
             .get_or_create(&RouteCode {
                 route: route.clone(),
+                method: method_class(method),
                 code,
             })
             .inc();
@@ -129,6 +206,30 @@ impl RequestMetrics {
                 })
                 .inc();
         }
+    }
+
+    fn route_duration(&self, route: &Arc<str>) -> Histogram {
+        self.duration
+            .get_or_create(&RouteLabel {
+                route: route.clone(),
+            })
+            .clone()
+    }
+
+    fn upstream(&self, service: &Arc<str>, took: Option<Duration>, local: Option<&'static str>) {
+        if let Some(d) = took {
+            self.upstream_duration
+                .get_or_create(&ServiceLabel {
+                    service: service.clone(),
+                })
+                .observe(d.as_secs_f64());
+        }
+        self.upstream_results
+            .get_or_create(&ServiceResult {
+                service: service.clone(),
+                result: local.unwrap_or("ok"),
+            })
+            .inc();
     }
 }
 
@@ -149,6 +250,7 @@ pub struct Pipeline {
     metrics: Arc<RequestMetrics>,
     access: Option<AccessLog>,
     none: Arc<str>,
+    none_duration: Histogram,
 }
 
 /// How the head checks and filters ended a request early.
@@ -240,11 +342,13 @@ impl Pipeline {
         metrics: Arc<RequestMetrics>,
         access: Option<AccessLog>,
     ) -> Arc<Self> {
+        let none: Arc<str> = Arc::from("-");
         Arc::new(Self {
             cfg: ArcSwap::from_pointee(cfg),
+            none_duration: metrics.route_duration(&none),
             metrics,
             access,
-            none: Arc::from("-"),
+            none,
         })
     }
 
@@ -283,7 +387,21 @@ impl Pipeline {
         let resp = self.finish(&cfg, route.as_deref(), &mut ctx, resp).await;
         let status = resp.status().as_u16();
         let route_name = ctx.route.clone().unwrap_or_else(|| self.none.clone());
-        self.metrics.count(&route_name, status, ctx.local_reason);
+        self.metrics
+            .count(&route_name, &ctx.method, status, ctx.local_reason);
+        let took = ctx.started.elapsed().as_secs_f64();
+        match &route {
+            Some(r) => r
+                .stats
+                .duration
+                .get_or_init(|| self.metrics.route_duration(&r.name))
+                .observe(took),
+            None => self.none_duration.observe(took),
+        }
+        if let Some(svc) = &ctx.upstream {
+            self.metrics
+                .upstream(svc, ctx.upstream_duration, ctx.local_reason);
+        }
         match &self.access {
             None => resp,
             Some(log) => self.logged(log, resp, ctx, route_name, &parts),

@@ -149,6 +149,7 @@ impl Filter for Intentions {
         );
         if decision.action == Action::Deny {
             self.metrics.denied(DenyReason::L7Policy);
+            self.metrics.denied_by_rule(&self.service, decision.rule);
             info!(peer.identity = %from_id, dst.service = %self.service, method = %req.method, path = %req.uri.path(), reason = %decision.reason, "request denied by intention");
             if let Ok(v) = HeaderValue::from_str(&decision.reason) {
                 ctx.add_response_header(DENY_RULE_HEADER, v);
@@ -258,6 +259,7 @@ impl InboundHandler {
                     max_body: u64::MAX,
                     body_idle_timeout: ctx.tunnel.idle_timeout,
                     allow_trace: false,
+                    stats: Default::default(),
                 }),
             );
         }
@@ -333,18 +335,20 @@ impl InboundHandler {
                 spiffe_id: &target_id,
             },
         );
-        let (admitted, reason) = match local.protocol {
+        let (admitted, reason, rule) = match local.protocol {
             Protocol::Http | Protocol::Grpc => (
                 ctx.policy.admits_http(&p, &t),
                 std::sync::Arc::from("no rule allows this source"),
+                None,
             ),
             Protocol::Tcp => {
                 let d = ctx.policy.check_connection(&p, &t);
-                (d.action == Action::Allow, d.reason)
+                (d.action == Action::Allow, d.reason, d.rule)
             }
         };
         if !admitted {
             ctx.metrics.denied(DenyReason::Policy);
+            ctx.metrics.denied_by_rule(&service, rule);
             info!(peer.identity = %from_id, dst.service = %service, reason = %reason, "denied by intention");
             return status(StatusCode::FORBIDDEN, "denied-by-intention", Some(&reason));
         }

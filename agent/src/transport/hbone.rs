@@ -428,6 +428,7 @@ impl Pool {
         endpoint: SocketAddr,
     ) -> Result<Arc<Conn>, TunnelError> {
         let timeout = self.cfg.connect_timeout;
+        let dial_started = std::time::Instant::now();
         let tcp = tokio::time::timeout(timeout, TcpStream::connect(endpoint))
             .await
             .map_err(|_| TunnelError::Connect {
@@ -440,11 +441,16 @@ impl Pool {
             })?;
         let _ = tcp.set_nodelay(true);
         let server_name = ServerName::IpAddress(endpoint.ip().into());
+        let handshake_started = std::time::Instant::now();
         let tls =
             match tokio::time::timeout(timeout, self.connector(source).connect(server_name, tcp))
                 .await
             {
-                Ok(Ok(tls)) => tls,
+                Ok(Ok(tls)) => {
+                    self.metrics
+                        .handshake_done("outbound", handshake_started.elapsed());
+                    tls
+                }
                 Ok(Err(e)) => {
                     self.metrics.handshake_failed(Direction::Outbound);
                     return Err(TunnelError::Handshake {
@@ -469,6 +475,7 @@ impl Pool {
             })?;
         let metrics = self.metrics.clone();
         metrics.tunnel_opened(Direction::Outbound);
+        metrics.tunnel_connected(dial_started.elapsed());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         debug!(peer = %endpoint, source = %source.id, conn = id, "tunnel connection opened");
         tokio::spawn(async move {

@@ -43,7 +43,11 @@ impl Filter for AuthFilter {
                 .await
             {
                 Ok(p) => p,
-                Err(problem) => return Verdict::Reject(problem),
+                Err(problem) => {
+                    self.auth
+                        .auth_failed(ctx.route.as_deref().unwrap_or("-"), &problem);
+                    return Verdict::Reject(problem);
+                }
             };
             self.auth.inject(&principal, &mut req.headers);
             if query != original {

@@ -245,3 +245,211 @@ async fn access_log_lines_carry_the_fields_and_no_secret() {
     }
     assert!(mesh.shutdown().await);
 }
+
+/// `GET /metrics` with an optional `Accept`: (content type, body).
+async fn scrape(admin: std::net::SocketAddr, accept: Option<&str>) -> (String, String) {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(admin)
+        .await
+        .expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    let mut req = http::Request::get("/metrics").header("host", "admin");
+    if let Some(a) = accept {
+        req = req.header("accept", a);
+    }
+    let resp = sender
+        .send_request(
+            req.body(http_body_util::Empty::<bytes::Bytes>::new())
+                .expect("request"),
+        )
+        .await
+        .expect("response");
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (ct, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The metric names a Prometheus-text exposition declares (`# TYPE name kind`).
+fn declared(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A mesh with one L7 service behind the gateway: gateway -> node-b (`users`), the intentions
+/// `#0 allow gateway -> users` and `#1 deny gateway -> users DELETE /admin/*`.
+async fn users_mesh(users: &Backend) -> crate::mesh::Mesh {
+    TestMesh::new()
+        .agent(AgentSpec::new("node-b").service(ServiceSpec::http("users", users.port)))
+        .intention(Intention::allow("gateway", "users"))
+        .intention(
+            Intention::deny("gateway", "users")
+                .methods(&["DELETE"])
+                .paths(&["/admin/*"]),
+        )
+        .gateway(GatewaySpec::new().route(RouteSpec::new("users").prefix("/").to("users")))
+        .start()
+        .await
+}
+
+/// Every metric a live agent and a live gateway register is listed in docs/metrics.md, and
+/// `/metrics` speaks Prometheus text by default and OpenMetrics when asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_live_metric_is_documented() {
+    let users = Backend::start("users").await;
+    let mesh = users_mesh(&users).await;
+    // some traffic, so that lazily created series exist too
+    let r = plain(mesh.gw().http(), "GET", "api.example", "/x", &[], b"").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/metrics.md"),
+    )
+    .expect("docs/metrics.md");
+    let mut missing = Vec::new();
+    for admin in [
+        mesh.gw().app.admin_addr(),
+        mesh.agent("node-b").agent.admin_addr(),
+    ] {
+        let (ct, text) = scrape(admin, None).await;
+        assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
+        assert!(!text.contains("# EOF"), "Prometheus text has no EOF marker");
+        let names = declared(&text);
+        assert!(names.len() >= 10, "only {} metrics: {text}", names.len());
+        for n in names {
+            if !doc.contains(&format!("`{n}`")) {
+                missing.push(n);
+            }
+        }
+        let (ct, om) = scrape(admin, Some("application/openmetrics-text; version=1.0.0")).await;
+        assert!(ct.starts_with("application/openmetrics-text"), "{ct}");
+        assert!(
+            om.trim_end().ends_with("# EOF"),
+            "OpenMetrics ends with # EOF"
+        );
+        assert!(
+            om.contains("# TYPE meshgate_gateway_requests counter")
+                || om.contains("# TYPE meshgate_inbound_requests counter")
+        );
+    }
+    missing.sort();
+    missing.dedup();
+    assert!(
+        missing.is_empty(),
+        "metrics missing from docs/metrics.md: {missing:?}"
+    );
+    assert!(mesh.shutdown().await);
+}
+
+/// Counts move by exactly what was sent: 7 GETs and 3 denied DELETEs through the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_by_exactly_the_requests_sent() {
+    let users = Backend::start("users").await;
+    let mesh = users_mesh(&users).await;
+    let gw = mesh.gw();
+    for i in 0..7 {
+        let r = plain(
+            gw.http(),
+            "GET",
+            "api.example",
+            &format!("/users/{i}"),
+            &[],
+            b"",
+        )
+        .await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    for _ in 0..3 {
+        let r = plain(gw.http(), "DELETE", "api.example", "/admin/x", &[], b"").await;
+        assert_eq!(r.status, 403, "{r:?}");
+    }
+    let node = mesh.agent("node-b");
+    let want_gw = [
+        (
+            r#"meshgate_gateway_requests_total{route="users",method="GET",code="200"}"#,
+            7.0,
+        ),
+        (
+            r#"meshgate_gateway_requests_total{route="users",method="DELETE",code="403"}"#,
+            3.0,
+        ),
+        (
+            r#"meshgate_gateway_request_duration_seconds_count{route="users"}"#,
+            10.0,
+        ),
+        (
+            r#"meshgate_upstream_requests_total{service="users",result="ok"}"#,
+            7.0,
+        ),
+        (
+            r#"meshgate_upstream_requests_total{service="users",result="denied-by-intention"}"#,
+            3.0,
+        ),
+        (
+            r#"meshgate_upstream_request_duration_seconds_count{service="users"}"#,
+            10.0,
+        ),
+        (
+            r#"meshgate_gateway_requests_local_total{route="users",reason="denied-by-intention"}"#,
+            3.0,
+        ),
+    ];
+    for (series, want) in want_gw {
+        assert_eq!(gw.metric(series).await, want, "gateway {series}");
+    }
+    let want_node = [
+        (
+            r#"meshgate_inbound_requests_total{route="users",method="GET",code="200"}"#,
+            7.0,
+        ),
+        (
+            r#"meshgate_inbound_request_duration_seconds_count{route="users"}"#,
+            10.0,
+        ),
+        (
+            r##"meshgate_authz_rule_denials_total{service="users",rule="#1"}"##,
+            3.0,
+        ),
+        (r#"meshgate_authz_denials_total{reason="l7_policy"}"#, 3.0),
+        (
+            r#"meshgate_upstream_requests_total{service="users",result="ok"}"#,
+            7.0,
+        ),
+    ];
+    for (series, want) in want_node {
+        assert_eq!(node.metric(series).await, want, "node-b {series}");
+    }
+    // the histogram's buckets are cumulative and end at the count
+    assert_eq!(
+        gw.metric(r#"meshgate_gateway_request_duration_seconds_bucket{le="+Inf",route="users"}"#)
+            .await,
+        10.0
+    );
+    assert!(
+        node.metric(r#"meshgate_tunnel_connections_total{direction="inbound"}"#)
+            .await
+            >= 1.0
+    );
+    assert!(
+        gw.metric("meshgate_tunnel_connect_duration_seconds_count")
+            .await
+            >= 1.0,
+        "the gateway dialed node-b at least once"
+    );
+    assert!(
+        gw.metric(r#"meshgate_tls_handshake_duration_seconds_count{direction="outbound"}"#)
+            .await
+            >= 1.0
+    );
+    assert!(mesh.shutdown().await);
+}
