@@ -28,6 +28,7 @@ use crate::{
     telemetry::{
         Metrics,
         access::{AccessLog, AccessLogError, Mode as AccessMode},
+        otel::Tracing,
     },
 };
 
@@ -57,6 +58,9 @@ pub enum AgentError {
     /// The access log cannot be opened.
     #[error(transparent)]
     AccessLog(#[from] AccessLogError),
+    /// The trace exporter cannot be set up.
+    #[error(transparent)]
+    Tracing(#[from] crate::telemetry::otel::TracingError),
 }
 
 /// Retries Consul registration with backoff until it succeeds.
@@ -101,6 +105,7 @@ pub struct Agent {
     admin_task: JoinHandle<()>,
     consul: Option<ConsulClient>,
     registrations: Vec<ServiceRegistration>,
+    tracing: Option<Tracing>,
 }
 
 async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, AgentError> {
@@ -138,6 +143,7 @@ impl Agent {
             AccessMode::Agent,
             metrics.access_log_dropped(),
         )?;
+        let tracing = Tracing::start(&cfg.telemetry.tracing, "meshgate-agent", &cfg.node)?;
 
         let admin_listener = bind("admin", cfg.listen.admin).await?;
         let admin_addr = local_addr("admin", &admin_listener, cfg.listen.admin)?;
@@ -244,6 +250,7 @@ impl Agent {
                 metrics: metrics.clone(),
                 drain: drain.clone(),
                 access,
+                tracing: tracing.clone(),
             }),
             request_metrics,
         );
@@ -289,6 +296,7 @@ impl Agent {
             admin_task,
             consul,
             registrations,
+            tracing,
         })
     }
 
@@ -346,6 +354,10 @@ impl Agent {
             consul::deregister_all(client, &self.registrations).await;
         }
         self.admin_task.abort();
+        if let Some(t) = self.tracing.clone() {
+            // the batch exporter blocks while it sends what is left
+            let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+        }
         clean
     }
 }

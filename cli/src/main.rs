@@ -23,6 +23,7 @@ mod gateway;
 mod inspect;
 mod lifecycle;
 mod openapi;
+mod otlp_sink;
 mod output;
 #[cfg(test)]
 mod reference;
@@ -116,6 +117,22 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Print a shell completion script: `meshgate completion bash > /etc/bash_completion.d/meshgate`.
     Completion(CompletionArgs),
+    /// Debugging aids (hidden): `meshgate debug otlp-sink`.
+    #[command(hide = true)]
+    Debug(DebugArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DebugArgs {
+    #[command(subcommand)]
+    command: DebugCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum DebugCommand {
+    /// A local OTLP receiver (gRPC and HTTP/protobuf) that counts spans and drops them, for
+    /// measuring tracing's cost.
+    OtlpSink(otlp_sink::OtlpSinkArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -318,6 +335,9 @@ fn main() -> std::process::ExitCode {
             Command::Check(args) => check::run(args).await,
             Command::Version(args) => version::run(args).await,
             Command::Demo(args) => demo::run(args).await,
+            Command::Debug(DebugArgs {
+                command: DebugCommand::OtlpSink(args),
+            }) => otlp_sink::run(args).await,
             Command::Completion(CompletionArgs { shell }) => {
                 let mut script = Vec::new();
                 clap_complete::generate(shell, &mut command(), "meshgate", &mut script);

@@ -16,13 +16,14 @@ use meshgate_agent::{
     drain::Drain,
     http::{
         front::{self, Front, FrontLimits, Security},
-        pipeline::{Pipeline, PipelineHandler, RequestMetrics},
+        pipeline::{Observe, Pipeline, PipelineHandler, RequestMetrics},
         upstream::{External, ExternalConfig, MeshClient, Upstream},
     },
     identity::{IdentityError, IdentityManager},
     telemetry::{
         Metrics,
         access::{AccessLog, Mode as AccessMode},
+        otel::Tracing,
     },
 };
 use prometheus_client::{
@@ -337,6 +338,7 @@ pub struct GatewayApp {
     tasks: Vec<JoinHandle<()>>,
     admin_task: JoinHandle<()>,
     identity: IdentityManager,
+    tracing: Option<Tracing>,
 }
 
 async fn bind(
@@ -510,7 +512,16 @@ impl GatewayApp {
             metrics.access_log_dropped(),
         )
         .map_err(|e| GatewayError::Setup(e.to_string()))?;
-        let pipeline = Pipeline::new(compiled.pipeline, gw_metrics.requests.clone(), access);
+        let tracing = Tracing::start(&cfg.telemetry.tracing, "meshgate-gateway", &cfg.node)
+            .map_err(|e| GatewayError::Setup(e.to_string()))?;
+        let pipeline = Pipeline::new(
+            compiled.pipeline,
+            gw_metrics.requests.clone(),
+            Observe {
+                access,
+                tracing: tracing.clone(),
+            },
+        );
         let _ = state.extension.set(Arc::new(RoutesApi {
             table: table.clone(),
         }));
@@ -562,6 +573,7 @@ impl GatewayApp {
             tasks,
             admin_task,
             identity: mesh.identity,
+            tracing,
         })
     }
 
@@ -655,6 +667,10 @@ impl GatewayApp {
             t.abort();
         }
         self.admin_task.abort();
+        if let Some(t) = self.tracing.clone() {
+            // the batch exporter blocks while it sends what is left
+            let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+        }
         clean
     }
 }

@@ -116,6 +116,15 @@ const SECRET_KEYS: &[&str] = &[
 /// kept: they are not secrets.
 pub fn redacted(mut v: serde_json::Value) -> serde_json::Value {
     redact(&mut v);
+    // collector headers carry auth tokens under any name
+    if let Some(h) = v
+        .pointer_mut("/telemetry/tracing/headers")
+        .and_then(|h| h.as_object_mut())
+    {
+        for val in h.values_mut() {
+            *val = serde_json::Value::String("[redacted]".into());
+        }
+    }
     v
 }
 
@@ -417,10 +426,18 @@ mod tests {
                 "api_keys": {"consumers": [{"name": "c", "keys": ["sha256:abc"]}]},
                 "introspection": [{"client_secret": "x", "client_secret_file": "/run/s"}]
             },
-            "ca": {"join_token_file": "/run/token"}
+            "ca": {"join_token_file": "/run/token"},
+            "telemetry": {"tracing": {"endpoint": "http://c:4317", "headers": {"x-honeycomb-team": "hc-key-1"}}}
         }));
         let text = v.to_string();
-        for secret in ["s3cret", "hunter2", "c2VjcmV0", "sha256:abc", "\"x\""] {
+        for secret in [
+            "s3cret",
+            "hunter2",
+            "c2VjcmV0",
+            "sha256:abc",
+            "\"x\"",
+            "hc-key-1",
+        ] {
             assert!(!text.contains(secret), "{secret} in {text}");
         }
         assert!(

@@ -126,6 +126,8 @@ pub struct Ctx {
     pub consumer: Option<String>,
     /// How long the upstream exchange took (set by the proxy action), for metrics.
     pub upstream_duration: Option<std::time::Duration>,
+    /// The request's server span, when tracing is on (None costs nothing).
+    pub otel: Option<crate::telemetry::otel::TraceCx>,
 }
 
 impl Ctx {
@@ -150,6 +152,7 @@ impl Ctx {
             traceparent: None,
             consumer: None,
             upstream_duration: None,
+            otel: None,
         }
     }
 

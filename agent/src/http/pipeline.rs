@@ -47,6 +47,7 @@ use super::{
 use crate::telemetry::{
     access::{AccessLog, HttpRecord, LoggedBody},
     metrics::{LatencyFamily, latency_family},
+    otel::Tracing,
 };
 
 /// A resolved route: its filters, its action, and the body limits it applies.
@@ -233,6 +234,15 @@ impl RequestMetrics {
     }
 }
 
+/// The optional sinks of a pipeline: access log and traces (both off: nothing per request).
+#[derive(Debug, Clone, Default)]
+pub struct Observe {
+    /// The access log.
+    pub access: Option<AccessLog>,
+    /// The trace exporter.
+    pub tracing: Option<Tracing>,
+}
+
 /// What the front calls for every request.
 pub trait Handler: Send + Sync + 'static {
     /// Answers one request.
@@ -249,6 +259,7 @@ pub struct Pipeline {
     cfg: ArcSwap<PipelineConfig>,
     metrics: Arc<RequestMetrics>,
     access: Option<AccessLog>,
+    tracing: Option<Tracing>,
     none: Arc<str>,
     none_duration: Histogram,
 }
@@ -335,19 +346,17 @@ fn set_path(req: &mut request::Parts, path: &str) -> Result<(), Problem> {
 }
 
 impl Pipeline {
-    /// A pipeline running `cfg`, counting requests into `metrics` and, when `access` is set,
-    /// writing an access record per request.
-    pub fn new(
-        cfg: PipelineConfig,
-        metrics: Arc<RequestMetrics>,
-        access: Option<AccessLog>,
-    ) -> Arc<Self> {
+    /// A pipeline running `cfg`, counting requests into `metrics`, writing access records and
+    /// spans when `observe` has them on.
+    pub fn new(cfg: PipelineConfig, metrics: Arc<RequestMetrics>, observe: Observe) -> Arc<Self> {
+        let Observe { access, tracing } = observe;
         let none: Arc<str> = Arc::from("-");
         Arc::new(Self {
             cfg: ArcSwap::from_pointee(cfg),
             none_duration: metrics.route_duration(&none),
             metrics,
             access,
+            tracing,
             none,
         })
     }
@@ -370,6 +379,9 @@ impl Pipeline {
         ctx.grpc = is_grpc(&parts.headers);
         ctx.method = parts.method.clone();
         ctx.has_body = !http_body::Body::is_end_stream(&body);
+        if let Some(t) = &self.tracing {
+            ctx.otel = Some(t.server(&parts.headers, "request"));
+        }
         if self.access.is_some() {
             ctx.traceparent = parts
                 .headers
@@ -401,6 +413,9 @@ impl Pipeline {
         if let Some(svc) = &ctx.upstream {
             self.metrics
                 .upstream(svc, ctx.upstream_duration, ctx.local_reason);
+        }
+        if let Some(t) = ctx.otel.take() {
+            end_server_span(&t, &ctx, &route_name, &parts, status);
         }
         match &self.access {
             None => resp,
@@ -479,6 +494,10 @@ impl Pipeline {
             .into());
         }
         cfg.pre.on_request(parts, ctx).await?;
+        if let Some(t) = &ctx.otel {
+            // the trace the service sees is this span's (hygiene made a traceparent without it)
+            ctx.traceparent = t.inject(&mut parts.headers);
+        }
         let route = cfg.router.route(parts, ctx)?;
         ctx.route = Some(route.name.clone());
         *route_out = Some(route.clone());
@@ -618,6 +637,39 @@ impl Pipeline {
         }
         Response::from_parts(parts, body)
     }
+}
+
+fn end_server_span(
+    t: &crate::telemetry::otel::TraceCx,
+    ctx: &Ctx,
+    route: &str,
+    req: &request::Parts,
+    status: u16,
+) {
+    use opentelemetry::KeyValue;
+    t.rename(format!("{} {route}", ctx.method));
+    let mut attrs = vec![
+        KeyValue::new("http.request.method", ctx.method.to_string()),
+        KeyValue::new("http.route", route.to_owned()),
+        KeyValue::new("url.path", req.uri.path().to_owned()),
+        KeyValue::new("http.response.status_code", i64::from(status)),
+        KeyValue::new("client.address", ctx.client_ip.to_string()),
+        KeyValue::new("meshgate.request_id", ctx.request_id.clone()),
+    ];
+    if !ctx.authority.is_empty() {
+        attrs.push(KeyValue::new("server.address", ctx.authority.clone()));
+    }
+    if let Some((_, id)) = &ctx.conn.peer_workload {
+        attrs.push(KeyValue::new("meshgate.peer.identity", id.to_string()));
+    }
+    if let Some(r) = ctx.local_reason {
+        attrs.push(KeyValue::new("meshgate.local_reason", r));
+    }
+    t.set(attrs);
+    if status >= 500 {
+        t.error(ctx.local_reason.unwrap_or("server error").to_owned());
+    }
+    t.end();
 }
 
 /// The answer for a local problem; a request id is made here if no filter set one (a node

@@ -72,6 +72,8 @@ pub struct Inbound {
     pub drain: Drain,
     /// The access log, when on (L7 requests and L4 streams).
     pub access: Option<crate::telemetry::access::AccessLog>,
+    /// The trace exporter, when on.
+    pub tracing: Option<crate::telemetry::otel::Tracing>,
 }
 
 /// The inbound port's limits: tunnels are long-lived and carry many streams.
@@ -274,7 +276,10 @@ impl InboundHandler {
                 max_head_bytes: 256 * 1024,
             },
             request_metrics,
-            ctx.access.clone(),
+            crate::http::pipeline::Observe {
+                access: ctx.access.clone(),
+                tracing: ctx.tracing.clone(),
+            },
         );
         Arc::new(Self {
             ctx,

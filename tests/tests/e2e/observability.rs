@@ -453,3 +453,368 @@ async fn metrics_move_by_exactly_the_requests_sent() {
     );
     assert!(mesh.shutdown().await);
 }
+
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    },
+    trace::v1::{Span, span::SpanKind},
+};
+
+/// A span as received, with the `service.name` of the process that sent it.
+#[derive(Debug, Clone)]
+struct Got {
+    service: String,
+    span: Span,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn flatten(req: ExportTraceServiceRequest) -> Vec<Got> {
+    let mut out = Vec::new();
+    for rs in req.resource_spans {
+        let service = rs
+            .resource
+            .iter()
+            .flat_map(|r| r.attributes.iter())
+            .find(|kv| kv.key == "service.name")
+            .and_then(|kv| kv.value.as_ref())
+            .and_then(|v| match &v.value {
+                Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s)) => {
+                    Some(s.clone())
+                }
+                _ => None,
+            })
+            .unwrap_or_default();
+        for ss in rs.scope_spans {
+            for span in ss.spans {
+                out.push(Got {
+                    service: service.clone(),
+                    span,
+                });
+            }
+        }
+    }
+    out
+}
+
+fn attr(s: &Span, key: &str) -> Option<String> {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    s.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref())
+        .and_then(|v| match &v.value {
+            Some(Value::StringValue(s)) => Some(s.clone()),
+            Some(Value::IntValue(i)) => Some(i.to_string()),
+            _ => None,
+        })
+}
+
+/// The in-test collector: a tonic `TraceService` that keeps every span and the metadata of
+/// the last export.
+#[derive(Clone, Default)]
+struct Collector {
+    spans: std::sync::Arc<std::sync::Mutex<Vec<Got>>>,
+    auth: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        if let Some(v) = req.metadata().get("authorization") {
+            *self.auth.lock().expect("lock") = v.to_str().ok().map(str::to_owned);
+        }
+        self.spans
+            .lock()
+            .expect("lock")
+            .extend(flatten(req.into_inner()));
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+impl Collector {
+    async fn start(&self) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let svc = TraceServiceServer::new(self.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        addr
+    }
+
+    fn spans(&self) -> Vec<Got> {
+        self.spans.lock().expect("lock").clone()
+    }
+}
+
+const COLLECTOR_TOKEN: &str = "Bearer collector-t0ken-secret";
+
+/// One trace across gateway -> node-b -> service, exported over OTLP/gRPC by both processes.
+///
+/// The gateway embeds the agent's outbound half (its tunnel pool), so the path has three legs:
+/// the gateway's edge, its outbound tunnel leg, node-b's inbound leg. Expected spans, all with
+/// one trace id:
+///
+/// 1. gateway `GET key` (server, the root: the client sent no traceparent);
+/// 2. gateway `auth` (internal, child of 1: the API-key filter did work);
+/// 3. gateway `upstream users` (client, child of 1: the outbound tunnel leg);
+/// 4. node-b `GET users` (server, child of 3, continued from the forwarded traceparent: the
+///    inbound leg);
+/// 5. node-b `upstream users` (client, child of 4: the call to the local service).
+///
+/// The service receives `traceparent` `00-<trace id>-<span 5>-01`. Collector headers reach the
+/// collector and never appear in a log line or in `/config`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_covers_gateway_tunnel_and_agent() {
+    crate::harness::init();
+    let collector = Collector::default();
+    let at = format!("http://{}", collector.start().await);
+    let users = Backend::start("users").await;
+    let (at_gw, at_node) = (at.clone(), at.clone());
+    let mesh = TestMesh::new()
+        .agent(
+            AgentSpec::new("node-b")
+                .service(ServiceSpec::http("users", users.port))
+                .configure(move |c| c.telemetry.tracing.endpoint = Some(at_node)),
+        )
+        .intention(Intention::allow("gateway", "users"))
+        .gateway(
+            GatewaySpec::new()
+                .auth(auth_section())
+                .route(
+                    RouteSpec::new("key")
+                        .prefix("/")
+                        .to("users")
+                        .extra(json!({"auth": {"api_key": true}})),
+                )
+                .configure(move |c| {
+                    c.telemetry.tracing.endpoint = Some(at_gw);
+                    c.telemetry
+                        .tracing
+                        .headers
+                        .insert("authorization".into(), COLLECTOR_TOKEN.into());
+                }),
+        )
+        .start()
+        .await;
+    let r = plain(
+        mesh.gw().http(),
+        "GET",
+        "api.example",
+        "/users/1",
+        &[("x-api-key", API_KEY)],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let (_, config) = crate::harness::http_get(mesh.gw().app.admin_addr(), "/config").await;
+    assert!(!config.contains("collector-t0ken"), "{config}");
+    let tp = users
+        .seen
+        .lock()
+        .expect("lock")
+        .last()
+        .and_then(|s| s.headers.get("traceparent").cloned())
+        .expect("the service got a traceparent");
+    assert!(mesh.shutdown().await);
+    // both processes flushed on shutdown; the export may still be on the wire
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let s = collector.spans();
+            s.iter().any(|g| g.service == "meshgate-gateway")
+                && s.iter().filter(|g| g.service == "meshgate-agent").count() >= 2
+        })
+        .await,
+        "spans did not arrive: {:?}",
+        collector.spans()
+    );
+    let parts: Vec<&str> = tp.split('-').collect();
+    assert_eq!(parts.len(), 4, "{tp}");
+    let trace_id = parts[1];
+    let spans: Vec<Got> = collector
+        .spans()
+        .into_iter()
+        .filter(|g| hex(&g.span.trace_id) == trace_id)
+        .collect();
+    let find = |service: &str, name: &str, kind: SpanKind| {
+        spans
+            .iter()
+            .find(|g| g.service == service && g.span.name == name && g.span.kind == kind as i32)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no {kind:?} span {name:?} from {service} in trace {trace_id}: {:?}",
+                    spans
+                        .iter()
+                        .map(|g| (&g.service, &g.span.name, g.span.kind))
+                        .collect::<Vec<_>>()
+                )
+            })
+            .span
+            .clone()
+    };
+    let root = find("meshgate-gateway", "GET key", SpanKind::Server);
+    let auth = find("meshgate-gateway", "auth", SpanKind::Internal);
+    let gw_up = find("meshgate-gateway", "upstream users", SpanKind::Client);
+    let node = find("meshgate-agent", "GET users", SpanKind::Server);
+    let node_up = find("meshgate-agent", "upstream users", SpanKind::Client);
+    assert!(
+        root.parent_span_id.is_empty(),
+        "the gateway span is the root"
+    );
+    assert_eq!(auth.parent_span_id, root.span_id);
+    assert_eq!(gw_up.parent_span_id, root.span_id);
+    assert_eq!(
+        node.parent_span_id, gw_up.span_id,
+        "the inbound leg continues the gateway's call"
+    );
+    assert_eq!(node_up.parent_span_id, node.span_id);
+    assert_eq!(
+        parts[2],
+        hex(&node_up.span_id),
+        "the service's parent is the last hop's call"
+    );
+    assert_eq!(parts[3], "01", "sampled");
+    assert_eq!(attr(&root, "http.route").as_deref(), Some("key"));
+    assert_eq!(
+        attr(&root, "http.response.status_code").as_deref(),
+        Some("200")
+    );
+    assert_eq!(
+        attr(&node, "meshgate.peer.identity").map(|p| p.ends_with("/gateway")),
+        Some(true)
+    );
+    assert_eq!(spans.len(), 5, "exactly the five spans: {spans:?}");
+    assert_eq!(
+        collector.auth.lock().expect("lock").as_deref(),
+        Some(COLLECTOR_TOKEN),
+        "the configured collector header was sent"
+    );
+    assert!(
+        !captured_logs().contains("collector-t0ken"),
+        "the collector token was logged"
+    );
+}
+
+/// One HTTP export as received: path, content type, spans.
+type Export = (String, String, Vec<Got>);
+
+/// OTLP over HTTP/protobuf: a plain hyper server on `/v1/traces` receives the gateway's spans
+/// (protobuf-encoded `ExportTraceServiceRequest`), one server span per request sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_export_over_http_protobuf() {
+    use http_body_util::BodyExt;
+    let got: std::sync::Arc<std::sync::Mutex<Vec<Export>>> = Default::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let sink = got.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let sink = sink.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let sink = sink.clone();
+                        async move {
+                            let path = req.uri().path().to_owned();
+                            let ct = req
+                                .headers()
+                                .get("content-type")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or_default()
+                                .to_owned();
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let decoded =
+                                <ExportTraceServiceRequest as prost::Message>::decode(body)
+                                    .map(flatten)
+                                    .unwrap_or_default();
+                            sink.lock().expect("lock").push((path, ct, decoded));
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::new()),
+                            ))
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    let users = Backend::start("users").await;
+    let endpoint = format!("http://{addr}");
+    let mesh = TestMesh::new()
+        .agent(AgentSpec::new("node-b").service(ServiceSpec::http("users", users.port)))
+        .intention(Intention::allow("gateway", "users"))
+        .gateway(
+            GatewaySpec::new()
+                .route(RouteSpec::new("users").prefix("/").to("users"))
+                .configure(move |c| {
+                    c.telemetry.tracing.endpoint = Some(endpoint);
+                    c.telemetry.tracing.protocol =
+                        Some(meshgate_agent::telemetry::otel::OtlpProtocol::Http);
+                }),
+        )
+        .start()
+        .await;
+    for i in 0..3 {
+        let r = plain(
+            mesh.gw().http(),
+            "GET",
+            "api.example",
+            &format!("/u/{i}"),
+            &[],
+            b"",
+        )
+        .await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    assert!(mesh.shutdown().await);
+    let servers = || {
+        got.lock()
+            .expect("lock")
+            .iter()
+            .flat_map(|(_, _, s)| s.clone())
+            .filter(|g| g.span.kind == SpanKind::Server as i32)
+            .count()
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async { servers() >= 3 }).await,
+        "server spans: {}",
+        servers()
+    );
+    let exports = got.lock().expect("lock").clone();
+    for (path, ct, _) in &exports {
+        assert_eq!(path, "/v1/traces");
+        assert_eq!(ct, "application/x-protobuf");
+    }
+    let spans: Vec<Got> = exports.into_iter().flat_map(|(_, _, s)| s).collect();
+    assert_eq!(servers(), 3, "one server span per request: {spans:?}");
+    for g in spans
+        .iter()
+        .filter(|g| g.span.kind == SpanKind::Server as i32)
+    {
+        assert_eq!(g.service, "meshgate-gateway");
+        assert_eq!(attr(&g.span, "http.route").as_deref(), Some("users"));
+        assert_eq!(g.span.name, "GET users");
+    }
+}
