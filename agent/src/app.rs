@@ -241,6 +241,11 @@ impl Agent {
             owners.insert(s.name.clone(), id);
         }
 
+        let _ = state.extension.set(Arc::new(crate::admin::authz::AuthzApi {
+            policy: policy.clone(),
+            services: local.clone(),
+            id_prefix: format!("spiffe://{}/ns/{}/svc/", cfg.trust_domain, cfg.namespace),
+        }));
         let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config(&identity.node()));
         let inbound = InboundHandler::new(
             Arc::new(Inbound {

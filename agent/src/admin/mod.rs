@@ -16,6 +16,8 @@ use std::{
     time::{Instant, SystemTime},
 };
 
+pub mod authz;
+
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header::CONTENT_TYPE};
 use http_body_util::Full;

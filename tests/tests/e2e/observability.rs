@@ -818,3 +818,59 @@ async fn traces_export_over_http_protobuf() {
         assert_eq!(g.span.name, "GET users");
     }
 }
+
+/// `/authz/check` on the destination agent decides with its live rules and names the rule:
+/// what `meshgate authz check` prints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authz_check_names_the_deciding_rule() {
+    let users = Backend::start("users").await;
+    let mesh = users_mesh(&users).await;
+    let node = mesh.agent("node-b");
+    let check = |q: &'static str| async move {
+        let (code, body) = node.admin(&format!("/authz/check?{q}")).await;
+        (
+            code,
+            serde_json::from_str::<Value>(&body).unwrap_or(Value::String(body)),
+        )
+    };
+    let (code, v) = check("from=gateway&to=users&method=DELETE&path=/admin/x").await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["decision"], "deny", "{v}");
+    assert_eq!(v["rule"], 1, "{v}");
+    assert!(
+        v["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("rule #1")),
+        "{v}"
+    );
+    assert_eq!(v["layer"], "l7");
+    let (_, v) = check("from=gateway&to=users&method=GET&path=/users/1").await;
+    assert_eq!(v["decision"], "allow", "{v}");
+    assert_eq!(v["rule"], 0, "{v}");
+    let (_, v) = check("from=web&to=users").await;
+    assert_eq!(v["decision"], "deny", "{v}");
+    assert!(v["rule"].is_null(), "the default decided: {v}");
+    assert!(
+        v["from"].as_str().is_some_and(|f| f.ends_with("/svc/web")),
+        "{v}"
+    );
+    let (code, v) = check("from=gateway&to=billing").await;
+    assert_eq!(code, 400, "{v}");
+    assert!(
+        v.as_str()
+            .is_some_and(|e| e.contains("does not run on this node")),
+        "{v}"
+    );
+    // the same request through the gateway is refused by that rule
+    let r = plain(
+        mesh.gw().http(),
+        "DELETE",
+        "api.example",
+        "/admin/x",
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(mesh.shutdown().await);
+}
