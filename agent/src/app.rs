@@ -25,7 +25,11 @@ use crate::{
         inbound::{Inbound, InboundHandler, LocalService},
         outbound::{self, Upstream},
     },
-    telemetry::Metrics,
+    telemetry::{
+        Metrics,
+        access::{AccessLog, AccessLogError, Mode as AccessMode},
+        otel::Tracing,
+    },
 };
 
 /// Why the agent could not start.
@@ -51,6 +55,12 @@ pub enum AgentError {
     /// Obtaining a workload certificate failed.
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    /// The access log cannot be opened.
+    #[error(transparent)]
+    AccessLog(#[from] AccessLogError),
+    /// The trace exporter cannot be set up.
+    #[error(transparent)]
+    Tracing(#[from] crate::telemetry::otel::TracingError),
 }
 
 /// Retries Consul registration with backoff until it succeeds.
@@ -95,6 +105,7 @@ pub struct Agent {
     admin_task: JoinHandle<()>,
     consul: Option<ConsulClient>,
     registrations: Vec<ServiceRegistration>,
+    tracing: Option<Tracing>,
 }
 
 async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, AgentError> {
@@ -127,6 +138,12 @@ impl Agent {
             );
         }));
         let drain = Drain::new();
+        let access = AccessLog::start(
+            &cfg.telemetry.access_log,
+            AccessMode::Agent,
+            metrics.access_log_dropped(),
+        )?;
+        let tracing = Tracing::start(&cfg.telemetry.tracing, "meshgate-agent", &cfg.node)?;
 
         let admin_listener = bind("admin", cfg.listen.admin).await?;
         let admin_addr = local_addr("admin", &admin_listener, cfg.listen.admin)?;
@@ -224,6 +241,11 @@ impl Agent {
             owners.insert(s.name.clone(), id);
         }
 
+        let _ = state.extension.set(Arc::new(crate::admin::authz::AuthzApi {
+            policy: policy.clone(),
+            services: local.clone(),
+            id_prefix: format!("spiffe://{}/ns/{}/svc/", cfg.trust_domain, cfg.namespace),
+        }));
         let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config(&identity.node()));
         let inbound = InboundHandler::new(
             Arc::new(Inbound {
@@ -232,6 +254,8 @@ impl Agent {
                 tunnel: cfg.tunnel.clone(),
                 metrics: metrics.clone(),
                 drain: drain.clone(),
+                access,
+                tracing: tracing.clone(),
             }),
             request_metrics,
         );
@@ -277,6 +301,7 @@ impl Agent {
             admin_task,
             consul,
             registrations,
+            tracing,
         })
     }
 
@@ -334,6 +359,10 @@ impl Agent {
             consul::deregister_all(client, &self.registrations).await;
         }
         self.admin_task.abort();
+        if let Some(t) = self.tracing.clone() {
+            // the batch exporter blocks while it sends what is left
+            let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+        }
         clean
     }
 }

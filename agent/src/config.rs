@@ -49,6 +49,9 @@ pub struct AgentConfig {
     /// Tunnel tuning.
     #[serde(default)]
     pub tunnel: TunnelConfig,
+    /// Access log (off by default on agents) and traces; see docs/observability.md.
+    #[serde(default)]
+    pub telemetry: crate::telemetry::TelemetryConfig,
     /// How long in-flight connections may finish after SIGTERM. Default 30s.
     #[serde(default = "default_drain", with = "humantime_serde")]
     #[schemars(with = "String")]

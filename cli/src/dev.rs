@@ -39,6 +39,11 @@ pub(crate) struct DevArgs {
     /// DIR, as a starting point for a real deployment.
     #[arg(long, value_name = "DIR")]
     print_configs: Option<PathBuf>,
+    /// Export traces of every process (both agents and the gateway) to this OTLP/gRPC
+    /// endpoint, e.g. http://127.0.0.1:4317 (a Jaeger or an OpenTelemetry Collector). The
+    /// standard OTEL_EXPORTER_OTLP_* variables work too.
+    #[arg(long, value_name = "ENDPOINT")]
+    otlp: Option<String>,
     #[command(flatten)]
     backends: DevBackends,
 }
@@ -278,6 +283,8 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         "registration": args.backends.registration(),
         "drain_timeout": "2s",
     }))?;
+    let mut node_a = node_a;
+    node_a.telemetry.tracing.endpoint = args.otlp.clone();
     let node_a_cfg = node_a.clone();
     let a = Agent::start(node_a).await.context("starting node-a")?;
     let web_upstream = port(b, 91)?;
@@ -292,6 +299,8 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         "registration": args.backends.registration(),
         "drain_timeout": "2s",
     }))?;
+    let mut node_b = node_b;
+    node_b.telemetry.tracing.endpoint = args.otlp.clone();
     let node_b_cfg = node_b.clone();
     let nb = Agent::start(node_b).await.context("starting node-b")?;
     // edge auth for the demo: an ES256 signing key whose JWKS the gateway holds inline, a
@@ -357,6 +366,8 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         "discovery": args.backends.discovery(json!({"users": [a.inbound_addr()], "users-canary": [a.inbound_addr()], "orders": [a.inbound_addr()]})),
         "drain_timeout": "2s",
     }))?;
+    let mut gw_cfg = gw_cfg;
+    gw_cfg.telemetry.tracing.endpoint = args.otlp.clone();
     let gw_cfg_copy = gw_cfg.clone();
     let gw = GatewayApp::start(gw_cfg)
         .await
@@ -408,6 +419,29 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     if let Some(r) = &args.backends.redis {
         println!("  rate limits  Redis at {}", redact_url(r));
+    }
+    println!();
+    println!("Where to look:");
+    println!(
+        "  metrics      curl -s http://{}/metrics   (every metric: docs/metrics.md)",
+        gw.admin_addr()
+    );
+    println!(
+        "  status       meshgate status --admin {}   (and --admin {} / {} for the agents)",
+        gw.admin_addr(),
+        a.admin_addr(),
+        nb.admin_addr()
+    );
+    println!(
+        "  routes       meshgate routes --admin {} --match 'GET http://{g}/api/users/7'",
+        gw.admin_addr()
+    );
+    println!("  access log   one JSON line per gateway request on this terminal's stdout");
+    match &args.otlp {
+        Some(e) => println!("  traces       exported over OTLP to {e}"),
+        None => {
+            println!("  traces       off; start with --otlp http://127.0.0.1:4317 to export them")
+        }
     }
     println!();
     println!("Try (each prints the response, then its status code):");

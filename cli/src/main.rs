@@ -9,6 +9,7 @@
 mod admin_client;
 mod agent;
 mod auth_explain;
+mod authz;
 mod ca;
 mod certs;
 mod check;
@@ -23,6 +24,7 @@ mod gateway;
 mod inspect;
 mod lifecycle;
 mod openapi;
+mod otlp_sink;
 mod output;
 #[cfg(test)]
 mod reference;
@@ -105,6 +107,8 @@ enum Command {
     Auth(AuthArgs),
     /// API keys: print the hash to put in `auth.api_keys.consumers[].keys`.
     Apikey(ApikeyArgs),
+    /// Intentions: what the live rules of a running agent decide.
+    Authz(AuthzArgs),
     /// Validate config files and print their JSON Schema.
     Config(config::ConfigArgs),
     /// A running agent or gateway: its kind, version, readiness (with what to do when not
@@ -123,6 +127,22 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Print a shell completion script: `meshgate completion bash > /etc/bash_completion.d/meshgate`.
     Completion(CompletionArgs),
+    /// Debugging aids (hidden): `meshgate debug otlp-sink`.
+    #[command(hide = true)]
+    Debug(DebugArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DebugArgs {
+    #[command(subcommand)]
+    command: DebugCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum DebugCommand {
+    /// A local OTLP receiver (gRPC and HTTP/protobuf) that counts spans and drops them, for
+    /// measuring tracing's cost.
+    OtlpSink(otlp_sink::OtlpSinkArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -136,6 +156,20 @@ enum AuthCommand {
     /// Which check a token passes or fails on a route (signature, kid, alg, iss, aud, exp,
     /// nbf, JWKS reachability), without printing the token. Exit 1 when invalid.
     Explain(auth_explain::ExplainArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct AuthzArgs {
+    #[command(subcommand)]
+    command: AuthzCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum AuthzCommand {
+    /// The decision and the deciding rule for --from calling --to (with --method/--path for
+    /// HTTP services), from the live rule set of the destination's agent (--admin). Exit 1
+    /// when denied.
+    Check(authz::CheckArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -340,10 +374,16 @@ fn main() -> std::process::ExitCode {
                 outln!("{}", meshgate_gateway::apikey::hash_key(&key));
                 Ok(())
             }
+            Command::Authz(AuthzArgs {
+                command: AuthzCommand::Check(args),
+            }) => authz::run(args).await,
             Command::Endpoints(args) => inspect::endpoints(args).await,
             Command::Check(args) => check::run(args).await,
             Command::Version(args) => version::run(args).await,
             Command::Demo(args) => demo::run(args).await,
+            Command::Debug(DebugArgs {
+                command: DebugCommand::OtlpSink(args),
+            }) => otlp_sink::run(args).await,
             Command::Completion(CompletionArgs { shell }) => {
                 let mut script = Vec::new();
                 clap_complete::generate(shell, &mut command(), "meshgate", &mut script);

@@ -16,11 +16,15 @@ use meshgate_agent::{
     drain::Drain,
     http::{
         front::{self, Front, FrontLimits, Security},
-        pipeline::{Pipeline, PipelineHandler, RequestMetrics},
+        pipeline::{Observe, Pipeline, PipelineHandler, RequestMetrics},
         upstream::{External, ExternalConfig, MeshClient, Upstream},
     },
     identity::{IdentityError, IdentityManager},
-    telemetry::Metrics,
+    telemetry::{
+        Metrics,
+        access::{AccessLog, Mode as AccessMode},
+        otel::Tracing,
+    },
 };
 use prometheus_client::{
     metrics::{counter::Counter, family::Family},
@@ -334,6 +338,7 @@ pub struct GatewayApp {
     tasks: Vec<JoinHandle<()>>,
     admin_task: JoinHandle<()>,
     identity: IdentityManager,
+    tracing: Option<Tracing>,
 }
 
 async fn bind(
@@ -375,6 +380,7 @@ fn fixed_fields(c: &GatewayConfig) -> Vec<(&'static str, serde_json::Value)> {
         ("client_auth", j(&c.client_auth)),
         ("discovery", j(&c.discovery)),
         ("tunnel", j(&c.tunnel)),
+        ("telemetry", j(&c.telemetry)),
         ("auth.jwks_ca_file", j(&c.auth.jwks_ca_file)),
         ("auth.rate_limit_store", j(&c.auth.rate_limit_store)),
         (
@@ -436,6 +442,16 @@ impl GatewayApp {
                 "JWT checks by provider and result (verified: signature checked; cache_hit: a token verified before, its exp/nbf checked again)",
                 stores.jwt_checks.clone(),
             );
+            r.register(
+                "meshgate_gateway_auth_failures",
+                "refused authentications by route and reason (missing, expired, invalid, forbidden)",
+                stores.auth_failures.clone(),
+            );
+            r.register(
+                "meshgate_gateway_rate_limit_decisions",
+                "rate-limit decisions by route, policy and decision (allowed, limited; limited also covers a store error when the policy fails closed)",
+                stores.rate_decisions.clone(),
+            );
         }));
         if let Some(r) = &cfg.auth.rate_limit_store {
             stores.redis = Some(
@@ -490,7 +506,22 @@ impl GatewayApp {
         let (compiled, fresh) = caches.compile(&cfg, &stores, &failures, &upstreams, https_port)?;
         caches.load(fresh).await;
         let table = Arc::new(ArcSwap::new(compiled.table.clone()));
-        let pipeline = Pipeline::new(compiled.pipeline, gw_metrics.requests.clone());
+        let access = AccessLog::start(
+            &cfg.telemetry.access_log,
+            AccessMode::Gateway,
+            metrics.access_log_dropped(),
+        )
+        .map_err(|e| GatewayError::Setup(e.to_string()))?;
+        let tracing = Tracing::start(&cfg.telemetry.tracing, "meshgate-gateway", &cfg.node)
+            .map_err(|e| GatewayError::Setup(e.to_string()))?;
+        let pipeline = Pipeline::new(
+            compiled.pipeline,
+            gw_metrics.requests.clone(),
+            Observe {
+                access,
+                tracing: tracing.clone(),
+            },
+        );
         let _ = state.extension.set(Arc::new(RoutesApi {
             table: table.clone(),
         }));
@@ -542,6 +573,7 @@ impl GatewayApp {
             tasks,
             admin_task,
             identity: mesh.identity,
+            tracing,
         })
     }
 
@@ -635,6 +667,10 @@ impl GatewayApp {
             t.abort();
         }
         self.admin_task.abort();
+        if let Some(t) = self.tracing.clone() {
+            // the batch exporter blocks while it sends what is left
+            let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+        }
         clean
     }
 }

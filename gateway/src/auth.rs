@@ -181,6 +181,56 @@ pub struct RateStores {
     pub redis: Option<RedisStore>,
     /// `meshgate_gateway_jwt_checks_total{provider, result}`.
     pub jwt_checks: JwtChecks,
+    /// `meshgate_gateway_rate_limit_decisions_total{route, policy, decision}`.
+    pub rate_decisions: JwtChecks,
+    /// `meshgate_gateway_auth_failures_total{route, reason}`.
+    pub auth_failures: JwtChecks,
+}
+
+impl Auth {
+    /// Counts a refused authentication on `route`: `missing` (no credentials), `expired`,
+    /// `invalid` (bad or unknown credentials), `forbidden` (authenticated, but scopes, claims or
+    /// groups do not match).
+    pub fn auth_failed(&self, route: &str, p: &meshgate_agent::http::respond::Problem) {
+        use meshgate_agent::http::respond::Problem;
+        let reason = match p {
+            Problem::Unauthorized { reason, .. } if reason.starts_with("missing") => "missing",
+            Problem::Unauthorized { reason, .. } if reason.contains("expired") => "expired",
+            Problem::Unauthorized { .. } => "invalid",
+            Problem::Forbidden(_) => "forbidden",
+            _ => "error",
+        };
+        self.stores
+            .auth_failures
+            .get_or_create(&vec![
+                ("route", route.to_owned()),
+                ("reason", reason.to_owned()),
+            ])
+            .inc();
+    }
+
+    /// The (allowed, limited) decision counters of `policy` on `route`, resolved once when the
+    /// route compiles.
+    pub fn rate_decision_counters(
+        &self,
+        route: &str,
+        policy: &str,
+    ) -> (
+        prometheus_client::metrics::counter::Counter,
+        prometheus_client::metrics::counter::Counter,
+    ) {
+        let c = |decision: &str| {
+            self.stores
+                .rate_decisions
+                .get_or_create(&vec![
+                    ("route", route.to_owned()),
+                    ("policy", policy.to_owned()),
+                    ("decision", decision.to_owned()),
+                ])
+                .clone()
+        };
+        (c("allowed"), c("limited"))
+    }
 }
 
 impl RateStores {
@@ -190,6 +240,8 @@ impl RateStores {
             memory: Arc::new(MemoryStore::new()),
             redis: None,
             jwt_checks: JwtChecks::default(),
+            rate_decisions: JwtChecks::default(),
+            auth_failures: JwtChecks::default(),
         }
     }
 }

@@ -328,6 +328,7 @@ pub(crate) fn pipeline(
             action
         };
         let route = Arc::new(Route {
+            stats: Default::default(),
             name: Arc::from(name.as_str()),
             chain: Chain::new(chain),
             action,

@@ -109,6 +109,9 @@ pub struct GatewayConfig {
     /// Tunnel tuning (as for the agent).
     #[serde(default)]
     pub tunnel: TunnelConfig,
+    /// Access log (on by default on the gateway) and traces; see docs/observability.md.
+    #[serde(default)]
+    pub telemetry: meshgate_agent::telemetry::TelemetryConfig,
     /// How long open requests may finish after SIGTERM. Default 30s.
     #[serde(default = "default_drain", with = "humantime_serde")]
     #[schemars(with = "String")]

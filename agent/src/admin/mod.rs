@@ -16,6 +16,8 @@ use std::{
     time::{Instant, SystemTime},
 };
 
+pub mod authz;
+
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header::CONTENT_TYPE};
 use http_body_util::Full;
@@ -115,6 +117,15 @@ const SECRET_KEYS: &[&str] = &[
 /// kept: they are not secrets.
 pub fn redacted(mut v: serde_json::Value) -> serde_json::Value {
     redact(&mut v);
+    // collector headers carry auth tokens under any name
+    if let Some(h) = v
+        .pointer_mut("/telemetry/tracing/headers")
+        .and_then(|h| h.as_object_mut())
+    {
+        for val in h.values_mut() {
+            *val = serde_json::Value::String("[redacted]".into());
+        }
+    }
     v
 }
 
@@ -314,11 +325,22 @@ async fn route(req: Request<Incoming>, state: Arc<AdminState>) -> Response<Full<
             version: VERSION,
             kind: state.kind(),
         }),
-        "/metrics" => respond(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            state.metrics_text().await,
-        ),
+        "/metrics" => {
+            let text = state.metrics_text().await;
+            if wants_openmetrics(req.headers()) {
+                respond(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    text,
+                )
+            } else {
+                respond(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    prometheus_text(&text),
+                )
+            }
+        }
         "/config" => json(&**state.config.load()),
         "/certs" => json(&state.certs().await),
         "/endpoints" => match state.endpoints.get() {
@@ -339,6 +361,47 @@ async fn route(req: Request<Incoming>, state: Arc<AdminState>) -> Response<Full<
             ),
         },
     }
+}
+
+/// Whether the scraper asked for OpenMetrics (`Accept: application/openmetrics-text`).
+fn wants_openmetrics(h: &http::HeaderMap) -> bool {
+    h.get_all(http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"))
+}
+
+/// The Prometheus text format (0.0.4) of an OpenMetrics exposition: counters' `HELP` and `TYPE`
+/// lines name the `_total` series, and `# UNIT` and `# EOF` go.
+pub fn prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut help: Option<&str> = None;
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = Some(rest);
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let series = if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_owned()
+            };
+            if let Some(h) = help.take() {
+                let text = h.split_once(' ').map(|(_, t)| t).unwrap_or("");
+                out.push_str(&format!("# HELP {series} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {series} {kind}\n"));
+            continue;
+        }
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 /// Serves the admin API until the process ends (it keeps answering while draining).
@@ -370,6 +433,23 @@ mod tests {
     use super::redacted;
 
     #[test]
+    fn prometheus_text_names_counter_series() {
+        let m = crate::telemetry::Metrics::new();
+        m.denied(crate::telemetry::DenyReason::Policy);
+        m.tunnel_connected(std::time::Duration::from_millis(3));
+        let text = super::prometheus_text(&m.encode());
+        assert!(
+            text.contains("# TYPE meshgate_authz_denials_total counter\n"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP meshgate_authz_denials_total connections"));
+        assert!(text.contains("meshgate_authz_denials_total{reason=\"policy\"} 1\n"));
+        assert!(text.contains("# TYPE meshgate_tunnel_connect_duration_seconds histogram\n"));
+        assert!(text.contains("meshgate_tunnel_connect_duration_seconds_count 1\n"));
+        assert!(!text.contains("# EOF") && !text.contains("# UNIT"));
+    }
+
+    #[test]
     fn secrets_never_reach_config_output() {
         let v = redacted(serde_json::json!({
             "auth": {
@@ -378,10 +458,18 @@ mod tests {
                 "api_keys": {"consumers": [{"name": "c", "keys": ["sha256:abc"]}]},
                 "introspection": [{"client_secret": "x", "client_secret_file": "/run/s"}]
             },
-            "ca": {"join_token_file": "/run/token"}
+            "ca": {"join_token_file": "/run/token"},
+            "telemetry": {"tracing": {"endpoint": "http://c:4317", "headers": {"x-honeycomb-team": "hc-key-1"}}}
         }));
         let text = v.to_string();
-        for secret in ["s3cret", "hunter2", "c2VjcmV0", "sha256:abc", "\"x\""] {
+        for secret in [
+            "s3cret",
+            "hunter2",
+            "c2VjcmV0",
+            "sha256:abc",
+            "\"x\"",
+            "hc-key-1",
+        ] {
             assert!(!text.contains(secret), "{secret} in {text}");
         }
         assert!(

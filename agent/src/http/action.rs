@@ -196,7 +196,55 @@ impl Proxy {
     }
 
     /// Sends `req` to `up` and returns its response (streaming), or the problem to answer.
+    /// Records how long the exchange took in `ctx.upstream_duration`.
     pub async fn forward(
+        &self,
+        up: &dyn Upstream,
+        req: Request<Body>,
+        ctx: &mut Ctx,
+    ) -> Result<Response<Body>, Problem> {
+        let t0 = std::time::Instant::now();
+        let mut req = req;
+        // the upstream call's span: its traceparent is what the service (or the next agent) sees
+        let span = ctx.otel.as_ref().map(|t| {
+            let s = t.child(
+                format!("upstream {}", up.name()),
+                opentelemetry::trace::SpanKind::Client,
+            );
+            ctx.traceparent = s.inject(req.headers_mut());
+            s
+        });
+        let r = self.exchange(up, req, ctx).await;
+        ctx.upstream_duration = Some(t0.elapsed());
+        if let Some(s) = span {
+            use opentelemetry::KeyValue;
+            let mut attrs = vec![KeyValue::new("meshgate.upstream", up.name().to_string())];
+            if let Some(ep) = ctx.endpoint {
+                attrs.push(KeyValue::new("server.address", ep.ip().to_string()));
+                attrs.push(KeyValue::new("server.port", i64::from(ep.port())));
+            }
+            match &r {
+                Ok(resp) => {
+                    attrs.push(KeyValue::new(
+                        "http.response.status_code",
+                        i64::from(resp.status().as_u16()),
+                    ));
+                    if resp.status().is_server_error() {
+                        s.error(format!("upstream answered {}", resp.status().as_u16()));
+                    }
+                }
+                Err(p) => {
+                    attrs.push(KeyValue::new("meshgate.problem", p.slug()));
+                    s.error(p.slug().to_owned());
+                }
+            }
+            s.set(attrs);
+            s.end();
+        }
+        r
+    }
+
+    async fn exchange(
         &self,
         up: &dyn Upstream,
         req: Request<Body>,

@@ -39,9 +39,9 @@ pub enum BodyFault {
 }
 
 /// Where a [`Guarded`] body records its fault; the pipeline reads it when the upstream exchange
-/// fails.
+/// fails (and the access log its byte count).
 #[derive(Debug, Default)]
-pub struct BodyState(AtomicU8);
+pub struct BodyState(AtomicU8, std::sync::atomic::AtomicU64);
 
 impl BodyState {
     fn set(&self, f: BodyFault) {
@@ -53,6 +53,11 @@ impl BodyState {
         let _ = self
             .0
             .compare_exchange(0, v, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Body bytes read from the client so far.
+    pub fn received(&self) -> u64 {
+        self.1.load(Ordering::Relaxed)
     }
 
     /// The first fault seen, if any.
@@ -126,6 +131,7 @@ where
                 *this.armed = false;
                 if let Some(d) = frame.data_ref() {
                     *this.seen += d.len() as u64;
+                    this.state.1.store(*this.seen, Ordering::Relaxed);
                     if *this.seen > *this.limit {
                         this.state.set(BodyFault::TooLarge);
                         return Poll::Ready(Some(Err(BodyError(BodyFault::TooLarge).into())));

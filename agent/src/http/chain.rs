@@ -55,10 +55,48 @@ impl Chain {
         self.request_body_cap
     }
 
-    /// Runs every filter's `on_request` in order until one answers.
+    /// Runs every filter's `on_request` in order until one answers. While tracing is on, a
+    /// filter that did work (it had to wait, or it answered) leaves a child span of the
+    /// request's span: filters that only looked cost no span.
     pub async fn on_request(&self, req: &mut request::Parts, ctx: &mut Ctx) -> Result<(), Stop> {
+        if ctx.otel.is_some() {
+            return self.on_request_traced(req, ctx).await;
+        }
         for f in &self.filters {
             match f.on_request(req, ctx).resolve().await {
+                Verdict::Continue => {}
+                Verdict::Respond(r) => return Err(Stop::Respond(r)),
+                Verdict::Reject(p) => return Err(Stop::Reject(p)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_request_traced(&self, req: &mut request::Parts, ctx: &mut Ctx) -> Result<(), Stop> {
+        use opentelemetry::KeyValue;
+        for f in &self.filters {
+            let start = std::time::SystemTime::now();
+            let step = f.on_request(req, ctx);
+            let waited = matches!(step, super::filter::Step::Later(_));
+            let verdict = step.resolve().await;
+            let outcome = match &verdict {
+                Verdict::Continue => "continue",
+                Verdict::Respond(_) => "respond",
+                Verdict::Reject(_) => "reject",
+            };
+            if (waited || outcome != "continue")
+                && let Some(t) = &ctx.otel
+            {
+                let mut attrs = vec![
+                    KeyValue::new("meshgate.filter", f.name()),
+                    KeyValue::new("meshgate.filter.outcome", outcome),
+                ];
+                if let Verdict::Reject(p) = &verdict {
+                    attrs.push(KeyValue::new("meshgate.problem", p.slug()));
+                }
+                t.finished_child(f.name(), start, attrs);
+            }
+            match verdict {
                 Verdict::Continue => {}
                 Verdict::Respond(r) => return Err(Stop::Respond(r)),
                 Verdict::Reject(p) => return Err(Stop::Reject(p)),

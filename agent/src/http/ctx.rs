@@ -119,6 +119,15 @@ pub struct Ctx {
     pub endpoint: Option<SocketAddr>,
     /// Why meshgate answered itself (a problem slug), for the access log.
     pub local_reason: Option<&'static str>,
+    /// The `traceparent` this hop sends on (hygiene sets it at the gateway; the access log
+    /// and the trace read it). Only filled in when something reads it.
+    pub traceparent: Option<String>,
+    /// Who authenticated (API key consumer or JWT subject), for the access log.
+    pub consumer: Option<String>,
+    /// How long the upstream exchange took (set by the proxy action), for metrics.
+    pub upstream_duration: Option<std::time::Duration>,
+    /// The request's server span, when tracing is on (None costs nothing).
+    pub otel: Option<crate::telemetry::otel::TraceCx>,
 }
 
 impl Ctx {
@@ -140,6 +149,10 @@ impl Ctx {
             upstream: None,
             endpoint: None,
             local_reason: None,
+            traceparent: None,
+            consumer: None,
+            upstream_duration: None,
+            otel: None,
         }
     }
 

@@ -797,9 +797,16 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, security: Security, front: &Fr
         }
         Security::Tls(ref acceptor) | Security::Mesh(ref acceptor, _) => {
             let mesh = matches!(security, Security::Mesh(..));
+            let handshake_started = std::time::Instant::now();
             let tls =
                 match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
+                    Ok(Ok(s)) => {
+                        front.metrics.handshake_done(
+                            if mesh { "inbound" } else { "edge" },
+                            handshake_started.elapsed(),
+                        );
+                        s
+                    }
                     Ok(Err(e)) => {
                         if mesh {
                             front

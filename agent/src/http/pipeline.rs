@@ -16,7 +16,12 @@
 //! The pipeline's configuration is a [`PipelineConfig`] swapped whole on reload: requests in
 //! flight finish on the one they started with.
 
-use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -25,10 +30,10 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family},
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
     registry::Registry,
 };
-use tracing::{debug, info};
+use tracing::debug;
 
 use super::{
     Body,
@@ -38,6 +43,11 @@ use super::{
     ctx::{ConnInfo, Ctx},
     path::{PathOptions, normalize},
     respond::{Problem, is_grpc},
+};
+use crate::telemetry::{
+    access::{AccessLog, HttpRecord, LoggedBody},
+    metrics::{LatencyFamily, latency_family},
+    otel::Tracing,
 };
 
 /// A resolved route: its filters, its action, and the body limits it applies.
@@ -55,6 +65,8 @@ pub struct Route {
     pub body_idle_timeout: Duration,
     /// Whether TRACE requests may use this route (405 otherwise).
     pub allow_trace: bool,
+    /// Its metric handles (start with `RouteStats::default()`).
+    pub stats: RouteStats,
 }
 
 /// Picks the route for a request: a pure function of the config (and discovery snapshot).
@@ -80,6 +92,7 @@ pub struct PipelineConfig {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteCode {
     route: Arc<str>,
+    method: &'static str,
     code: u16,
 }
 
@@ -89,16 +102,71 @@ struct RouteReason {
     reason: &'static str,
 }
 
-/// Request metrics of one pipeline, registered by the composition under its own names.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabel {
+    service: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceResult {
+    service: Arc<str>,
+    result: &'static str,
+}
+
+/// The method as a bounded label value: the common methods by name, everything else `other`.
+pub fn method_class(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// A route's metric handles, resolved on its first request and kept with the compiled route
+/// (a reload compiles new routes, which resolve again).
 #[derive(Debug, Default)]
+pub struct RouteStats {
+    duration: std::sync::OnceLock<Histogram>,
+}
+
+/// Request metrics of one pipeline, registered by the composition under its own names.
+#[derive(Debug)]
 pub struct RequestMetrics {
     requests: Family<RouteCode, Counter>,
     local: Family<RouteReason, Counter>,
+    duration: LatencyFamily<RouteLabel>,
+    upstream_duration: LatencyFamily<ServiceLabel>,
+    upstream_results: Family<ServiceResult, Counter>,
+}
+
+impl Default for RequestMetrics {
+    fn default() -> Self {
+        Self {
+            requests: Family::default(),
+            local: Family::default(),
+            duration: latency_family(),
+            upstream_duration: latency_family(),
+            upstream_results: Family::default(),
+        }
+    }
 }
 
 impl RequestMetrics {
-    /// Registers the request counter as `name` (e.g. `meshgate_gateway_requests`) and the
-    /// counter of local answers (refusals) by reason as `{name}_local`.
+    /// Registers the request counter as `{name}` (e.g. `meshgate_gateway_requests`, by route,
+    /// method class and code), the counter of local answers by reason as `{name}_local`, the
+    /// request latency histogram as `{name without the s}_duration_seconds`, and the upstream
+    /// metrics `meshgate_upstream_request_duration_seconds{service}` and
+    /// `meshgate_upstream_requests{service,result}`.
     pub fn register(&self, registry: &mut Registry, name: &str, help: &str) {
         registry.register(name, help, self.requests.clone());
         registry.register(
@@ -106,12 +174,28 @@ impl RequestMetrics {
             "requests answered by meshgate itself, by route and reason (the problem type)",
             self.local.clone(),
         );
+        registry.register(
+            format!("{}_duration_seconds", name.trim_end_matches('s')),
+            "request latency by route: head received to response head ready (time to first byte for streamed answers)",
+            self.duration.clone(),
+        );
+        registry.register(
+            "meshgate_upstream_request_duration_seconds",
+            "upstream exchange latency by service: first attempt sent to response head (retries and failover included)",
+            self.upstream_duration.clone(),
+        );
+        registry.register(
+            "meshgate_upstream_requests",
+            "requests sent upstream by service and result (ok, or the problem type: upstream-refused, upstream-timeout, no-endpoints, denied-by-intention, upstream-failed...)",
+            self.upstream_results.clone(),
+        );
     }
 
-    fn count(&self, route: &Arc<str>, code: u16, local: Option<&'static str>) {
+    fn count(&self, route: &Arc<str>, method: &Method, code: u16, local: Option<&'static str>) {
         self.requests
             .get_or_create(&RouteCode {
                 route: route.clone(),
+                method: method_class(method),
                 code,
             })
             .inc();
@@ -124,6 +208,39 @@ impl RequestMetrics {
                 .inc();
         }
     }
+
+    fn route_duration(&self, route: &Arc<str>) -> Histogram {
+        self.duration
+            .get_or_create(&RouteLabel {
+                route: route.clone(),
+            })
+            .clone()
+    }
+
+    fn upstream(&self, service: &Arc<str>, took: Option<Duration>, local: Option<&'static str>) {
+        if let Some(d) = took {
+            self.upstream_duration
+                .get_or_create(&ServiceLabel {
+                    service: service.clone(),
+                })
+                .observe(d.as_secs_f64());
+        }
+        self.upstream_results
+            .get_or_create(&ServiceResult {
+                service: service.clone(),
+                result: local.unwrap_or("ok"),
+            })
+            .inc();
+    }
+}
+
+/// The optional sinks of a pipeline: access log and traces (both off: nothing per request).
+#[derive(Debug, Clone, Default)]
+pub struct Observe {
+    /// The access log.
+    pub access: Option<AccessLog>,
+    /// The trace exporter.
+    pub tracing: Option<Tracing>,
 }
 
 /// What the front calls for every request.
@@ -141,7 +258,10 @@ pub trait Handler: Send + Sync + 'static {
 pub struct Pipeline {
     cfg: ArcSwap<PipelineConfig>,
     metrics: Arc<RequestMetrics>,
+    access: Option<AccessLog>,
+    tracing: Option<Tracing>,
     none: Arc<str>,
+    none_duration: Histogram,
 }
 
 /// How the head checks and filters ended a request early.
@@ -226,12 +346,18 @@ fn set_path(req: &mut request::Parts, path: &str) -> Result<(), Problem> {
 }
 
 impl Pipeline {
-    /// A pipeline running `cfg`, counting requests into `metrics`.
-    pub fn new(cfg: PipelineConfig, metrics: Arc<RequestMetrics>) -> Arc<Self> {
+    /// A pipeline running `cfg`, counting requests into `metrics`, writing access records and
+    /// spans when `observe` has them on.
+    pub fn new(cfg: PipelineConfig, metrics: Arc<RequestMetrics>, observe: Observe) -> Arc<Self> {
+        let Observe { access, tracing } = observe;
+        let none: Arc<str> = Arc::from("-");
         Arc::new(Self {
             cfg: ArcSwap::from_pointee(cfg),
+            none_duration: metrics.route_duration(&none),
             metrics,
-            none: Arc::from("-"),
+            access,
+            tracing,
+            none,
         })
     }
 
@@ -253,7 +379,16 @@ impl Pipeline {
         ctx.grpc = is_grpc(&parts.headers);
         ctx.method = parts.method.clone();
         ctx.has_body = !http_body::Body::is_end_stream(&body);
-        let method = parts.method.clone();
+        if let Some(t) = &self.tracing {
+            ctx.otel = Some(t.server(&parts.headers, "request"));
+        }
+        if self.access.is_some() {
+            ctx.traceparent = parts
+                .headers
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+        }
         let mut route: Option<Arc<Route>> = None;
         let outcome = self.run(&cfg, &mut parts, body, &mut ctx, &mut route).await;
         let resp = match outcome {
@@ -264,23 +399,72 @@ impl Pipeline {
         let resp = self.finish(&cfg, route.as_deref(), &mut ctx, resp).await;
         let status = resp.status().as_u16();
         let route_name = ctx.route.clone().unwrap_or_else(|| self.none.clone());
-        self.metrics.count(&route_name, status, ctx.local_reason);
-        info!(
-            target: "access",
-            request_id = %ctx.request_id,
-            src.addr = %ctx.conn.peer,
-            client_ip = %ctx.client_ip,
-            method = %method,
-            authority = %ctx.authority,
-            path = %parts.uri.path(),
-            route = %route_name,
+        self.metrics
+            .count(&route_name, &ctx.method, status, ctx.local_reason);
+        let took = ctx.started.elapsed().as_secs_f64();
+        match &route {
+            Some(r) => r
+                .stats
+                .duration
+                .get_or_init(|| self.metrics.route_duration(&r.name))
+                .observe(took),
+            None => self.none_duration.observe(took),
+        }
+        if let Some(svc) = &ctx.upstream {
+            self.metrics
+                .upstream(svc, ctx.upstream_duration, ctx.local_reason);
+        }
+        if let Some(t) = ctx.otel.take() {
+            end_server_span(&t, &ctx, &route_name, &parts, status);
+        }
+        match &self.access {
+            None => resp,
+            Some(log) => self.logged(log, resp, ctx, route_name, &parts),
+        }
+    }
+
+    /// Wraps the response body so that its access record goes out when the body ends.
+    fn logged(
+        &self,
+        log: &AccessLog,
+        resp: Response<Body>,
+        ctx: Ctx,
+        route: Arc<str>,
+        req: &request::Parts,
+    ) -> Response<Body> {
+        let status = resp.status().as_u16();
+        let path = match (log.include_query(), req.uri.path_and_query()) {
+            (true, Some(pq)) => pq.as_str().to_owned(),
+            _ => req.uri.path().to_owned(),
+        };
+        let elapsed = ctx.started.elapsed();
+        let body_in = ctx.extensions.get::<Arc<BodyState>>().cloned();
+        let rec = HttpRecord {
+            at: SystemTime::now().checked_sub(elapsed).unwrap_or(UNIX_EPOCH),
+            upstream_status: match (ctx.local_reason, &ctx.upstream) {
+                (None, Some(_)) => Some(status),
+                _ => None,
+            },
+            request_id: ctx.request_id,
+            traceparent: ctx.traceparent,
+            route,
+            consumer: ctx.consumer,
+            method: ctx.method,
+            authority: ctx.authority,
+            path,
             status,
-            upstream = ctx.upstream.as_deref().unwrap_or("-"),
-            reason = ctx.local_reason.unwrap_or("-"),
-            duration_ms = u64::try_from(ctx.started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            "request"
-        );
-        resp
+            duration: elapsed,
+            upstream: ctx.upstream,
+            endpoint: ctx.endpoint,
+            bytes_in: 0,
+            bytes_out: 0,
+            client_ip: ctx.client_ip,
+            peer_identity: ctx.conn.peer_workload.as_ref().map(|(_, id)| id.clone()),
+            reason: ctx.local_reason,
+        };
+        let (head, body) = resp.into_parts();
+        let body = LoggedBody::new(body, log.clone(), rec, ctx.started, body_in);
+        Response::from_parts(head, body.boxed())
     }
 
     async fn run(
@@ -310,6 +494,10 @@ impl Pipeline {
             .into());
         }
         cfg.pre.on_request(parts, ctx).await?;
+        if let Some(t) = &ctx.otel {
+            // the trace the service sees is this span's (hygiene made a traceparent without it)
+            ctx.traceparent = t.inject(&mut parts.headers);
+        }
         let route = cfg.router.route(parts, ctx)?;
         ctx.route = Some(route.name.clone());
         *route_out = Some(route.clone());
@@ -449,6 +637,39 @@ impl Pipeline {
         }
         Response::from_parts(parts, body)
     }
+}
+
+fn end_server_span(
+    t: &crate::telemetry::otel::TraceCx,
+    ctx: &Ctx,
+    route: &str,
+    req: &request::Parts,
+    status: u16,
+) {
+    use opentelemetry::KeyValue;
+    t.rename(format!("{} {route}", ctx.method));
+    let mut attrs = vec![
+        KeyValue::new("http.request.method", ctx.method.to_string()),
+        KeyValue::new("http.route", route.to_owned()),
+        KeyValue::new("url.path", req.uri.path().to_owned()),
+        KeyValue::new("http.response.status_code", i64::from(status)),
+        KeyValue::new("client.address", ctx.client_ip.to_string()),
+        KeyValue::new("meshgate.request_id", ctx.request_id.clone()),
+    ];
+    if !ctx.authority.is_empty() {
+        attrs.push(KeyValue::new("server.address", ctx.authority.clone()));
+    }
+    if let Some((_, id)) = &ctx.conn.peer_workload {
+        attrs.push(KeyValue::new("meshgate.peer.identity", id.to_string()));
+    }
+    if let Some(r) = ctx.local_reason {
+        attrs.push(KeyValue::new("meshgate.local_reason", r));
+    }
+    t.set(attrs);
+    if status >= 500 {
+        t.error(ctx.local_reason.unwrap_or("server error").to_owned());
+    }
+    t.end();
 }
 
 /// The answer for a local problem; a request id is made here if no filter set one (a node

@@ -39,7 +39,10 @@ use crate::{
         upstream::{LocalProtocol, LocalService as LocalUpstream},
     },
     policy::authz::{Action, HttpRequest, Peer, Policy, Target},
-    telemetry::{DenyReason, Direction, Metrics},
+    telemetry::{
+        DenyReason, Direction, Metrics,
+        access::{Record, TcpRecord},
+    },
     transport::{forward::splice, hbone::SERVICE_HEADER},
 };
 
@@ -67,6 +70,10 @@ pub struct Inbound {
     pub metrics: Arc<Metrics>,
     /// Drain state.
     pub drain: Drain,
+    /// The access log, when on (L7 requests and L4 streams).
+    pub access: Option<crate::telemetry::access::AccessLog>,
+    /// The trace exporter, when on.
+    pub tracing: Option<crate::telemetry::otel::Tracing>,
 }
 
 /// The inbound port's limits: tunnels are long-lived and carry many streams.
@@ -144,6 +151,7 @@ impl Filter for Intentions {
         );
         if decision.action == Action::Deny {
             self.metrics.denied(DenyReason::L7Policy);
+            self.metrics.denied_by_rule(&self.service, decision.rule);
             info!(peer.identity = %from_id, dst.service = %self.service, method = %req.method, path = %req.uri.path(), reason = %decision.reason, "request denied by intention");
             if let Ok(v) = HeaderValue::from_str(&decision.reason) {
                 ctx.add_response_header(DENY_RULE_HEADER, v);
@@ -253,6 +261,7 @@ impl InboundHandler {
                     max_body: u64::MAX,
                     body_idle_timeout: ctx.tunnel.idle_timeout,
                     allow_trace: false,
+                    stats: Default::default(),
                 }),
             );
         }
@@ -267,6 +276,10 @@ impl InboundHandler {
                 max_head_bytes: 256 * 1024,
             },
             request_metrics,
+            crate::http::pipeline::Observe {
+                access: ctx.access.clone(),
+                tracing: ctx.tracing.clone(),
+            },
         );
         Arc::new(Self {
             ctx,
@@ -327,18 +340,20 @@ impl InboundHandler {
                 spiffe_id: &target_id,
             },
         );
-        let (admitted, reason) = match local.protocol {
+        let (admitted, reason, rule) = match local.protocol {
             Protocol::Http | Protocol::Grpc => (
                 ctx.policy.admits_http(&p, &t),
                 std::sync::Arc::from("no rule allows this source"),
+                None,
             ),
             Protocol::Tcp => {
                 let d = ctx.policy.check_connection(&p, &t);
-                (d.action == Action::Allow, d.reason)
+                (d.action == Action::Allow, d.reason, d.rule)
             }
         };
         if !admitted {
             ctx.metrics.denied(DenyReason::Policy);
+            ctx.metrics.denied_by_rule(&service, rule);
             info!(peer.identity = %from_id, dst.service = %service, reason = %reason, "denied by intention");
             return status(StatusCode::FORBIDDEN, "denied-by-intention", Some(&reason));
         }
@@ -369,6 +384,7 @@ impl InboundHandler {
                 };
                 let _ = upstream.set_nodelay(true);
                 let this = self.clone();
+                let started = (std::time::SystemTime::now(), std::time::Instant::now());
                 tokio::spawn(async move {
                     let _guards = (tracked, metered, hold);
                     let tunnel = match on_upgrade.await {
@@ -379,13 +395,27 @@ impl InboundHandler {
                         }
                     };
                     let (mut tunnel, mut upstream) = (TokioIo::new(tunnel), upstream);
-                    match splice(&mut tunnel, &mut upstream).await {
+                    let (sent, received, close) = match splice(&mut tunnel, &mut upstream).await {
                         Ok((sent, received)) => {
-                            this.ctx.metrics.bytes(Direction::Inbound, sent, received)
+                            this.ctx.metrics.bytes(Direction::Inbound, sent, received);
+                            (sent, received, "closed")
                         }
                         Err(e) => {
-                            debug!(dst.service = %service, error = %e, "inbound stream ended with an error")
+                            debug!(dst.service = %service, error = %e, "inbound stream ended with an error");
+                            (0, 0, "error")
                         }
+                    };
+                    if let Some(log) = &this.ctx.access {
+                        log.send(Record::Tcp(Box::new(TcpRecord {
+                            at: started.0,
+                            src_identity: from_id,
+                            dst_service: service,
+                            dst_identity: target_id,
+                            bytes_sent: sent,
+                            bytes_received: received,
+                            duration: started.1.elapsed(),
+                            close,
+                        })));
                     }
                 });
             }

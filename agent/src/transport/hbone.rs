@@ -639,6 +639,7 @@ impl Pool {
         let expected = self.expected(source, key)?;
         let timeout = self.cfg.connect_timeout;
         let own_not_after = source.chain_not_after();
+        let dial_started = std::time::Instant::now();
         let phase = AtomicU8::new(PHASE_TCP);
         let attempt = async {
             let tcp = TcpStream::connect(endpoint)
@@ -649,6 +650,7 @@ impl Pool {
                 })?;
             let _ = tcp.set_nodelay(true);
             phase.store(PHASE_TLS, Ordering::Relaxed);
+            let handshake_started = std::time::Instant::now();
             let connector = tokio_rustls::TlsConnector::from(
                 self.identity
                     .client_config(source, ExpectedPeer::AnyOf(expected.clone())),
@@ -658,6 +660,8 @@ impl Pool {
                 .connect(server_name, tcp)
                 .await
                 .map_err(|e| self.handshake_error(endpoint, service, &expected, &e))?;
+            self.metrics
+                .handshake_done("outbound", handshake_started.elapsed());
             phase.store(PHASE_H2, Ordering::Relaxed);
             let peer_chain: Vec<CertificateDer<'static>> = tls
                 .get_ref()
@@ -709,6 +713,7 @@ impl Pool {
         let retire_in = deadline.and_then(|d| retire_after(now, d));
         let metrics = self.metrics.clone();
         metrics.tunnel_opened(Direction::Outbound);
+        metrics.tunnel_connected(dial_started.elapsed());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let peer_text = peer_id
             .as_ref()

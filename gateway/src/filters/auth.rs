@@ -43,7 +43,11 @@ impl Filter for AuthFilter {
                 .await
             {
                 Ok(p) => p,
-                Err(problem) => return Verdict::Reject(problem),
+                Err(problem) => {
+                    self.auth
+                        .auth_failed(ctx.route.as_deref().unwrap_or("-"), &problem);
+                    return Verdict::Reject(problem);
+                }
             };
             self.auth.inject(&principal, &mut req.headers);
             if query != original {
@@ -58,6 +62,10 @@ impl Filter for AuthFilter {
                 req.uri =
                     http::Uri::from_parts(parts).unwrap_or_else(|_| http::Uri::from_static("/"));
             }
+            ctx.consumer = principal
+                .consumer
+                .clone()
+                .or_else(|| principal.user.clone());
             ctx.extensions.insert(principal);
             Verdict::Continue
         }))

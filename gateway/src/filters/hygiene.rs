@@ -49,6 +49,7 @@ impl Filter for HygieneFilter {
             .hygiene
             .ingress(&mut req.headers, ctx.conn.peer.ip(), scheme, &mut rand);
         ctx.request_id = ingress.request_id;
+        ctx.traceparent = Some(ingress.traceparent);
         ctx.client_ip = ingress.client_ip;
         Step::CONTINUE
     }

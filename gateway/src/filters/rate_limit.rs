@@ -18,13 +18,18 @@ pub struct RateLimitFilter {
     auth: Arc<Auth>,
     policy: String,
     route: String,
+    allowed: prometheus_client::metrics::counter::Counter,
+    limited: prometheus_client::metrics::counter::Counter,
 }
 
 impl RateLimitFilter {
     /// Policy `policy` (from `auth.rate_limits`) on route `route`.
     pub fn new(auth: Arc<Auth>, policy: &str, route: &str) -> Self {
+        let (allowed, limited) = auth.rate_decision_counters(route, policy);
         Self {
             auth,
+            allowed,
+            limited,
             policy: policy.to_owned(),
             route: route.to_owned(),
         }
@@ -59,10 +64,14 @@ impl Filter for RateLimitFilter {
                 .await;
             match result {
                 Ok(headers) => {
+                    self.allowed.inc();
                     ctx.response_headers.extend(headers);
                     Verdict::Continue
                 }
-                Err(problem) => Verdict::Reject(problem),
+                Err(problem) => {
+                    self.limited.inc();
+                    Verdict::Reject(problem)
+                }
             }
         }))
     }

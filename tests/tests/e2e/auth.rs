@@ -697,8 +697,14 @@ async fn api_keys_and_rate_limits() {
         .expect("seconds");
     assert!((1..=60).contains(&retry), "{retry}");
 
-    let text = crate::harness::captured_logs();
-    assert!(text.contains("/partner/x"), "the access log was captured");
+    assert!(
+        crate::harness::eventually(std::time::Duration::from_secs(5), || async {
+            s.gw.access_log().contains("/partner/x")
+        })
+        .await,
+        "the access log was written"
+    );
+    let text = format!("{}\n{}", s.gw.access_log(), crate::harness::captured_logs());
     assert!(
         !text.contains(wrong) && !text.contains(PARTNER_KEY),
         "a key appeared in the logs"

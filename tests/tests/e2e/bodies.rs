@@ -346,7 +346,7 @@ async fn a_stalled_body_gets_408() {
         "408 after {took:?} with body_idle_timeout 500ms"
     );
     assert_eq!(
-        gw.metric(r#"meshgate_gateway_requests_total{route="open",code="408"}"#)
+        gw.metric(r#"meshgate_gateway_requests_total{route="open",method="POST",code="408"}"#)
             .await,
         1.0
     );

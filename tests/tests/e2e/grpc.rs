@@ -548,7 +548,7 @@ async fn meshgate_itself_ends_calls_past_their_grpc_timeout() {
         );
     }
     assert_eq!(
-        gw.metric(r#"meshgate_gateway_requests_total{route="deaf",code="200"}"#)
+        gw.metric(r#"meshgate_gateway_requests_total{route="deaf",method="POST",code="200"}"#)
             .await,
         1.0,
         "the gateway answered the gRPC call itself (HTTP 200, trailers-only status)"

@@ -137,6 +137,17 @@ impl TestGateway {
         }
     }
 
+    /// The access log written so far (empty when off).
+    pub(crate) fn access_log(&self) -> String {
+        self.config
+            .telemetry
+            .access_log
+            .path
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    }
+
     pub(crate) fn http(&self) -> SocketAddr {
         self.app.http_addr().expect("http listener")
     }
@@ -195,6 +206,8 @@ impl TestCa {
             "listen": {"http": "127.0.0.1:0", "https": "127.0.0.1:0", "admin": "127.0.0.1:0"},
             "tls": [{"cert_file": dir.path().join("tls.crt"), "key_file": dir.path().join("tls.key")}],
             "drain_timeout": "5s",
+            // the access log (on by default for gateways) goes to the test's own directory
+            "telemetry": {"access_log": {"path": dir.path().join("access.log")}},
         });
         for (k, v) in spec.as_object().expect("spec object") {
             cfg[k] = v.clone();

@@ -189,7 +189,7 @@ async fn two_hundred_connections_for_thirty_seconds_get_no_5xx() {
         "only {total} requests in 30s on 200 connections"
     );
     assert_eq!(
-        gw.metric(r#"meshgate_gateway_requests_total{route="bulk",code="200"}"#)
+        gw.metric(r#"meshgate_gateway_requests_total{route="bulk",method="GET",code="200"}"#)
             .await,
         total as f64,
         "the gateway counted what the clients saw"

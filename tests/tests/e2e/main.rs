@@ -19,6 +19,7 @@ mod identity;
 mod jwt_cache;
 mod load;
 mod mesh;
+mod observability;
 mod paths;
 mod tls_profile;
 mod transcode;

@@ -197,7 +197,7 @@ async fn path_tricks_never_bypass_a_jwt_route_over_http1_h2c_and_h2() {
     // every invalid spelling was refused before routing (route "-"), and counted, three ways
     let invalid = TRICKS.iter().filter(|(_, w)| *w == Want::Invalid).count();
     let counted = gw
-        .metric(r#"meshgate_gateway_requests_total{route="-",code="400"}"#)
+        .metric(r#"meshgate_gateway_requests_total{route="-",method="GET",code="400"}"#)
         .await;
     assert_eq!(
         counted,

@@ -1,14 +1,45 @@
-//! The agent's metrics (Prometheus text via prometheus-client), named `meshgate_<area>_<name>`
-//! with small, bounded label sets. Logging setup belongs to the CLI.
+//! The process's metrics (Prometheus text via prometheus-client), named `meshgate_<area>_<name>`
+//! with small, bounded label sets. docs/metrics.md lists every one; a test keeps it complete.
 
 use std::sync::Arc;
 
 use prometheus_client::{
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
 type Labels = Vec<(&'static str, String)>;
+
+/// Latency buckets (seconds) of every meshgate duration histogram: 100 µs to 10 s.
+pub const LATENCY_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// A histogram with [`LATENCY_BUCKETS`].
+pub fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+/// A family of latency histograms.
+pub type LatencyFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// A new, empty family of latency histograms.
+pub fn latency_family<L: Clone + std::hash::Hash + Eq>() -> LatencyFamily<L> {
+    Family::new_with_constructor(latency_histogram)
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabel {
+    service: String,
+    rule: String,
+}
 
 /// Which side of the tunnel a metric is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +137,10 @@ pub struct Metrics {
     http_connections_active: Family<Labels, Gauge>,
     http_connections_refused: Family<Labels, Counter>,
     http_reset_floods: Family<Labels, Counter>,
+    access_log_dropped: Counter,
+    authz_rule_denials: Family<RuleLabel, Counter>,
+    tunnel_connect_duration: Histogram,
+    handshake_duration: LatencyFamily<DirectionLabel>,
 }
 
 impl Default for Metrics {
@@ -150,6 +185,10 @@ impl Metrics {
             http_connections_active: Family::default(),
             http_connections_refused: Family::default(),
             http_reset_floods: Family::default(),
+            access_log_dropped: Counter::default(),
+            authz_rule_denials: Family::default(),
+            tunnel_connect_duration: latency_histogram(),
+            handshake_duration: latency_family(),
             registry: Registry::default(),
         };
         registry.register(
@@ -262,6 +301,26 @@ impl Metrics {
             "connections cut off for cancelling streams faster than they complete, by listener",
             m.http_reset_floods.clone(),
         );
+        registry.register(
+            "meshgate_authz_rule_denials",
+            "requests and streams denied by intentions, by local service and deciding rule (#N: its index in authz.rules counting from 0, as `rule #N` in logs; default: no rule matched)",
+            m.authz_rule_denials.clone(),
+        );
+        registry.register(
+            "meshgate_tunnel_connect_duration_seconds",
+            "time to open an outbound tunnel connection: TCP connect, mTLS handshake and HTTP/2 handshake",
+            m.tunnel_connect_duration.clone(),
+        );
+        registry.register(
+            "meshgate_tls_handshake_duration_seconds",
+            "completed TLS handshakes by direction (outbound: tunnel dials; inbound: the mesh port; edge: the gateway's HTTPS listener)",
+            m.handshake_duration.clone(),
+        );
+        registry.register(
+            "meshgate_access_log_dropped",
+            "access records dropped because the writer fell behind (the queue was full)",
+            m.access_log_dropped.clone(),
+        );
         registry.register("meshgate_discovery_errors", "discovery and registration errors, by source and kind (unreachable, token, permission, status, decode, lookup)", m.discovery_errors.clone());
         Self { registry, ..m }
     }
@@ -316,6 +375,33 @@ impl Metrics {
         self.authz_denials
             .get_or_create(&vec![("reason", reason.as_str().to_owned())])
             .inc();
+    }
+
+    /// An intention denied traffic to local `service`; `rule` is the deciding rule's index
+    /// into `authz.rules`, from 0 as in `rule #N` log text (`None`: the default applied).
+    pub fn denied_by_rule(&self, service: &str, rule: Option<usize>) {
+        let rule = match rule {
+            Some(i) => format!("#{i}"),
+            None => "default".to_owned(),
+        };
+        self.authz_rule_denials
+            .get_or_create(&RuleLabel {
+                service: service.to_owned(),
+                rule,
+            })
+            .inc();
+    }
+
+    /// An outbound tunnel connection took `d` to open.
+    pub fn tunnel_connected(&self, d: std::time::Duration) {
+        self.tunnel_connect_duration.observe(d.as_secs_f64());
+    }
+
+    /// A TLS handshake completed in `d`; `direction` is `outbound`, `inbound` or `edge`.
+    pub fn handshake_done(&self, direction: &'static str, d: std::time::Duration) {
+        self.handshake_duration
+            .get_or_create(&DirectionLabel { direction })
+            .observe(d.as_secs_f64());
     }
 
     /// An outbound attempt to reach `service` failed.
@@ -423,6 +509,11 @@ impl Metrics {
         self.http_reset_floods
             .get_or_create(&vec![("listener", listener.to_owned())])
             .inc();
+    }
+
+    /// The counter of dropped access records, for [`super::access::AccessLog::start`].
+    pub fn access_log_dropped(&self) -> Counter {
+        self.access_log_dropped.clone()
     }
 
     /// Prometheus text exposition.

@@ -1,0 +1,520 @@
+//! OpenTelemetry traces over OTLP (gRPC or HTTP/protobuf): the exporter and sampler set-up from
+//! `telemetry.tracing` and the standard `OTEL_*` environment variables, and the small helpers
+//! the request path uses (W3C `traceparent` in and out, spans with explicit parents).
+//!
+//! Off (no endpoint anywhere, or `OTEL_SDK_DISABLED=true`) means no tracer at all: the pipeline
+//! checks one `Option` per request and creates nothing.
+//!
+//! Precedence: environment over file. `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (used as is) beats
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` (a base URL: `/v1/traces` is appended for HTTP) beats
+//! `telemetry.tracing.endpoint` (also a base URL). Likewise `OTEL_EXPORTER_OTLP_PROTOCOL`,
+//! `OTEL_EXPORTER_OTLP_HEADERS` (merged over the file's headers), `OTEL_TRACES_SAMPLER` /
+//! `OTEL_TRACES_SAMPLER_ARG`, `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`.
+
+use std::{collections::BTreeMap, time::SystemTime};
+
+use http::{HeaderMap, HeaderValue};
+use opentelemetry::{
+    Context, KeyValue,
+    propagation::{Extractor, Injector, TextMapPropagator},
+    trace::{Span as _, SpanKind, TraceContextExt, Tracer as _, TracerProvider as _},
+};
+use opentelemetry_sdk::{
+    Resource,
+    propagation::TraceContextPropagator,
+    trace::{Sampler, SdkTracer, SdkTracerProvider},
+};
+use serde::{Deserialize, Serialize};
+
+/// `telemetry.tracing`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// OTLP collector base URL, e.g. `http://127.0.0.1:4317` (gRPC) or `http://127.0.0.1:4318`
+    /// (HTTP; `/v1/traces` is appended). Unset (and no `OTEL_EXPORTER_OTLP_*ENDPOINT` in the
+    /// environment): tracing is off and costs nothing.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// `grpc` (default) or `http` (HTTP/protobuf).
+    #[serde(default)]
+    pub protocol: Option<OtlpProtocol>,
+    /// Headers sent with every export (collector auth tokens): secrets, redacted in `/config`
+    /// and never logged.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Fraction of new traces to sample, 0.0 to 1.0 (default 1.0). Parent-based: a request
+    /// whose `traceparent` says sampled (or not) keeps that decision.
+    #[serde(default)]
+    pub sampling_ratio: Option<f64>,
+    /// Resource attributes added to every span (`service.name` defaults to `meshgate-gateway`
+    /// or `meshgate-agent`; `service.instance.id` is the node name).
+    #[serde(default)]
+    pub resource: BTreeMap<String, String>,
+}
+
+/// The OTLP transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OtlpProtocol {
+    /// OTLP/gRPC (port 4317 by convention).
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies (port 4318 by convention).
+    Http,
+}
+
+/// Setting up the exporter failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TracingError {
+    /// A value (config or environment) is not usable.
+    #[error("telemetry.tracing: {0}")]
+    Invalid(String),
+    /// The exporter could not be built.
+    #[error("telemetry.tracing: cannot build the OTLP exporter: {0}")]
+    Exporter(String),
+}
+
+/// What the config and the environment resolve to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Effective {
+    /// The URL to export to (for HTTP, including `/v1/traces`).
+    pub endpoint: String,
+    /// The transport.
+    pub protocol: OtlpProtocol,
+    /// Export headers.
+    pub headers: BTreeMap<String, String>,
+    /// The sampler.
+    pub sampler: SamplerChoice,
+    /// Resource attributes (service.name included).
+    pub resource: BTreeMap<String, String>,
+}
+
+/// A sampler as `OTEL_TRACES_SAMPLER` names them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SamplerChoice {
+    /// Every trace.
+    AlwaysOn,
+    /// None.
+    AlwaysOff,
+    /// This fraction of traces by trace id.
+    Ratio(f64),
+    /// The parent's decision; for roots, the inner choice.
+    ParentBased(ParentRoot),
+}
+
+/// The root sampler of a parent-based sampler.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ParentRoot {
+    /// Sample every root.
+    AlwaysOn,
+    /// Sample no root.
+    AlwaysOff,
+    /// Sample this fraction of roots.
+    Ratio(f64),
+}
+
+fn ratio(v: f64, what: &str) -> Result<f64, TracingError> {
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(TracingError::Invalid(format!(
+            "{what} is {v}; use a fraction between 0.0 and 1.0"
+        )))
+    }
+}
+
+/// `k=v,k2=v2` with percent-encoded values (the `OTEL_*_HEADERS` / `_ATTRIBUTES` format).
+fn kv_list(s: &str) -> BTreeMap<String, String> {
+    s.split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| {
+            (
+                k.trim().to_owned(),
+                percent_encoding::percent_decode_str(v.trim())
+                    .decode_utf8_lossy()
+                    .into_owned(),
+            )
+        })
+        .filter(|(k, _)| !k.is_empty())
+        .collect()
+}
+
+/// Resolves `cfg` against the environment (`env` reads a variable); `None` when tracing is off.
+/// `default_service` is the `service.name` when neither the file nor the environment sets one.
+pub fn effective(
+    cfg: &TracingConfig,
+    default_service: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<Effective>, TracingError> {
+    let var = |k: &str| env(k).filter(|v| !v.trim().is_empty());
+    if var("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
+        return Ok(None);
+    }
+    let protocol = match var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        .or_else(|| var("OTEL_EXPORTER_OTLP_PROTOCOL"))
+    {
+        Some(p) => match p.trim() {
+            "grpc" => OtlpProtocol::Grpc,
+            "http/protobuf" => OtlpProtocol::Http,
+            other => {
+                return Err(TracingError::Invalid(format!(
+                    "OTEL_EXPORTER_OTLP_PROTOCOL is {other:?}; meshgate speaks grpc and http/protobuf"
+                )));
+            }
+        },
+        None => cfg.protocol.unwrap_or(OtlpProtocol::Grpc),
+    };
+    let base = |b: String| match protocol {
+        OtlpProtocol::Grpc => b,
+        OtlpProtocol::Http if b.trim_end_matches('/').ends_with("/v1/traces") => b,
+        OtlpProtocol::Http => format!("{}/v1/traces", b.trim_end_matches('/')),
+    };
+    let endpoint = match var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+        Some(e) => e,
+        None => match var("OTEL_EXPORTER_OTLP_ENDPOINT").or_else(|| cfg.endpoint.clone()) {
+            Some(b) => base(b),
+            None => return Ok(None),
+        },
+    };
+    if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+        return Err(TracingError::Invalid(format!(
+            "the endpoint {endpoint:?} is not an http:// or https:// URL"
+        )));
+    }
+    let mut headers = cfg.headers.clone();
+    for k in [
+        "OTEL_EXPORTER_OTLP_HEADERS",
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+    ] {
+        if let Some(h) = var(k) {
+            headers.extend(kv_list(&h));
+        }
+    }
+    let file_ratio = ratio(cfg.sampling_ratio.unwrap_or(1.0), "sampling_ratio")?;
+    let arg = || -> Result<f64, TracingError> {
+        match var("OTEL_TRACES_SAMPLER_ARG") {
+            Some(a) => ratio(
+                a.trim().parse().map_err(|_| {
+                    TracingError::Invalid(format!("OTEL_TRACES_SAMPLER_ARG {a:?} is not a number"))
+                })?,
+                "OTEL_TRACES_SAMPLER_ARG",
+            ),
+            None => Ok(file_ratio),
+        }
+    };
+    let sampler = match var("OTEL_TRACES_SAMPLER").as_deref().map(str::trim) {
+        None => SamplerChoice::ParentBased(ParentRoot::Ratio(file_ratio)),
+        Some("always_on") => SamplerChoice::AlwaysOn,
+        Some("always_off") => SamplerChoice::AlwaysOff,
+        Some("traceidratio") => SamplerChoice::Ratio(arg()?),
+        Some("parentbased_always_on") => SamplerChoice::ParentBased(ParentRoot::AlwaysOn),
+        Some("parentbased_always_off") => SamplerChoice::ParentBased(ParentRoot::AlwaysOff),
+        Some("parentbased_traceidratio") => SamplerChoice::ParentBased(ParentRoot::Ratio(arg()?)),
+        Some(other) => {
+            return Err(TracingError::Invalid(format!(
+                "OTEL_TRACES_SAMPLER {other:?} is not supported; use always_on, always_off, traceidratio or their parentbased_ forms"
+            )));
+        }
+    };
+    let mut resource = BTreeMap::from([("service.name".to_owned(), default_service.to_owned())]);
+    resource.extend(cfg.resource.clone());
+    if let Some(a) = var("OTEL_RESOURCE_ATTRIBUTES") {
+        resource.extend(kv_list(&a));
+    }
+    if let Some(n) = var("OTEL_SERVICE_NAME") {
+        resource.insert("service.name".into(), n);
+    }
+    Ok(Some(Effective {
+        endpoint,
+        protocol,
+        headers,
+        sampler,
+        resource,
+    }))
+}
+
+fn sdk_sampler(s: SamplerChoice) -> Sampler {
+    match s {
+        SamplerChoice::AlwaysOn => Sampler::AlwaysOn,
+        SamplerChoice::AlwaysOff => Sampler::AlwaysOff,
+        SamplerChoice::Ratio(r) => Sampler::TraceIdRatioBased(r),
+        SamplerChoice::ParentBased(root) => Sampler::ParentBased(Box::new(match root {
+            ParentRoot::AlwaysOn => Sampler::AlwaysOn,
+            ParentRoot::AlwaysOff => Sampler::AlwaysOff,
+            ParentRoot::Ratio(r) if r >= 1.0 => Sampler::AlwaysOn,
+            ParentRoot::Ratio(r) => Sampler::TraceIdRatioBased(r),
+        })),
+    }
+}
+
+/// A running trace exporter; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Tracing {
+    tracer: SdkTracer,
+    provider: SdkTracerProvider,
+}
+
+impl Tracing {
+    /// Starts exporting per `cfg` and the environment; `None` when tracing is off. `node` is the
+    /// `service.instance.id`. Call from within the Tokio runtime (the gRPC client lives on it).
+    pub fn start(
+        cfg: &TracingConfig,
+        default_service: &str,
+        node: &str,
+    ) -> Result<Option<Self>, TracingError> {
+        let Some(e) = effective(cfg, default_service, &|k| std::env::var(k).ok())? else {
+            return Ok(None);
+        };
+        Self::from_effective(e, node).map(Some)
+    }
+
+    /// Starts exporting to `e`.
+    pub fn from_effective(e: Effective, node: &str) -> Result<Self, TracingError> {
+        use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
+        let exporter = match e.protocol {
+            OtlpProtocol::Grpc => {
+                let mut md = tonic::metadata::MetadataMap::new();
+                for (k, v) in &e.headers {
+                    let key =
+                        tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
+                            .map_err(|_| {
+                                TracingError::Invalid(format!("header name {k:?} is not valid"))
+                            })?;
+                    let val = v.parse().map_err(|_| {
+                        TracingError::Invalid(format!("the value of header {k:?} is not valid"))
+                    })?;
+                    md.insert(key, val);
+                }
+                opentelemetry_otlp::SpanExporter::builder()
+                    .with_tonic()
+                    .with_endpoint(e.endpoint.clone())
+                    .with_metadata(md)
+                    .build()
+            }
+            OtlpProtocol::Http => opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_endpoint(e.endpoint.clone())
+                .with_headers(e.headers.clone().into_iter().collect())
+                .build(),
+        }
+        .map_err(|x| TracingError::Exporter(x.to_string()))?;
+        let mut attrs: Vec<KeyValue> = e
+            .resource
+            .iter()
+            .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
+            .collect();
+        if !e.resource.contains_key("service.instance.id") {
+            attrs.push(KeyValue::new("service.instance.id", node.to_owned()));
+        }
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_sampler(sdk_sampler(e.sampler))
+            .with_resource(Resource::builder_empty().with_attributes(attrs).build())
+            .build();
+        let tracer = provider.tracer("meshgate");
+        tracing::info!(endpoint = %e.endpoint, protocol = ?e.protocol, "exporting traces over OTLP");
+        Ok(Self { tracer, provider })
+    }
+
+    /// Exports what is buffered and stops (blocking: call from a blocking thread).
+    pub fn shutdown(&self) {
+        let _ = self.provider.force_flush();
+        let _ = self.provider.shutdown();
+    }
+
+    /// A server span for a request with headers `h`, continuing its `traceparent`.
+    pub fn server(&self, h: &HeaderMap, name: &'static str) -> TraceCx {
+        let parent = TraceContextPropagator::new().extract(&Headers(h));
+        let span = self
+            .tracer
+            .span_builder(name)
+            .with_kind(SpanKind::Server)
+            .start_with_context(&self.tracer, &parent);
+        TraceCx {
+            cx: parent.with_span(span),
+            tracer: self.tracer.clone(),
+        }
+    }
+}
+
+struct Headers<'a>(&'a HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+struct HeadersMut<'a>(&'a mut HeaderMap, Option<String>);
+
+impl Injector for HeadersMut<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(v)) = (
+            http::HeaderName::from_bytes(key.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            if key == "traceparent" {
+                self.1 = Some(value);
+            }
+            self.0.insert(name, v);
+        }
+    }
+}
+
+/// One request's trace context (present only while tracing is on).
+#[derive(Debug, Clone)]
+pub struct TraceCx {
+    cx: Context,
+    tracer: SdkTracer,
+}
+
+impl TraceCx {
+    /// Writes this span's `traceparent` (and `tracestate`) into `h`; returns the traceparent.
+    pub fn inject(&self, h: &mut HeaderMap) -> Option<String> {
+        let mut inj = HeadersMut(h, None);
+        TraceContextPropagator::new().inject_context(&self.cx, &mut inj);
+        inj.1
+    }
+
+    /// A child span, started now.
+    pub fn child(&self, name: String, kind: SpanKind) -> TraceCx {
+        let span = self
+            .tracer
+            .span_builder(name)
+            .with_kind(kind)
+            .start_with_context(&self.tracer, &self.cx);
+        TraceCx {
+            cx: self.cx.with_span(span),
+            tracer: self.tracer.clone(),
+        }
+    }
+
+    /// A finished child span that started at `start` (filters that did work are recorded after
+    /// the fact, so filters that did nothing cost no span).
+    pub fn finished_child(&self, name: &'static str, start: SystemTime, attrs: Vec<KeyValue>) {
+        let mut span = self
+            .tracer
+            .span_builder(name)
+            .with_kind(SpanKind::Internal)
+            .with_start_time(start)
+            .with_attributes(attrs)
+            .start_with_context(&self.tracer, &self.cx);
+        span.end();
+    }
+
+    /// Renames the span.
+    pub fn rename(&self, name: String) {
+        self.cx.span().update_name(name);
+    }
+
+    /// Sets attributes on the span.
+    pub fn set(&self, attrs: Vec<KeyValue>) {
+        self.cx.span().set_attributes(attrs);
+    }
+
+    /// Marks the span failed with `description`.
+    pub fn error(&self, description: String) {
+        self.cx
+            .span()
+            .set_status(opentelemetry::trace::Status::error(description));
+    }
+
+    /// Ends the span.
+    pub fn end(&self) {
+        self.cx.span().end();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: BTreeMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_off_means_none() {
+        let file = TracingConfig {
+            endpoint: Some("http://collector:4318".into()),
+            protocol: Some(OtlpProtocol::Http),
+            headers: BTreeMap::from([("authorization".into(), "Bearer f".into())]),
+            sampling_ratio: Some(0.5),
+            resource: BTreeMap::from([("deployment.environment".into(), "prod".into())]),
+        };
+        let e = effective(&file, "meshgate-gateway", &env(&[]))
+            .expect("ok")
+            .expect("on");
+        assert_eq!(e.endpoint, "http://collector:4318/v1/traces");
+        assert_eq!(
+            e.sampler,
+            SamplerChoice::ParentBased(ParentRoot::Ratio(0.5))
+        );
+        assert_eq!(e.resource["service.name"], "meshgate-gateway");
+        let e = effective(
+            &file,
+            "meshgate-gateway",
+            &env(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+                (
+                    "OTEL_EXPORTER_OTLP_HEADERS",
+                    "authorization=Bearer%20e,x-tenant=t",
+                ),
+                ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+                ("OTEL_TRACES_SAMPLER_ARG", "0.01"),
+                ("OTEL_SERVICE_NAME", "edge"),
+                ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=staging"),
+            ]),
+        )
+        .expect("ok")
+        .expect("on");
+        assert_eq!(e.endpoint, "http://127.0.0.1:4317");
+        assert_eq!(e.protocol, OtlpProtocol::Grpc);
+        assert_eq!(e.headers["authorization"], "Bearer e");
+        assert_eq!(e.headers["x-tenant"], "t");
+        assert_eq!(
+            e.sampler,
+            SamplerChoice::ParentBased(ParentRoot::Ratio(0.01))
+        );
+        assert_eq!(e.resource["service.name"], "edge");
+        assert_eq!(e.resource["deployment.environment"], "staging");
+        let e = effective(
+            &file,
+            "x",
+            &env(&[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://h:1/custom")]),
+        )
+        .expect("ok")
+        .expect("on");
+        assert_eq!(
+            e.endpoint, "http://h:1/custom",
+            "the signal variable is used as is"
+        );
+        assert!(
+            effective(&file, "x", &env(&[("OTEL_SDK_DISABLED", "true")]))
+                .expect("ok")
+                .is_none()
+        );
+        assert!(
+            effective(&TracingConfig::default(), "x", &env(&[]))
+                .expect("ok")
+                .is_none()
+        );
+        let bad = effective(
+            &file,
+            "x",
+            &env(&[
+                ("OTEL_TRACES_SAMPLER_ARG", "2"),
+                ("OTEL_TRACES_SAMPLER", "traceidratio"),
+            ]),
+        );
+        assert!(bad.is_err());
+    }
+}
