@@ -106,6 +106,25 @@ impl<B> Guarded<B> {
     }
 }
 
+/// Polls `body` for its next frame, passing over empty DATA frames. They carry nothing, and
+/// forwarded, each counts against the peer's lifetime limit of empty non-final DATA frames per
+/// connection (h2 closes the whole connection past 100). Every body meshgate relays goes
+/// through here.
+pub(crate) fn poll_skipping_empty<B>(
+    mut body: Pin<&mut B>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, B::Error>>>
+where
+    B: HttpBody<Data = Bytes> + ?Sized,
+{
+    loop {
+        match body.as_mut().poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) if f.data_ref().is_some_and(Bytes::is_empty) => {}
+            other => return other,
+        }
+    }
+}
+
 impl<B> HttpBody for Guarded<B>
 where
     B: HttpBody<Data = Bytes>,
@@ -119,14 +138,7 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
-        let mut polled = this.inner.as_mut().poll_frame(cx);
-        // an empty DATA frame carries nothing; forwarded, each would count against the peer's
-        // lifetime limit of empty frames per connection (h2 closes the connection past 100)
-        while matches!(&polled, Poll::Ready(Some(Ok(f))) if f.data_ref().is_some_and(Bytes::is_empty))
-        {
-            polled = this.inner.as_mut().poll_frame(cx);
-        }
-        match polled {
+        match poll_skipping_empty(this.inner.as_mut(), cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 *this.armed = false;
                 if let Some(d) = frame.data_ref() {
@@ -276,10 +288,7 @@ impl HttpBody for ReplayBody {
         let Some(source) = s.source.as_mut() else {
             return Poll::Ready(None);
         };
-        let mut frame = ready!(Pin::new(&mut *source).poll_frame(cx));
-        while matches!(&frame, Some(Ok(f)) if f.data_ref().is_some_and(Bytes::is_empty)) {
-            frame = ready!(Pin::new(&mut *source).poll_frame(cx));
-        }
+        let frame = ready!(poll_skipping_empty(Pin::new(&mut *source), cx));
         let ended = source.is_end_stream();
         match frame {
             None => {
@@ -429,12 +438,7 @@ impl HttpBody for ResponseBody {
                 return Poll::Ready(Some(Ok(Frame::trailers(t))));
             }
         }
-        let mut polled = this.inner.as_mut().poll_frame(cx);
-        while matches!(&polled, Poll::Ready(Some(Ok(f))) if f.data_ref().is_some_and(Bytes::is_empty))
-        {
-            polled = this.inner.as_mut().poll_frame(cx);
-        }
-        match polled {
+        match poll_skipping_empty(this.inner.as_mut(), cx) {
             Poll::Ready(None) => {
                 *this.finished = true;
                 this.guards.clear();
