@@ -812,9 +812,11 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, security: Security, front: &Fr
                             front
                                 .metrics
                                 .handshake_failed(crate::telemetry::Direction::Inbound);
-                            warn!(src.addr = %peer, error = %e, "inbound handshake refused");
+                            let error = crate::identity::error_chain(&e);
+                            warn!(src.addr = %peer, %error, "inbound handshake refused");
                         } else {
-                            debug!(src.addr = %peer, error = %e, "TLS handshake failed");
+                            let error = crate::identity::error_chain(&e);
+                            debug!(src.addr = %peer, %error, "TLS handshake failed");
                         }
                         return;
                     }
