@@ -156,12 +156,15 @@ impl Agent {
 
         let inbound_listener = bind("inbound", cfg.listen.inbound).await?;
         let inbound_addr = local_addr("inbound", &inbound_listener, cfg.listen.inbound)?;
+        state.listener("admin", admin_addr);
+        state.listener("inbound (mesh, mTLS)", inbound_addr);
         let mut upstream_listeners = Vec::new();
         for s in &cfg.services {
             for u in &s.upstreams {
                 let what = format!("upstream {} -> {}", s.name, u.service);
                 let listener = bind(&what, u.listen).await?;
                 let addr = local_addr(&what, &listener, u.listen)?;
+                state.listener(format!("upstream {} -> {}", s.name, u.service), addr);
                 upstream_listeners.push((s.name.clone(), u.service.clone(), listener, addr));
             }
         }

@@ -6,7 +6,7 @@ use std::{fmt, str::FromStr, time::Duration};
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
@@ -115,6 +115,15 @@ impl Admin {
     }
 
     async fn fetch(&self, path: &str) -> anyhow::Result<Answer> {
+        self.send(http::Method::GET, path, None).await
+    }
+
+    async fn send(
+        &self,
+        method: http::Method,
+        path: &str,
+        json_body: Option<Vec<u8>>,
+    ) -> anyhow::Result<Answer> {
         let addr = &self.addr;
         let fetch = async {
             let tcp = tokio::net::TcpStream::connect((addr.host.as_str(), addr.port))
@@ -135,9 +144,14 @@ impl Admin {
                 .await
                 .map_err(|_| not_http())?;
             tokio::spawn(conn);
-            let req = http::Request::get(path)
-                .header(http::header::HOST, addr.to_string())
-                .body(Empty::<Bytes>::new())?;
+            let mut req = http::Request::builder()
+                .method(method)
+                .uri(path)
+                .header(http::header::HOST, addr.to_string());
+            if json_body.is_some() {
+                req = req.header(http::header::CONTENT_TYPE, "application/json");
+            }
+            let req = req.body(Full::new(Bytes::from(json_body.unwrap_or_default())))?;
             let resp = sender.send_request(req).await.map_err(|_| not_http())?;
             let status = resp.status();
             let body = resp
@@ -170,6 +184,52 @@ impl Admin {
                 self.addr, self.addr
             )
         })
+    }
+
+    /// GET `path` and return the body as text (`/metrics`: Prometheus text 0.0.4, since no
+    /// `Accept` asks for OpenMetrics). An answer other than 2xx is an error naming it.
+    pub(crate) async fn text(&self, path: &str) -> anyhow::Result<String> {
+        let a = self.fetch(path).await?;
+        if !a.status.is_success() {
+            bail!(
+                "{}{path} answered {}: {}",
+                self.addr,
+                a.status,
+                String::from_utf8_lossy(&a.body).trim()
+            );
+        }
+        String::from_utf8(a.body.to_vec()).map_err(|_| {
+            anyhow::anyhow!(
+                "{}{path} did not answer UTF-8 text: is {} a meshgate admin API?",
+                self.addr,
+                self.addr
+            )
+        })
+    }
+
+    /// POST `body` as JSON to `path` and parse the JSON answer (for questions that carry
+    /// credentials, which must not travel in a URL).
+    pub(crate) async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let a = self
+            .send(http::Method::POST, path, Some(serde_json::to_vec(body)?))
+            .await?;
+        if a.status == http::StatusCode::METHOD_NOT_ALLOWED {
+            bail!(
+                "{} does not answer POST {path}: is it an older meshgate? (`meshgate version --admin {}`)",
+                self.addr,
+                self.addr
+            );
+        }
+        if !a.status.is_success() {
+            bail!(
+                "{}{path} answered {}: {}",
+                self.addr,
+                a.status,
+                String::from_utf8_lossy(&a.body).trim()
+            );
+        }
+        serde_json::from_slice(&a.body)
+            .with_context(|| format!("{}{path} did not answer JSON", self.addr))
     }
 
     /// `/readyz`: whether ready, and the body.

@@ -30,7 +30,8 @@ pub(crate) struct CheckArgs {
     admin: AdminArgs,
 }
 
-fn enc(s: &str) -> String {
+/// `s` percent-encoded for a query value.
+pub(crate) fn enc(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' | b':' => {

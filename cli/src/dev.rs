@@ -436,6 +436,24 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         "  routes       meshgate routes --admin {} --match 'GET http://{g}/api/users/7'",
         gw.admin_addr()
     );
+    println!(
+        "  top          meshgate top --admin {}   (live rps, p50/p99, errors per route and service)",
+        gw.admin_addr()
+    );
+    println!(
+        "  why          meshgate why 'GET http://{g}/api/me/7' --admin {} --agent-admin {}   (add --token TOKEN)",
+        gw.admin_addr(),
+        a.admin_addr()
+    );
+    println!(
+        "  why (mesh)   meshgate why 'DELETE http://{web_upstream}/admin/x' --from web --admin {} --agent-admin {}",
+        nb.admin_addr(),
+        a.admin_addr()
+    );
+    println!(
+        "  authz        meshgate authz check --from web --to users --method DELETE --path /admin/x --admin {}",
+        a.admin_addr()
+    );
     println!("  access log   one JSON line per gateway request on this terminal's stdout");
     match &args.otlp {
         Some(e) => println!("  traces       exported over OTLP to {e}"),
@@ -509,6 +527,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     println!("  meshgate routes --admin {}", gw.admin_addr());
     println!("  meshgate services --admin {}", nb.admin_addr());
     println!("  meshgate endpoints users --admin {}", nb.admin_addr());
+    println!("  meshgate top --once --admin {}", gw.admin_addr());
     if let Some(hint) = crate::dev_setup::path_hint() {
         println!("  ({hint})");
     }

@@ -46,23 +46,26 @@ fn load(path: &std::path::Path, node: Option<&String>) -> anyhow::Result<Gateway
 /// Loads, validates and applies the file; logs one line either way, and counts every refusal
 /// (a file that does not parse included) in `meshgate_gateway_config_reloads_total`.
 async fn reload(app: &GatewayApp, path: &std::path::Path, node: Option<&String>) {
+    // one line: YAML errors carry a multi-line excerpt
+    let one_line = |e: &anyhow::Error| {
+        format!("{e:#}")
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" | ")
+    };
     let result = match load(path, node) {
         Ok(cfg) => app.reload(cfg).await.map_err(anyhow::Error::from),
         Err(e) => {
-            app.reload_refused();
+            app.reload_refused(one_line(&e));
             Err(e)
         }
     };
     match result {
         Ok(()) => info!(config = %path.display(), "config reloaded"),
         Err(e) => {
-            // one line: YAML errors carry a multi-line excerpt
-            let reason = format!("{e:#}")
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .collect::<Vec<_>>()
-                .join(" | ");
+            let reason = one_line(&e);
             error!(config = %path.display(), error = %reason, "config rejected; the previous config keeps serving")
         }
     }

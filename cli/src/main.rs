@@ -31,7 +31,9 @@ mod reference;
 mod routes;
 mod signals;
 mod status;
+mod top;
 mod version;
+mod why;
 mod yaml_pos;
 
 use std::io::Write as _;
@@ -114,6 +116,13 @@ enum Command {
     /// A running agent or gateway: its kind, version, readiness (with what to do when not
     /// ready) and certificates. Exit 1 when not ready.
     Status(status::StatusArgs),
+    /// Live requests per second, p50/p99 latency and error rate per route and per upstream
+    /// service of a running gateway or agent, refreshing in place (--once: one sample).
+    Top(top::TopArgs),
+    /// Walk every layer a request would cross (route, authentication, authorization, rate
+    /// limit, endpoint, the destination's intention) and say where it would stop and why.
+    /// Exit 1 when it would not get through.
+    Why(why::WhyArgs),
     /// The services a running agent calls: source, freshness, endpoint counts.
     Services(inspect::AdminArgs),
     /// The endpoints of one service as a running agent sees them.
@@ -349,6 +358,8 @@ fn main() -> std::process::ExitCode {
             Command::Certs(args) => certs::run(args),
             Command::Services(args) => inspect::services(args).await,
             Command::Status(args) => status::run(args).await,
+            Command::Top(args) => top::run(args).await,
+            Command::Why(args) => why::run(args).await,
             Command::Gateway(args) => gateway::run(args).await,
             Command::Routes(args) => routes::run(args).await,
             Command::Openapi(args) => openapi::run(args),

@@ -681,7 +681,7 @@ fn inspection_commands_know_which_process_they_talk_to() {
         .iter()
         .filter(|l| l.starts_with("  meshgate "))
         .collect();
-    assert_eq!(inspect.len(), 3, "{printed:#?}");
+    assert_eq!(inspect.len(), 4, "{printed:#?}");
     for line in inspect {
         assert!(!line.contains('|'), "{line}");
         let args: Vec<&str> = line.split_whitespace().skip(1).collect();
@@ -724,7 +724,7 @@ fn inspection_commands_know_which_process_they_talk_to() {
     let out = meshgate(&["status", "--admin", &agent]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
-        text(&out.stdout).starts_with(&format!("agent at {agent}")),
+        text(&out.stdout).starts_with(&format!("agent node-b at {agent}")),
         "{}",
         text(&out.stdout)
     );
@@ -895,4 +895,292 @@ fn a_second_ctrl_c_exits_at_once() {
     };
     assert_eq!(status.code(), Some(130));
     drop(node);
+}
+
+/// `meshgate` with `args`; exit code, stdout parsed as JSON (Null when it is not JSON), and
+/// stdout and stderr as text.
+fn json_of(args: &[&str]) -> (Option<i32>, serde_json::Value, String) {
+    let out = meshgate(args);
+    let v = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (
+        out.status.code(),
+        v,
+        format!("{}{}", text(&out.stdout), text(&out.stderr)),
+    )
+}
+
+/// The layer `why -o json` says the request stops at, and its status.
+fn stopped_at(v: &serde_json::Value) -> (String, u64) {
+    (
+        v["stopped_at"]["layer"].as_str().unwrap_or("-").to_owned(),
+        v["stopped_at"]["status"].as_u64().unwrap_or(0),
+    )
+}
+
+#[test]
+fn status_top_authz_and_why_print_the_live_mesh() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (dev, printed, base) = start_dev(&tmp.path().join("dev"));
+    let gw_admin = format!("127.0.0.1:{}", base + 200);
+    let node_a = format!("127.0.0.1:{}", base);
+    let node_b = format!("127.0.0.1:{}", base + 100);
+    let gw = format!("127.0.0.1:{}", base + 80);
+    let web_upstream = format!("127.0.0.1:{}", base + 91);
+    let after = |marker: &str| {
+        printed
+            .iter()
+            .find_map(|l| {
+                l.split_once(marker).map(|(_, r)| {
+                    r.split(['\'', ' ', ')'])
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned()
+                })
+            })
+            .unwrap_or_else(|| panic!("dev printed no {marker}: {printed:#?}"))
+    };
+    let token = after("Authorization: Bearer ");
+    let key = after("(demo key ");
+    assert!(
+        token.len() > 100 && key.starts_with("mgk_demo_"),
+        "{token} {key}"
+    );
+    for _ in 0..5 {
+        assert_eq!(http_get(&gw, "/api/users/7").0, 200);
+    }
+
+    // status: the gateway's node, listeners, identities, peers, discovery and config state
+    let (code, s, all) = json_of(&["status", "--admin", &gw_admin, "-o", "json"]);
+    assert_eq!(code, Some(0), "{all}");
+    assert_eq!(
+        (s["kind"].as_str(), s["node"].as_str()),
+        (Some("gateway"), Some("gateway")),
+        "{s:#}"
+    );
+    let listeners = s["listeners"].as_array().expect("listeners");
+    assert!(
+        listeners
+            .iter()
+            .any(|l| l["name"] == "http" && l["address"] == gw.as_str()),
+        "{s:#}"
+    );
+    assert!(
+        s["certs"].as_array().expect("certs").iter().any(|c| {
+            c["spiffe_id"]
+                .as_str()
+                .is_some_and(|id| id.ends_with("/svc/gateway"))
+                && c["time_left_seconds"].as_u64().is_some_and(|t| t > 3600)
+        }),
+        "{s:#}"
+    );
+    let peers = s["peers"].as_array().expect("peers");
+    assert!(
+        peers.iter().any(|p| p["direction"] == "outbound"
+            && p["address"] == format!("127.0.0.1:{}", base + 8).as_str()
+            && p["identity"]
+                .as_str()
+                .is_some_and(|i| i.ends_with("/node/node-a"))
+            && p["transport"]
+                .as_str()
+                .is_some_and(|t| t.contains("TLSv1.3"))),
+        "{s:#}"
+    );
+    let users = s["discovery"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["service"] == "users"))
+        .expect("users in discovery");
+    assert_eq!(
+        (users["healthy"].as_u64(), users["stale"].as_bool()),
+        (Some(1), Some(false)),
+        "{users}"
+    );
+    assert_eq!(s["config"]["generation"], 1, "{s:#}");
+    let (code, _, table) = json_of(&["status", "--admin", &node_a]);
+    assert_eq!(code, Some(0), "{table}");
+    assert!(
+        table.starts_with(&format!("agent node-a at {node_a}")),
+        "{table}"
+    );
+    assert!(
+        table.contains("inbound") && table.contains("/svc/gateway"),
+        "{table}"
+    );
+
+    // top: traffic during its sampling interval shows up as rate and latency of its route
+    let sender = {
+        let gw = gw.clone();
+        std::thread::spawn(move || {
+            let until = Instant::now() + Duration::from_millis(2500);
+            let mut sent = 0u32;
+            while Instant::now() < until && sent < 400 {
+                let _ = http_get(&gw, "/api/users/7");
+                sent += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, t, all) = json_of(&[
+        "top",
+        "--once",
+        "--interval",
+        "1s",
+        "--admin",
+        &gw_admin,
+        "-o",
+        "json",
+    ]);
+    sender.join().expect("sender");
+    assert_eq!(code, Some(0), "{all}");
+    let route = t["routes"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["name"] == "users"))
+        .unwrap_or_else(|| panic!("no users route in {t:#}"));
+    assert!(
+        route["requests"].as_f64().is_some_and(|n| n >= 5.0),
+        "{route}"
+    );
+    assert!(route["rps"].as_f64().is_some_and(|r| r > 2.0), "{route}");
+    assert!(
+        route["p50_seconds"]
+            .as_f64()
+            .is_some_and(|p| p > 0.0 && p < 5.0),
+        "{route}"
+    );
+    assert_eq!(route["errors"].as_f64(), Some(0.0), "{route}");
+    assert!(
+        t["services"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["name"] == "users")),
+        "{t:#}"
+    );
+
+    // authz check: the deciding rule of node-a's live intentions
+    let (code, _, out) = json_of(&[
+        "authz", "check", "--from", "web", "--to", "users", "--method", "DELETE", "--path",
+        "/admin/x", "--admin", &node_a,
+    ]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("DENY") && out.contains("rule #2"), "{out}");
+    let (code, _, out) = json_of(&[
+        "authz", "check", "--from", "web", "--to", "users", "--admin", &node_a,
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("ALLOW") && out.contains("rule #1"), "{out}");
+
+    // why: the stopping layer of an unauthenticated, a rate-limited, a denied and an allowed
+    // request; peeking at a rate limit does not spend it
+    let me = format!("GET http://{gw}/api/me/7");
+    let (code, v, out) = json_of(&["why", &me, "--admin", &gw_admin, "-o", "json"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert_eq!(stopped_at(&v), ("authentication".into(), 401), "{v:#}");
+    let (code, v, out) = json_of(&[
+        "why",
+        &me,
+        "--token",
+        &token,
+        "--admin",
+        &gw_admin,
+        "--agent-admin",
+        &node_b,
+        "--agent-admin",
+        &node_a,
+        "-o",
+        "json",
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(v["verdict"], "allowed", "{v:#}");
+    let layers: Vec<(&str, &str)> = v["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| {
+            (
+                l["layer"].as_str().unwrap_or("-"),
+                l["result"].as_str().unwrap_or("-"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        layers,
+        [
+            ("path", "pass"),
+            ("route", "pass"),
+            ("authentication", "pass"),
+            ("authorization", "pass"),
+            ("rate-limit", "skip"),
+            ("backend", "pass"),
+            ("endpoint users", "pass"),
+            ("intention users", "pass"),
+        ],
+        "{v:#}"
+    );
+    assert!(
+        v["layers"][7]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("rule #0")),
+        "{v:#}"
+    );
+    assert!(!out.contains(&token), "the token was printed: {out}");
+    let (code, v, out) = json_of(&[
+        "why",
+        &format!("GET http://{gw}/api/partner/7"),
+        "--api-key",
+        &key,
+        "--admin",
+        &gw_admin,
+        "-o",
+        "json",
+    ]);
+    assert_eq!(
+        (code, v["layers"][2]["detail"].as_str()),
+        (Some(0), Some("consumer demo-partner, groups partners")),
+        "{out}"
+    );
+    assert!(!out.contains(&key), "the key was printed: {out}");
+    let limited = format!("GET http://{gw}/api/limited/7");
+    for _ in 0..2 {
+        let (code, v, out) = json_of(&["why", &limited, "--admin", &gw_admin, "-o", "json"]);
+        assert_eq!(code, Some(0), "{out}");
+        assert!(
+            v["layers"][2]["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("3 of 3 per 1m left")),
+            "{v:#}"
+        );
+    }
+    for want in [200, 200, 200, 429] {
+        assert_eq!(http_get(&gw, "/api/limited/7").0, want);
+    }
+    let (code, v, out) = json_of(&["why", &limited, "--admin", &gw_admin, "-o", "json"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert_eq!(stopped_at(&v), ("rate-limit".into(), 429), "{v:#}");
+    let (code, v, out) = json_of(&[
+        "why",
+        &format!("DELETE http://{web_upstream}/admin/x"),
+        "--from",
+        "web",
+        "--admin",
+        &node_b,
+        "--agent-admin",
+        &node_a,
+        "-o",
+        "json",
+    ]);
+    assert_eq!(code, Some(1), "{out}");
+    assert_eq!(stopped_at(&v), ("intention".into(), 403), "{v:#}");
+    assert!(
+        v["stopped_at"]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("rule #2")),
+        "{v:#}"
+    );
+    // and the table form names the layer in words
+    let (code, _, out) = json_of(&["why", &me, "--admin", &gw_admin]);
+    assert_eq!(code, Some(1));
+    assert!(
+        out.contains("it would stop at authentication: 401 unauthorized"),
+        "{out}"
+    );
+    stop(dev);
 }

@@ -41,6 +41,7 @@ use crate::{
     jwt::JwtProviderConfig,
     ratelimit_redis::RedisStore,
     routes::{RequestView, RouteTable},
+    why::{WhyRequest, WhyState},
 };
 
 /// Why the gateway could not start.
@@ -121,6 +122,7 @@ impl GatewayMetrics {
 #[derive(Debug)]
 struct RoutesApi {
     table: Arc<ArcSwap<RouteTable>>,
+    why: Arc<ArcSwap<WhyState>>,
 }
 
 fn query_params(q: &str) -> Vec<(String, String)> {
@@ -228,6 +230,24 @@ impl AdminExtension for RoutesApi {
             _ => None,
         }
     }
+
+    fn post<'a>(
+        &'a self,
+        path: &'a str,
+        body: serde_json::Value,
+    ) -> Option<meshgate_agent::admin::PostFuture<'a>> {
+        if path != "/why" {
+            return None;
+        }
+        Some(Box::pin(async move {
+            let req: WhyRequest = serde_json::from_value(body)
+                .map_err(|e| format!("/why takes {{\"method\", \"url\", \"headers\": [[name, value]], \"api_key\", \"client_ip\"}}: {e}"))?;
+            let table = self.table.load_full();
+            let state = self.why.load_full();
+            let answer = crate::why::why(&table, &state, &req).await?;
+            serde_json::to_value(answer).map_err(|e| e.to_string())
+        }))
+    }
 }
 
 /// A provider's config, its cache and the cache's refresh task.
@@ -328,6 +348,7 @@ pub struct GatewayApp {
     admin_addr: SocketAddr,
     pipeline: Arc<Pipeline>,
     table: Arc<ArcSwap<RouteTable>>,
+    why: Arc<ArcSwap<WhyState>>,
     metrics: Arc<GatewayMetrics>,
     config: tokio::sync::Mutex<(GatewayConfig, Caches)>,
     upstreams: Connected,
@@ -476,6 +497,14 @@ impl GatewayApp {
             drain.clone(),
         ));
         let admin_task = tokio::spawn(admin::serve(admin_listener, state.clone()));
+        state.reloadable();
+        state.listener("admin", admin_addr);
+        if let Some((_, a)) = &https {
+            state.listener("https", *a);
+        }
+        if let Some((_, a)) = &http {
+            state.listener("http", *a);
+        }
 
         let mesh = Mesh::start(
             MeshSpec {
@@ -496,6 +525,7 @@ impl GatewayApp {
             .identity
             .workload(&cfg.namespace, &cfg.identity)
             .await?;
+        let caller = me.id.to_string();
         let upstreams = Connected {
             client: MeshClient::new(me, mesh.endpoints, mesh.pool, metrics.clone()),
             connect_timeout: cfg.tunnel.connect_timeout,
@@ -522,8 +552,14 @@ impl GatewayApp {
                 tracing: tracing.clone(),
             },
         );
+        let why = Arc::new(ArcSwap::from_pointee(WhyState {
+            auth: compiled.auth.clone(),
+            paths: cfg.paths,
+            caller: caller.clone(),
+        }));
         let _ = state.extension.set(Arc::new(RoutesApi {
             table: table.clone(),
+            why: why.clone(),
         }));
 
         let front = Front {
@@ -563,6 +599,7 @@ impl GatewayApp {
             admin_addr,
             pipeline,
             table,
+            why,
             metrics: gw_metrics,
             config: tokio::sync::Mutex::new((cfg, caches)),
             upstreams,
@@ -604,13 +641,16 @@ impl GatewayApp {
         let mut guard = self.config.lock().await;
         let result = self.try_reload(&mut guard, next).await;
         self.metrics.reload(result.is_ok());
+        self.state
+            .reloaded(result.as_ref().map(|_| ()).map_err(ToString::to_string));
         result
     }
 
     /// Counts a reload refused before it reached [`GatewayApp::reload`] (the file could not
-    /// be read or parsed).
-    pub fn reload_refused(&self) {
+    /// be read or parsed), with the reason `/status` shows.
+    pub fn reload_refused(&self, reason: String) {
         self.metrics.reload(false);
+        self.state.reloaded(Err(reason));
     }
 
     async fn try_reload(
@@ -648,6 +688,12 @@ impl GatewayApp {
         )?;
         caches.load(fresh).await;
         self.table.store(compiled.table.clone());
+        let caller = self.why.load().caller.clone();
+        self.why.store(Arc::new(WhyState {
+            auth: compiled.auth.clone(),
+            paths: next.paths,
+            caller,
+        }));
         self.pipeline.swap(compiled.pipeline);
         self.state
             .set_config(serde_json::to_value(&next).unwrap_or_default());

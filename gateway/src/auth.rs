@@ -20,7 +20,7 @@ use crate::{
     apikey::{self, ApiKeyConfig, KeyStore},
     jwks::JwksCache,
     jwt::{JwtProviderConfig, KeySet, Validator, VerifiedToken},
-    ratelimit::{self, KeySource, MemoryStore, RateLimitPolicy},
+    ratelimit::{self, Decision, KeySource, LimitConfig, MemoryStore, RateLimitPolicy},
     ratelimit_redis::{RedisConfig, RedisStore},
 };
 
@@ -774,19 +774,14 @@ impl Auth {
         })
     }
 
-    /// Applies rate-limit policy `name`: Ok(headers to add to the response) or a 429 problem.
-    pub async fn rate_limit(
-        &self,
-        name: &str,
+    /// The store key and the limit of policy `policy` for this request.
+    fn rate_key<'a>(
+        policy: &'a RateLimitPolicy,
         route: &str,
         p: Option<&Principal>,
         client_ip: std::net::IpAddr,
         headers: &HeaderMap,
-        now_ms: u64,
-    ) -> Result<Vec<(HeaderName, HeaderValue)>, Problem> {
-        let Some(policy) = self.limits.get(name) else {
-            return Ok(Vec::new());
-        };
+    ) -> (String, &'a LimitConfig) {
         let part = match &policy.key {
             KeySource::Consumer => p
                 .and_then(|p| p.consumer.clone().or_else(|| p.user.clone()))
@@ -807,7 +802,62 @@ impl Auth {
                 .to_owned(),
         };
         let cfg = policy.limit_for(p.and_then(|p| p.tier.as_deref()));
-        let key = format!("{}|{}|{part}", policy.name, route);
+        (format!("{}|{}|{part}", policy.name, route), cfg)
+    }
+
+    /// What policy `name` would decide for this request now, without counting it (`meshgate
+    /// why`): the decision, the limit and the store asked; `None` for an unknown policy.
+    pub async fn rate_limit_peek(
+        &self,
+        name: &str,
+        route: &str,
+        p: Option<&Principal>,
+        client_ip: std::net::IpAddr,
+        headers: &HeaderMap,
+        now_ms: u64,
+    ) -> Option<(Decision, LimitConfig, Result<&'static str, String>)> {
+        let policy = self.limits.get(name)?;
+        let (key, cfg) = Self::rate_key(policy, route, p, client_ip, headers);
+        Some(match &self.stores.redis {
+            Some(redis) => match redis.peek(&key, cfg, now_ms).await {
+                Ok(d) => (d, cfg.clone(), Ok("redis")),
+                Err(e) => (
+                    redis.fail_mode().decision(cfg),
+                    cfg.clone(),
+                    Err(format!(
+                        "the Redis store cannot be asked ({e}); fail mode {:?} applies",
+                        redis.fail_mode()
+                    )),
+                ),
+            },
+            None => (
+                self.stores.memory.peek(&key, cfg, now_ms),
+                cfg.clone(),
+                Ok("memory"),
+            ),
+        })
+    }
+
+    /// Where the gateway looks for an API key first (`meshgate why --api-key` puts it there);
+    /// `None` when no API keys are configured.
+    pub fn api_key_location(&self) -> Option<&crate::apikey::KeyLocation> {
+        self.keys.as_ref().and_then(|(_, c)| c.locations.first())
+    }
+
+    /// Applies rate-limit policy `name`: Ok(headers to add to the response) or a 429 problem.
+    pub async fn rate_limit(
+        &self,
+        name: &str,
+        route: &str,
+        p: Option<&Principal>,
+        client_ip: std::net::IpAddr,
+        headers: &HeaderMap,
+        now_ms: u64,
+    ) -> Result<Vec<(HeaderName, HeaderValue)>, Problem> {
+        let Some(policy) = self.limits.get(name) else {
+            return Ok(Vec::new());
+        };
+        let (key, cfg) = Self::rate_key(policy, route, p, client_ip, headers);
         let d = match &self.stores.redis {
             Some(redis) => {
                 let (d, err) = redis.check_or_fail_mode(&key, cfg, now_ms).await;

@@ -42,3 +42,4 @@ pub mod routes;
 pub mod schema;
 pub mod transcode;
 pub mod transform;
+pub mod why;

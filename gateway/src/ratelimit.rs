@@ -478,6 +478,16 @@ impl MemoryStore {
         }
     }
 
+    /// What [`MemoryStore::check`] would decide for `key` now, without counting the request.
+    pub fn peek(&self, key: &str, cfg: &LimitConfig, now_ms: u64) -> Decision {
+        let inner = self.lock();
+        let mut entry = match inner.entries.get(key) {
+            Some(e) if e.matches(cfg) => *e,
+            _ => Entry::fresh(cfg),
+        };
+        entry.check(cfg, now_ms)
+    }
+
     /// Drops every entry that can no longer affect a decision at `now_ms` or later.
     pub fn sweep(&self, now_ms: u64) {
         self.lock().sweep(now_ms);

@@ -133,8 +133,8 @@ const MIN_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// `KEYS[1]` is the state hash. `ARGV`: 1 the algorithm (`g`, `f` or `s`), 2 the signature of
 /// the limit, 3 `requests` (at least 1), 4 `per` in ms (at least 1), then for `g`: 5
 /// `now_ms`, 6 `τ = per · (burst − 1)`; for `f` and `s`: 5 the window `⌊now/per⌋`, 6 the
-/// milliseconds until it ends, 7 the milliseconds elapsed in it; 8 the expiry slack in ms.
-/// Returns `{allowed (0 or 1), remaining, reset_ms, retry_after_ms or −1}`.
+/// milliseconds until it ends, 7 the milliseconds elapsed in it; 8 the expiry slack in ms; 9
+/// `1` for a dry run that decides without writing (`meshgate why`). Returns `{allowed (0 or 1), remaining, reset_ms, retry_after_ms or −1}`.
 const SCRIPT: &str = r"
 local key = KEYS[1]
 local algo = ARGV[1]
@@ -142,6 +142,7 @@ local sig = ARGV[2]
 local n = tonumber(ARGV[3])
 local per = tonumber(ARGV[4])
 local slack = tonumber(ARGV[8])
+local dry = ARGV[9] == '1'
 
 -- Every number below is an integer under 2^53, so + - * are exact.
 local function int(x)
@@ -167,6 +168,9 @@ end
 
 -- Writes the state; a state of another limit is dropped first.
 local function save(fresh, ttl, ...)
+  if dry then
+    return
+  end
   if fresh then
     redis.call('DEL', key)
   end
@@ -610,6 +614,27 @@ impl RedisStore {
         cfg: &LimitConfig,
         now_ms: u64,
     ) -> Result<Decision, RedisStoreError> {
+        self.run(key, cfg, now_ms, false).await
+    }
+
+    /// What [`RedisStore::check`] would decide now, without counting the request (the same
+    /// script, writing nothing).
+    pub async fn peek(
+        &self,
+        key: &str,
+        cfg: &LimitConfig,
+        now_ms: u64,
+    ) -> Result<Decision, RedisStoreError> {
+        self.run(key, cfg, now_ms, true).await
+    }
+
+    async fn run(
+        &self,
+        key: &str,
+        cfg: &LimitConfig,
+        now_ms: u64,
+        dry: bool,
+    ) -> Result<Decision, RedisStoreError> {
         let args = ScriptArgs::new(cfg, now_ms)?;
         let inner = &self.inner;
         let mut invocation = inner.script.key(format!("{}{key}", inner.prefix));
@@ -621,7 +646,8 @@ impl RedisStore {
             .arg(args.a)
             .arg(args.b)
             .arg(args.c)
-            .arg(EXPIRY_SLACK_MS);
+            .arg(EXPIRY_SLACK_MS)
+            .arg(if dry { "1" } else { "0" });
         let mut manager = self.manager();
         let reply = tokio::time::timeout(
             inner.timeout,

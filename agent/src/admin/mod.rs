@@ -1,6 +1,7 @@
 //! The admin API on loopback (default 127.0.0.1:15000): `/healthz`, `/readyz`, `/metrics`
-//! (Prometheus text), `/version`, `/config`, `/certs`, `/endpoints` (JSON). Read-only; the CLI
-//! reads it.
+//! (Prometheus text), `/version`, `/status`, `/config`, `/certs`, `/endpoints` (JSON), and what
+//! a composition adds (`/authz/check` on agents; `/routes`, `/routes/match` and `POST /why` on
+//! gateways). Read-only; the CLI reads it.
 //!
 //! `/readyz` is 200 only while certificates are held, listeners are bound, the process is not
 //! draining and no certificate is at risk (expired, or in its last quarter with renewal
@@ -57,6 +58,45 @@ pub struct AdminState {
     /// What identity start-up waits for (the CA, a renewal); pass it to
     /// `IdentityManager::start_with` in `IdentityOptions::status` and `/readyz` shows it.
     pub startup: Arc<StartupStatus>,
+    /// The bound listeners, for `/status`.
+    listeners: std::sync::Mutex<Vec<ListenerView>>,
+    /// The config generation and the last reload, for `/status`.
+    reloads: std::sync::Mutex<ConfigView>,
+    started: SystemTime,
+}
+
+/// One bound listener as `/status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ListenerView {
+    /// What it serves: `admin`, `inbound`, `http`, `https`, `upstream web -> users`.
+    pub name: String,
+    /// The bound address.
+    pub address: std::net::SocketAddr,
+}
+
+/// The config's state as `/status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigView {
+    /// 1 at start, plus one per applied reload.
+    pub generation: u64,
+    /// When the config in use was applied (RFC 3339).
+    pub applied_at: String,
+    /// Whether this process reloads its config (a gateway on SIGHUP; an agent restarts).
+    pub reloads: bool,
+    /// The last reload attempt, if any.
+    pub last_reload: Option<ReloadView>,
+}
+
+/// One reload attempt.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadView {
+    /// When (RFC 3339).
+    pub at: String,
+    /// `ok` or `invalid` (the previous config kept serving).
+    pub result: &'static str,
+    /// Why it was refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl AdminState {
@@ -71,7 +111,104 @@ impl AdminState {
             drain,
             extension: OnceLock::new(),
             startup: Arc::new(StartupStatus::default()),
+            listeners: std::sync::Mutex::new(Vec::new()),
+            reloads: std::sync::Mutex::new(ConfigView {
+                generation: 1,
+                applied_at: rfc3339(SystemTime::now()),
+                reloads: false,
+                last_reload: None,
+            }),
+            started: SystemTime::now(),
         }
+    }
+
+    /// Records a bound listener for `/status`.
+    pub fn listener(&self, name: impl Into<String>, address: std::net::SocketAddr) {
+        self.listeners
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(ListenerView {
+                name: name.into(),
+                address,
+            });
+    }
+
+    /// Marks this process as one that reloads its config (the gateway).
+    pub fn reloadable(&self) {
+        self.reloads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .reloads = true;
+    }
+
+    /// Records a reload attempt: applied (`Ok`, a new generation) or refused with its reason.
+    pub fn reloaded(&self, result: Result<(), String>) {
+        let mut r = self
+            .reloads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let at = rfc3339(SystemTime::now());
+        r.last_reload = Some(match result {
+            Ok(()) => {
+                r.generation += 1;
+                r.applied_at.clone_from(&at);
+                ReloadView {
+                    at,
+                    result: "ok",
+                    error: None,
+                }
+            }
+            Err(e) => ReloadView {
+                at,
+                result: "invalid",
+                error: Some(e),
+            },
+        });
+    }
+
+    /// `/status`: what this process is, where it listens, its tunnel peers, its discovery and
+    /// config state (certificates are `/certs`).
+    pub async fn status(&self) -> serde_json::Value {
+        let cfg = self.config.load();
+        let now = Instant::now();
+        let discovery: Vec<serde_json::Value> = self
+            .endpoints
+            .get()
+            .map(|e| e.snapshot(now))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| {
+                let total = s.endpoints.len();
+                let v = serde_json::to_value(&s).unwrap_or_default();
+                let healthy = v["endpoints"]
+                    .as_array()
+                    .map_or(0, |l| l.iter().filter(|e| e["ejected"] != true).count());
+                serde_json::json!({
+                    "service": s.service,
+                    "source": v["source"],
+                    "endpoints": total,
+                    "healthy": healthy,
+                    "stale": s.stale,
+                    "last_update": s.last_update,
+                    "last_error": s.last_error,
+                })
+            })
+            .collect();
+        let reasons = self.not_ready_reasons().await;
+        serde_json::json!({
+            "kind": self.kind(),
+            "version": VERSION,
+            "node": cfg.get("node"),
+            "trust_domain": cfg.get("trust_domain"),
+            "started_at": rfc3339(self.started),
+            "uptime_seconds": SystemTime::now().duration_since(self.started).map(|d| d.as_secs()).unwrap_or(0),
+            "ready": reasons.is_empty(),
+            "not_ready": reasons,
+            "listeners": *self.listeners.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+            "peers": self.metrics.peers.snapshot(),
+            "discovery": discovery,
+            "config": *self.reloads.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+        })
     }
 
     /// `agent` or `gateway`: a gateway's effective config has `routes`.
@@ -160,10 +297,84 @@ fn redact(v: &mut serde_json::Value) {
     }
 }
 
+/// What an extension's POST answers (later).
+pub type PostFuture<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<serde_json::Value, String>> + Send + 'a>,
+>;
+
 /// Extra admin endpoints, answered with JSON.
 pub trait AdminExtension: Send + Sync + std::fmt::Debug {
     /// The JSON for `path` (with its raw `query`), or None if the path is not this extension's.
     fn get(&self, path: &str, query: &str) -> Option<Result<serde_json::Value, String>>;
+
+    /// The JSON answer to a POST of the JSON `body` to `path`, or None if the path takes no
+    /// POST. For questions that carry credentials (`/why`), which must not travel in a URL;
+    /// they change nothing.
+    fn post<'a>(&'a self, _path: &'a str, _body: serde_json::Value) -> Option<PostFuture<'a>> {
+        None
+    }
+}
+
+/// The largest POST body the admin API reads.
+const MAX_POST_BYTES: usize = 64 * 1024;
+
+/// A POST: only to an extension path that takes one, only JSON (a browser's cross-site form
+/// cannot send `application/json` without a preflight, which this API never answers).
+async fn post(req: Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt as _;
+    let read_only = || {
+        respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "the admin API is read-only: use GET (POST only for /why)\n",
+        )
+    };
+    let Some(ext) = state.extension.get() else {
+        return read_only();
+    };
+    let json_body = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("application/json"));
+    let path = req.uri().path().to_owned();
+    if !json_body {
+        return respond(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "text/plain",
+            "POST a JSON body (Content-Type: application/json)\n",
+        );
+    }
+    let body = match http_body_util::Limited::new(req.into_body(), MAX_POST_BYTES)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return respond(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "text/plain",
+                format!("the body is over {MAX_POST_BYTES} bytes or was cut off\n"),
+            );
+        }
+    };
+    let value: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return respond(
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                format!("the body is not JSON: {e}\n"),
+            );
+        }
+    };
+    match ext.post(&path, value) {
+        None => read_only(),
+        Some(f) => match f.await {
+            Ok(v) => json(&v),
+            Err(e) => respond(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+        },
+    }
 }
 
 /// One certificate as `/certs` shows it.
@@ -299,6 +510,9 @@ fn json(v: &impl Serialize) -> Response<Full<Bytes>> {
 }
 
 async fn route(req: Request<Incoming>, state: Arc<AdminState>) -> Response<Full<Bytes>> {
+    if req.method() == Method::POST {
+        return post(req, &state).await;
+    }
     if req.method() != Method::GET {
         return respond(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -342,6 +556,7 @@ async fn route(req: Request<Incoming>, state: Arc<AdminState>) -> Response<Full<
             }
         }
         "/config" => json(&**state.config.load()),
+        "/status" => json(&state.status().await),
         "/certs" => json(&state.certs().await),
         "/endpoints" => match state.endpoints.get() {
             Some(e) => json(&e.snapshot(Instant::now())),
@@ -357,7 +572,7 @@ async fn route(req: Request<Incoming>, state: Arc<AdminState>) -> Response<Full<
             None => respond(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found; try /healthz /readyz /metrics /version /config /certs /endpoints\n",
+                "not found; try /healthz /readyz /metrics /version /status /config /certs /endpoints\n",
             ),
         },
     }

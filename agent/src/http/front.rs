@@ -859,6 +859,17 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, security: Security, front: &Fr
                 info.client_cert = leaf.map(Arc::new);
             }
             let proto = if h2 { Proto::Http2 } else { Proto::Http1 };
+            let _listed = mesh.then(|| {
+                front.metrics.peers.opened(
+                    crate::telemetry::Direction::Inbound,
+                    peer,
+                    info.peer_id
+                        .as_ref()
+                        .map(ToString::to_string)
+                        .unwrap_or_default(),
+                    crate::transport::hbone::tls_version(session.protocol_version()),
+                )
+            });
             if mesh {
                 front
                     .metrics

@@ -380,7 +380,7 @@ impl Pipeline {
         ctx.method = parts.method.clone();
         ctx.has_body = !http_body::Body::is_end_stream(&body);
         if let Some(t) = &self.tracing {
-            ctx.otel = Some(t.server(&parts.headers, "request"));
+            ctx.otel = t.server(&parts.headers, "request");
         }
         if self.access.is_some() {
             ctx.traceparent = parts
@@ -497,6 +497,9 @@ impl Pipeline {
         if let Some(t) = &ctx.otel {
             // the trace the service sees is this span's (hygiene made a traceparent without it)
             ctx.traceparent = t.inject(&mut parts.headers);
+        } else if self.tracing.is_some() {
+            // not sampled here: the next hops must not sample it either
+            crate::telemetry::otel::unsample(&mut parts.headers, &mut ctx.traceparent);
         }
         let route = cfg.router.route(parts, ctx)?;
         ctx.route = Some(route.name.clone());

@@ -51,7 +51,8 @@ pub enum Direction {
 }
 
 impl Direction {
-    fn as_str(self) -> &'static str {
+    /// `outbound` or `inbound`.
+    pub fn as_str(self) -> &'static str {
         match self {
             Direction::Outbound => "outbound",
             Direction::Inbound => "inbound",
@@ -141,6 +142,8 @@ pub struct Metrics {
     authz_rule_denials: Family<RuleLabel, Counter>,
     tunnel_connect_duration: Histogram,
     handshake_duration: LatencyFamily<DirectionLabel>,
+    /// The tunnel connections open now (for `/status`, not exported as metrics).
+    pub peers: super::peers::Peers,
 }
 
 impl Default for Metrics {
@@ -189,6 +192,7 @@ impl Metrics {
             authz_rule_denials: Family::default(),
             tunnel_connect_duration: latency_histogram(),
             handshake_duration: latency_family(),
+            peers: Default::default(),
             registry: Registry::default(),
         };
         registry.register(

@@ -7,6 +7,7 @@
 pub mod access;
 pub mod metrics;
 pub mod otel;
+pub mod peers;
 
 pub use metrics::{DenyReason, DestinationRefusal, Direction, Metrics, StreamGuard};
 

@@ -232,25 +232,14 @@ pub fn effective(
     }))
 }
 
-fn sdk_sampler(s: SamplerChoice) -> Sampler {
-    match s {
-        SamplerChoice::AlwaysOn => Sampler::AlwaysOn,
-        SamplerChoice::AlwaysOff => Sampler::AlwaysOff,
-        SamplerChoice::Ratio(r) => Sampler::TraceIdRatioBased(r),
-        SamplerChoice::ParentBased(root) => Sampler::ParentBased(Box::new(match root {
-            ParentRoot::AlwaysOn => Sampler::AlwaysOn,
-            ParentRoot::AlwaysOff => Sampler::AlwaysOff,
-            ParentRoot::Ratio(r) if r >= 1.0 => Sampler::AlwaysOn,
-            ParentRoot::Ratio(r) => Sampler::TraceIdRatioBased(r),
-        })),
-    }
-}
-
 /// A running trace exporter; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Tracing {
     tracer: SdkTracer,
     provider: SdkTracerProvider,
+    /// Decided here, once per request, before any span exists (the SDK samples everything it
+    /// is given): an unsampled request creates no span, no context and no header.
+    sampler: SamplerChoice,
 }
 
 impl Tracing {
@@ -308,12 +297,17 @@ impl Tracing {
         }
         let provider = SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
-            .with_sampler(sdk_sampler(e.sampler))
+            // the decision is made in `server` before the SDK sees the request
+            .with_sampler(Sampler::AlwaysOn)
             .with_resource(Resource::builder_empty().with_attributes(attrs).build())
             .build();
         let tracer = provider.tracer("meshgate");
         tracing::info!(endpoint = %e.endpoint, protocol = ?e.protocol, "exporting traces over OTLP");
-        Ok(Self { tracer, provider })
+        Ok(Self {
+            tracer,
+            provider,
+            sampler: e.sampler,
+        })
     }
 
     /// Exports what is buffered and stops (blocking: call from a blocking thread).
@@ -322,18 +316,86 @@ impl Tracing {
         let _ = self.provider.shutdown();
     }
 
-    /// A server span for a request with headers `h`, continuing its `traceparent`.
-    pub fn server(&self, h: &HeaderMap, name: &'static str) -> TraceCx {
+    /// A server span for a request with headers `h`, continuing its `traceparent`; `None` when
+    /// the sampler says no (then nothing is created: the caller marks the `traceparent` it
+    /// forwards unsampled, see [`unsample`], so the next hops do not sample either).
+    pub fn server(&self, h: &HeaderMap, name: &'static str) -> Option<TraceCx> {
+        if !sampled(self.sampler, parent_sampled(h), crate::http::ctx::fast_rand) {
+            return None;
+        }
         let parent = TraceContextPropagator::new().extract(&Headers(h));
         let span = self
             .tracer
             .span_builder(name)
             .with_kind(SpanKind::Server)
             .start_with_context(&self.tracer, &parent);
-        TraceCx {
+        Some(TraceCx {
             cx: parent.with_span(span),
             tracer: self.tracer.clone(),
-        }
+        })
+    }
+}
+
+/// The sampled flag of a request's single, well-formed version-00 `traceparent`; `None` when
+/// there is none (a root).
+fn parent_sampled(h: &HeaderMap) -> Option<bool> {
+    let mut all = h.get_all("traceparent").iter();
+    let (Some(v), None) = (all.next(), all.next()) else {
+        return None;
+    };
+    let b = v.as_bytes();
+    let hex = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_hexdigit);
+    if b.len() != 55 || b[2] != b'-' || b[35] != b'-' || b[52] != b'-' {
+        return None;
+    }
+    if !(hex(0..2) && hex(3..35) && hex(36..52) && hex(53..55)) {
+        return None;
+    }
+    let flags = u8::from_str_radix(std::str::from_utf8(&b[53..55]).ok()?, 16).ok()?;
+    Some(flags & 1 == 1)
+}
+
+/// The sampling decision of `s` for a request whose parent said `parent` (`None`: a root);
+/// `rand` draws the ratio roll.
+fn sampled(s: SamplerChoice, parent: Option<bool>, rand: impl Fn() -> u64) -> bool {
+    let roll = |r: f64| {
+        // 53 random bits as a fraction in [0, 1)
+        r >= 1.0 || ((rand() >> 11) as f64 / (1u64 << 53) as f64) < r
+    };
+    match s {
+        SamplerChoice::AlwaysOn => true,
+        SamplerChoice::AlwaysOff => false,
+        SamplerChoice::Ratio(r) => roll(r),
+        SamplerChoice::ParentBased(root) => parent.unwrap_or_else(|| match root {
+            ParentRoot::AlwaysOn => true,
+            ParentRoot::AlwaysOff => false,
+            ParentRoot::Ratio(r) => roll(r),
+        }),
+    }
+}
+
+/// Clears the sampled flag of the `traceparent` in `h` (and of `forwarded`, the copy the
+/// access log keeps): a request this hop did not sample tells the next hops so, and a
+/// parent-based sampler there creates nothing either.
+pub fn unsample(h: &mut HeaderMap, forwarded: &mut Option<String>) {
+    let Some(v) = h.get("traceparent").and_then(|v| v.to_str().ok()) else {
+        return;
+    };
+    if v.len() != 55 || v.as_bytes()[52] != b'-' {
+        return;
+    }
+    let Some(flags) = v.get(53..).and_then(|f| u8::from_str_radix(f, 16).ok()) else {
+        return;
+    };
+    if flags & 1 == 0 {
+        return;
+    }
+    let mut s = String::with_capacity(55);
+    s.push_str(&v[..53]);
+    s.push_str(&format!("{:02x}", flags & !1));
+    if let Ok(nv) = HeaderValue::from_str(&s) {
+        h.insert("traceparent", nv);
+        *forwarded = Some(s);
     }
 }
 
@@ -516,5 +578,56 @@ mod tests {
             ]),
         );
         assert!(bad.is_err());
+    }
+
+    #[test]
+    fn sampling_is_decided_once_from_the_parent_or_the_ratio() {
+        let h = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("traceparent", HeaderValue::from_str(v).expect("value"));
+            h
+        };
+        let on = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let off = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+        assert_eq!(parent_sampled(&h(on)), Some(true));
+        assert_eq!(parent_sampled(&h(off)), Some(false));
+        assert_eq!(parent_sampled(&h("00-zz-b7ad6b7169203331-01")), None);
+        assert_eq!(parent_sampled(&HeaderMap::new()), None);
+        let pb = |r| SamplerChoice::ParentBased(ParentRoot::Ratio(r));
+        // a parent's decision wins over the root ratio, both ways
+        assert!(sampled(pb(0.0), Some(true), || 0));
+        assert!(!sampled(pb(1.0), Some(false), || 0));
+        // roots roll the ratio: a draw under it samples, one over it does not
+        assert!(sampled(pb(0.01), None, || 0));
+        assert!(!sampled(pb(0.01), None, || u64::MAX));
+        assert!(sampled(pb(1.0), None, || u64::MAX));
+        assert!(!sampled(SamplerChoice::AlwaysOff, Some(true), || 0));
+        assert!(sampled(SamplerChoice::Ratio(0.5), Some(false), || 0));
+        // over many draws the ratio holds roughly
+        let n = (0..10_000)
+            .filter(|_| sampled(pb(0.01), None, crate::http::ctx::fast_rand))
+            .count();
+        assert!((30..=300).contains(&n), "{n} of 10000 at 1%");
+    }
+
+    #[test]
+    fn an_unsampled_hop_clears_the_flag_it_forwards() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "traceparent",
+            HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-03"),
+        );
+        let mut fwd = None;
+        unsample(&mut h, &mut fwd);
+        let want = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-02";
+        assert_eq!(h["traceparent"], want);
+        assert_eq!(fwd.as_deref(), Some(want));
+        // already unsampled, or malformed: left alone
+        let mut fwd = None;
+        unsample(&mut h, &mut fwd);
+        assert_eq!(fwd, None);
+        h.insert("traceparent", HeaderValue::from_static("garbage"));
+        unsample(&mut h, &mut fwd);
+        assert_eq!(h["traceparent"], "garbage");
     }
 }

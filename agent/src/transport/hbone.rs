@@ -297,6 +297,15 @@ fn retire_after(now: SystemTime, deadline: SystemTime) -> Option<Duration> {
     (at > Duration::from_secs(1)).then_some(at)
 }
 
+/// The name of a negotiated TLS version, for `/status`.
+pub fn tls_version(v: Option<rustls::ProtocolVersion>) -> Option<&'static str> {
+    match v? {
+        rustls::ProtocolVersion::TLSv1_3 => Some("TLSv1.3"),
+        rustls::ProtocolVersion::TLSv1_2 => Some("TLSv1.2"),
+        _ => None,
+    }
+}
+
 const PHASE_TCP: u8 = 0;
 const PHASE_TLS: u8 = 1;
 const PHASE_H2: u8 = 2;
@@ -669,6 +678,7 @@ impl Pool {
                 .peer_certificates()
                 .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
                 .unwrap_or_default();
+            let version = tls_version(tls.get_ref().1.protocol_version());
             let (sender, conn) = client_builder(&self.cfg)
                 .handshake(TokioIo::new(tls))
                 .await
@@ -676,31 +686,32 @@ impl Pool {
                     addr: endpoint,
                     reason: e.to_string(),
                 })?;
-            Ok::<_, TunnelError>((sender, conn, peer_chain))
+            Ok::<_, TunnelError>((sender, conn, (peer_chain, version)))
         };
-        let (sender, conn, peer_chain) = match tokio::time::timeout(timeout, attempt).await {
-            Ok(r) => r?,
-            Err(_) => {
-                let reason = format!("timed out after {timeout:?}");
-                return Err(match phase.load(Ordering::Relaxed) {
-                    PHASE_TCP => TunnelError::Connect {
-                        addr: endpoint,
-                        reason,
-                    },
-                    PHASE_TLS => {
-                        self.metrics.handshake_failed(Direction::Outbound);
-                        TunnelError::Handshake {
+        let (sender, conn, (peer_chain, version)) =
+            match tokio::time::timeout(timeout, attempt).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    let reason = format!("timed out after {timeout:?}");
+                    return Err(match phase.load(Ordering::Relaxed) {
+                        PHASE_TCP => TunnelError::Connect {
                             addr: endpoint,
-                            reason: format!("TLS handshake {reason}"),
+                            reason,
+                        },
+                        PHASE_TLS => {
+                            self.metrics.handshake_failed(Direction::Outbound);
+                            TunnelError::Handshake {
+                                addr: endpoint,
+                                reason: format!("TLS handshake {reason}"),
+                            }
                         }
-                    }
-                    _ => TunnelError::Http2 {
-                        addr: endpoint,
-                        reason: format!("HTTP/2 handshake {reason}"),
-                    },
-                });
-            }
-        };
+                        _ => TunnelError::Http2 {
+                            addr: endpoint,
+                            reason: format!("HTTP/2 handshake {reason}"),
+                        },
+                    });
+                }
+            };
         let peer_id = peer_chain
             .first()
             .and_then(|l| pki::CertInfo::from_der(l).ok())
@@ -724,7 +735,12 @@ impl Pool {
         let watch = self.identity.peer_watch();
         let extra = host_check(&key.expect);
         let flag = retiring.clone();
+        let listed =
+            metrics
+                .peers
+                .opened(Direction::Outbound, endpoint, peer_text.clone(), version);
         tokio::spawn(async move {
+            let _listed = listed;
             tunnel_task(
                 conn, watch, peer_chain, extra, retire_in, flag, endpoint, peer_text, metrics,
             )

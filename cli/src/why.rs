@@ -1,0 +1,529 @@
+//! `meshgate why 'METHOD URL'`: one answer that walks every layer a request would cross and
+//! says where it would stop and why.
+//!
+//! Through the gateway (`--admin` is a gateway): path normalization, route selection, rate
+//! limits (peeked, nothing counted), authentication and authorization — the gateway evaluates
+//! them with its live config (`POST /why`) — then, per backend service, the endpoints its
+//! discovery holds (`/endpoints`) and the intention of the destination's agent (`/authz/check`
+//! on the `--agent-admin` that runs it). East-west (`--from SERVICE`, `--admin` is the caller's
+//! agent): the caller's upstream, its endpoints, and the destination's intention.
+//!
+//! Credentials (`--token`, `--api-key`) go only to the gateway's admin API, in a POST body, and
+//! are never printed; neither is the URL's query.
+
+use anyhow::{Context, bail};
+use clap::Args;
+use serde_json::{Value, json};
+
+use crate::{
+    admin_client::{Admin, AdminAddr, ProcessKind},
+    authz::enc,
+    inspect::AdminArgs,
+    outln,
+    output::{Output, print_json, print_table},
+};
+
+/// Arguments of `meshgate why`.
+#[derive(Debug, Args)]
+pub(crate) struct WhyArgs {
+    /// The request: 'METHOD URL' (one argument, quoted) or METHOD URL, e.g.
+    /// 'GET http://127.0.0.1:18080/api/users/7'. The method defaults to GET.
+    #[arg(required = true, num_args = 1..=2, value_name = "METHOD URL")]
+    request: Vec<String>,
+    /// A request header, 'Name: value' (repeatable).
+    #[arg(short = 'H', long = "header", value_name = "NAME: VALUE")]
+    headers: Vec<String>,
+    /// A bearer token to authenticate with (sent as `Authorization: Bearer`; never printed).
+    #[arg(long, conflicts_with = "api_key")]
+    token: Option<String>,
+    /// An API key, put where the gateway looks for one (never printed).
+    #[arg(long)]
+    api_key: Option<String>,
+    /// East-west: the calling mesh service; --admin is then the caller's agent, and the URL's
+    /// host is the destination service (or the caller's upstream listener address).
+    #[arg(long, value_name = "SERVICE")]
+    from: Option<String>,
+    /// The admin API of an agent that may run the destination (repeatable): the one that runs
+    /// it answers for its intentions. `meshgate dev` prints each agent's.
+    #[arg(long = "agent-admin", value_name = "ADDR")]
+    agent_admin: Vec<AdminAddr>,
+    /// The client address rate limits key on (default 127.0.0.1).
+    #[arg(long, value_name = "IP")]
+    client_ip: Option<std::net::IpAddr>,
+    #[command(flatten)]
+    admin: AdminArgs,
+}
+
+/// One layer's verdict, as printed.
+#[derive(Debug, Clone)]
+struct Layer {
+    layer: String,
+    result: String,
+    detail: String,
+    status: Option<u64>,
+    problem: Option<String>,
+}
+
+impl Layer {
+    fn new(layer: impl Into<String>, result: &str, detail: impl Into<String>) -> Self {
+        Self {
+            layer: layer.into(),
+            result: result.to_owned(),
+            detail: detail.into(),
+            status: None,
+            problem: None,
+        }
+    }
+
+    fn stop(
+        layer: impl Into<String>,
+        status: u64,
+        problem: &str,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self {
+            status: Some(status),
+            problem: Some(problem.to_owned()),
+            ..Self::new(layer, "stop", detail)
+        }
+    }
+
+    fn from_json(v: &Value) -> Self {
+        Self {
+            layer: v["layer"].as_str().unwrap_or("-").to_owned(),
+            result: v["result"].as_str().unwrap_or("-").to_owned(),
+            detail: v["detail"].as_str().unwrap_or_default().to_owned(),
+            status: v["status"].as_u64(),
+            problem: v["problem"].as_str().map(str::to_owned),
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({"layer": self.layer, "result": self.result, "detail": self.detail,
+               "status": self.status, "problem": self.problem})
+    }
+}
+
+/// The method and URL from `'METHOD URL'`, `METHOD URL` or `URL`.
+fn split_request(parts: &[String]) -> anyhow::Result<(String, String)> {
+    let joined = parts.join(" ");
+    let mut words = joined.split_whitespace();
+    let (method, url) = match (words.next(), words.next(), words.next()) {
+        (Some(u), None, None) => ("GET".to_owned(), u.to_owned()),
+        (Some(m), Some(u), None) => (m.to_ascii_uppercase(), u.to_owned()),
+        _ => {
+            bail!("give the request as 'METHOD URL', e.g. 'GET http://127.0.0.1:18080/api/users/7'")
+        }
+    };
+    if !method.bytes().all(|b| b.is_ascii_alphabetic()) {
+        bail!("{method:?} is not an HTTP method");
+    }
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        bail!("{url:?}: give a full URL, http://HOST[:PORT]/PATH");
+    }
+    Ok((method, url))
+}
+
+fn headers(list: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    list.iter()
+        .map(|h| {
+            h.split_once(':')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .filter(|(k, _)| !k.is_empty())
+                .with_context(|| format!("-H {h:?}: write 'Name: value'"))
+        })
+        .collect()
+}
+
+/// The URL without its query (which may carry credentials).
+fn shown(url: &str) -> String {
+    match url.split_once('?') {
+        Some((u, _)) => format!("{u}?…"),
+        None => url.to_owned(),
+    }
+}
+
+/// `meshgate why`; exit 1 when the request would not get through.
+pub(crate) async fn run(args: WhyArgs) -> anyhow::Result<()> {
+    let (method, url) = split_request(&args.request)?;
+    let mut hdrs = headers(&args.headers)?;
+    if let Some(t) = &args.token {
+        let t = t.trim().trim_start_matches("Bearer ").trim();
+        hdrs.push(("authorization".into(), format!("Bearer {t}")));
+    }
+    let admin = Admin::new(args.admin.admin.clone());
+    let (_, kind) = admin.version().await?;
+    let agents: Vec<Admin> = args.agent_admin.iter().cloned().map(Admin::new).collect();
+    let mut layers = Vec::new();
+    let via = match (kind, &args.from) {
+        (ProcessKind::Gateway, Some(_)) => bail!(
+            "--from is for east-west requests, which do not cross the gateway: point --admin at the caller's agent (or drop --from to ask the gateway)"
+        ),
+        (ProcessKind::Agent, None) => bail!(
+            "{} is an agent: for an east-west request give the caller with --from SERVICE; for a request through the gateway point --admin at the gateway",
+            admin.addr()
+        ),
+        (ProcessKind::Gateway, None) => {
+            let body = json!({
+                "method": method,
+                "url": url,
+                "headers": hdrs,
+                "api_key": args.api_key,
+                "client_ip": args.client_ip,
+            });
+            let answer = admin.post("/why", &body).await?;
+            layers.extend(
+                answer["layers"]
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(Layer::from_json),
+            );
+            if !layers.iter().any(|l| l.result == "stop") {
+                let caller = answer["caller"].as_str().unwrap_or_default().to_owned();
+                let path = answer["upstream_path"].as_str().unwrap_or("/").to_owned();
+                let endpoints = admin.get("/endpoints").await.unwrap_or(Value::Null);
+                let mesh: Vec<(String, f64)> = answer["backends"]
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter(|b| b["kind"] == "mesh")
+                    .map(|b| {
+                        (
+                            b["target"].as_str().unwrap_or_default().to_owned(),
+                            b["percent"].as_f64().unwrap_or(100.0),
+                        )
+                    })
+                    .collect();
+                for (svc, percent) in &mesh {
+                    let label = |l: &str| {
+                        if mesh.len() > 1 {
+                            format!("{l} {svc} ({percent:.0}%)")
+                        } else {
+                            format!("{l} {svc}")
+                        }
+                    };
+                    let ep = endpoint_layer(&endpoints, svc, &label("endpoint"));
+                    let stopped = ep.result == "stop";
+                    layers.push(ep);
+                    if !stopped {
+                        layers.push(
+                            intention_layer(
+                                &agents,
+                                &caller,
+                                svc,
+                                &method,
+                                &path,
+                                &label("intention"),
+                            )
+                            .await,
+                        );
+                    }
+                }
+            }
+            "gateway"
+        }
+        (ProcessKind::Agent, Some(from)) => {
+            east_west(&admin, &agents, from, &method, &url, &mut layers).await?;
+            "agent"
+        }
+    };
+    let stop = layers.iter().find(|l| l.result == "stop").cloned();
+    let partial = stop.is_some()
+        && layers
+            .iter()
+            .filter(|l| l.layer.starts_with("intention"))
+            .any(|l| l.result == "pass");
+    if args.admin.output == Output::Json {
+        print_json(&json!({
+            "method": method,
+            "url": shown(&url),
+            "via": via,
+            "admin": admin.addr().to_string(),
+            "layers": layers.iter().map(Layer::json).collect::<Vec<_>>(),
+            "verdict": if stop.is_none() { "allowed" } else if partial { "partly-stopped" } else { "stopped" },
+            "stopped_at": stop.as_ref().map(Layer::json),
+        }))?;
+    } else {
+        outln!("{method} {} via the {via} at {}", shown(&url), admin.addr());
+        outln!();
+        let rows: Vec<Vec<String>> = layers
+            .iter()
+            .map(|l| {
+                vec![
+                    l.layer.clone(),
+                    match l.result.as_str() {
+                        "stop" => "STOP".to_owned(),
+                        r => r.to_owned(),
+                    },
+                    match (&l.status, &l.problem) {
+                        (Some(s), Some(p)) => format!("{s} {p}"),
+                        _ => String::new(),
+                    },
+                    l.detail.clone(),
+                ]
+            })
+            .collect();
+        print_table(&["LAYER", "RESULT", "ANSWER", "WHY"], &rows)?;
+        outln!();
+        match &stop {
+            None => outln!("it would get through: every layer passes"),
+            Some(l) => outln!(
+                "it would stop at {}: {} {} — {}{}",
+                l.layer,
+                l.status.map(|s| s.to_string()).unwrap_or_default(),
+                l.problem.as_deref().unwrap_or_default(),
+                l.detail,
+                if partial {
+                    " (other backends of the split get through)"
+                } else {
+                    ""
+                }
+            ),
+        }
+    }
+    if stop.is_some() {
+        return Err(crate::Reported.into());
+    }
+    Ok(())
+}
+
+/// The endpoints the process holds for `svc`, and which one the balancer would favour.
+fn endpoint_layer(endpoints: &Value, svc: &str, label: &str) -> Layer {
+    let Some(entry) = endpoints
+        .as_array()
+        .and_then(|l| l.iter().find(|s| s["service"] == svc))
+    else {
+        return Layer::stop(
+            label,
+            503,
+            "no-endpoints",
+            format!("{svc} is not a service this process discovers"),
+        );
+    };
+    let all = entry["endpoints"].as_array().cloned().unwrap_or_default();
+    let healthy: Vec<&Value> = all.iter().filter(|e| e["ejected"] != true).collect();
+    let stale = if entry["stale"] == true {
+        " (discovery is STALE: its source fails, the last good endpoints are in use)"
+    } else {
+        ""
+    };
+    if healthy.is_empty() {
+        let why = if all.is_empty() {
+            "none known".to_owned()
+        } else {
+            format!("all {} ejected after failures", all.len())
+        };
+        return Layer::stop(label, 503, "no-endpoints", format!("{svc}: {why}{stale}"));
+    }
+    let best = healthy
+        .iter()
+        .min_by_key(|e| e["pending"].as_u64().unwrap_or(0))
+        .and_then(|e| e["addr"].as_str())
+        .unwrap_or("-");
+    let choice = if healthy.len() == 1 {
+        format!("{best}, the only one")
+    } else {
+        format!(
+            "{best} has the fewest requests in flight now (the balancer takes the less busy of two random picks)"
+        )
+    };
+    Layer::new(
+        label,
+        "pass",
+        format!(
+            "{} of {} endpoints healthy; {choice}{stale}",
+            healthy.len(),
+            all.len()
+        ),
+    )
+}
+
+/// The destination agent's intention for `from` calling `svc`.
+async fn intention_layer(
+    agents: &[Admin],
+    from: &str,
+    svc: &str,
+    method: &str,
+    path: &str,
+    label: &str,
+) -> Layer {
+    if agents.is_empty() {
+        return Layer::new(
+            label,
+            "unchecked",
+            format!("pass --agent-admin ADDR of the agent that runs {svc} to check its intentions"),
+        );
+    }
+    let q = format!(
+        "/authz/check?from={}&to={}&method={}&path={}",
+        enc(from),
+        enc(svc),
+        enc(method),
+        enc(path)
+    );
+    let mut tried = Vec::new();
+    for a in agents {
+        match a.get(&q).await {
+            Ok(v) => {
+                let rule = v["reason"].as_str().unwrap_or("-");
+                let from = v["from"].as_str().unwrap_or(from);
+                let at = format!("agent {}", a.addr());
+                return if v["decision"] == "allow" {
+                    Layer::new(
+                        label,
+                        "pass",
+                        format!("allowed by {rule} ({at}, as {from})"),
+                    )
+                } else {
+                    Layer::stop(
+                        label,
+                        403,
+                        "denied-by-intention",
+                        format!("denied by {rule} ({at}, as {from})"),
+                    )
+                };
+            }
+            Err(e) => tried.push(format!(
+                "{}: {}",
+                a.addr(),
+                e.to_string().lines().next().unwrap_or_default()
+            )),
+        }
+    }
+    Layer::new(
+        label,
+        "unchecked",
+        format!("no given agent answered for {svc} ({})", tried.join("; ")),
+    )
+}
+
+/// East-west: `from` on the agent at `admin` calls the service the URL names.
+async fn east_west(
+    admin: &Admin,
+    agents: &[Admin],
+    from: &str,
+    method: &str,
+    url: &str,
+    layers: &mut Vec<Layer>,
+) -> anyhow::Result<()> {
+    let config = admin.get("/config").await?;
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let path = path.split('?').next().unwrap_or("/");
+    let services = config["services"].as_array().cloned().unwrap_or_default();
+    let Some(caller) = services.iter().find(|s| s["name"] == from) else {
+        let names: Vec<&str> = services.iter().filter_map(|s| s["name"].as_str()).collect();
+        bail!(
+            "{from} does not run on the agent at {} (it runs: {}): --admin must be the caller's agent",
+            admin.addr(),
+            if names.is_empty() {
+                "nothing".to_owned()
+            } else {
+                names.join(", ")
+            }
+        );
+    };
+    let upstreams = caller["upstreams"].as_array().cloned().unwrap_or_default();
+    let by_listener = upstreams.iter().find(|u| {
+        u["listen"].as_str().is_some_and(|l| {
+            l == authority || (l.starts_with("0.0.0.0:") && authority.ends_with(&l[7..]))
+        })
+    });
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let (svc, how) = match by_listener {
+        Some(u) => (
+            u["service"].as_str().unwrap_or_default().to_owned(),
+            format!(
+                "{from} calls {} through its upstream listener {authority}",
+                u["service"].as_str().unwrap_or_default()
+            ),
+        ),
+        None => match upstreams.iter().find(|u| u["service"] == host) {
+            Some(u) => (
+                host.to_owned(),
+                format!(
+                    "{from} calls {host}; its upstream listener is {}",
+                    u["listen"].as_str().unwrap_or("-")
+                ),
+            ),
+            None => {
+                layers.push(Layer::stop(
+                    "upstream",
+                    502,
+                    "no-upstream",
+                    format!("{from} has no upstream for {authority}: add one under services[{from}].upstreams"),
+                ));
+                return Ok(());
+            }
+        },
+    };
+    layers.push(Layer::new("upstream", "pass", how));
+    let endpoints = admin.get("/endpoints").await.unwrap_or(Value::Null);
+    let ep = endpoint_layer(&endpoints, &svc, "endpoint");
+    let stopped = ep.result == "stop";
+    layers.push(ep);
+    if !stopped {
+        layers.push(intention_layer(agents, from, &svc, method, path, "intention").await);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_take_every_spelling_and_refuse_half_ones() {
+        let v = |s: &[&str]| s.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            split_request(&v(&["get http://h/p"])).expect("one arg"),
+            ("GET".into(), "http://h/p".into())
+        );
+        assert_eq!(
+            split_request(&v(&["DELETE", "http://h/p"])).expect("two args"),
+            ("DELETE".into(), "http://h/p".into())
+        );
+        assert_eq!(split_request(&v(&["http://h/"])).expect("url").0, "GET");
+        assert!(split_request(&v(&["GET /p"])).is_err());
+        assert!(split_request(&v(&["G3T http://h/"])).is_err());
+        assert!(headers(&v(&["X-A: 1", "b:2"])).is_ok());
+        assert!(headers(&v(&["no colon"])).is_err());
+        assert_eq!(shown("http://h/p?api_key=secret"), "http://h/p?…");
+    }
+
+    #[test]
+    fn the_endpoint_layer_stops_without_healthy_endpoints() {
+        let eps = json!([{"service": "users", "stale": false, "endpoints": [
+            {"addr": "10.0.0.1:15008", "ejected": false, "pending": 3},
+            {"addr": "10.0.0.2:15008", "ejected": false, "pending": 1},
+            {"addr": "10.0.0.3:15008", "ejected": true, "pending": 0}]},
+            {"service": "down", "stale": true, "endpoints": [{"addr": "10.0.0.9:15008", "ejected": true}]}]);
+        let l = endpoint_layer(&eps, "users", "endpoint");
+        assert_eq!(l.result, "pass");
+        assert!(
+            l.detail
+                .starts_with("2 of 3 endpoints healthy; 10.0.0.2:15008"),
+            "{}",
+            l.detail
+        );
+        let l = endpoint_layer(&eps, "down", "endpoint");
+        assert_eq!((l.result.as_str(), l.status), ("stop", Some(503)));
+        assert!(
+            l.detail.contains("ejected") && l.detail.contains("STALE"),
+            "{}",
+            l.detail
+        );
+        let l = endpoint_layer(&eps, "nope", "endpoint");
+        assert_eq!(l.result, "stop");
+    }
+}
