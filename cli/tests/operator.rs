@@ -1175,6 +1175,34 @@ fn status_top_authz_and_why_print_the_live_mesh() {
             .is_some_and(|d| d.contains("rule #2")),
         "{v:#}"
     );
+    // the admin API takes a POST only for /why, only as JSON, only small
+    let post = |path: &str, ct: &str, body: &str| {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(&gw_admin).expect("connect");
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        let _ = write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: {gw_admin}\r\nContent-Type: {ct}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let mut resp = String::new();
+        let _ = s.read_to_string(&mut resp);
+        resp.split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse::<u16>().ok())
+            .unwrap_or(0)
+    };
+    let good = format!(r#"{{"url": "http://{gw}/api/users/7"}}"#);
+    assert_eq!(post("/why", "application/json", &good), 200);
+    assert_eq!(
+        post("/why", "text/plain", &good),
+        415,
+        "a cross-site form post is refused"
+    );
+    assert_eq!(post("/metrics", "application/json", &good), 405);
+    assert_eq!(post("/why", "application/json", "{not json"), 400);
+    assert_eq!(post("/why", "application/json", r#"{"url": 7}"#), 400);
+    assert_eq!(post("/why", "application/json", &"x".repeat(70_000)), 413);
     // and the table form names the layer in words
     let (code, _, out) = json_of(&["why", &me, "--admin", &gw_admin]);
     assert_eq!(code, Some(1));

@@ -1068,6 +1068,45 @@ mod tests {
         }
     }
 
+    /// A peek (`meshgate why`) answers what a check would, for every algorithm, and counts
+    /// nothing: the same as the memory store's peek.
+    #[tokio::test]
+    async fn a_peek_decides_like_a_check_and_counts_nothing() {
+        let Some(server) =
+            RedisServer::start("a_peek_decides_like_a_check_and_counts_nothing").await
+        else {
+            return;
+        };
+        let redis = store(server.url(), "peek:").await;
+        until_answering(&redis).await;
+        for algorithm in [
+            Algorithm::TokenBucket,
+            Algorithm::FixedWindow,
+            Algorithm::SlidingWindow,
+        ] {
+            let cfg = limit(2, MINUTE, algorithm);
+            let memory = MemoryStore::new();
+            let key = format!("k-{algorithm:?}");
+            for step in 0..4 {
+                let peek = redis.peek(&key, &cfg, BASE).await.expect("peek");
+                assert_eq!(peek, memory.peek(&key, &cfg, BASE), "{algorithm:?} {step}");
+                // peeking twice changes nothing
+                assert_eq!(redis.peek(&key, &cfg, BASE).await.expect("peek"), peek);
+                let check = redis.check(&key, &cfg, BASE).await.expect("check");
+                assert_eq!(
+                    check, peek,
+                    "{algorithm:?} {step}: the peek foretold the check"
+                );
+                assert_eq!(
+                    check,
+                    memory.check(&key, &cfg, BASE),
+                    "{algorithm:?} {step}"
+                );
+                assert_eq!(check.allowed, step < 2, "{algorithm:?} {step}");
+            }
+        }
+    }
+
     #[tokio::test]
     async fn two_replicas_share_one_limit() {
         let Some(server) = RedisServer::start("two_replicas_share_one_limit").await else {

@@ -709,6 +709,82 @@ async fn one_trace_covers_gateway_tunnel_and_agent() {
     );
 }
 
+/// Sampling is decided once, at the first hop: with the gateway sampling no new trace, a
+/// request creates no span at the gateway or at node-b (whose parent-based sampler follows the
+/// forwarded `traceparent`, flag cleared), and the service sees the flag cleared; a request that
+/// arrives with a sampled `traceparent` is traced end to end all the same (parent-based).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsampled_request_creates_no_span_on_any_hop() {
+    crate::harness::init();
+    let collector = Collector::default();
+    let at = format!("http://{}", collector.start().await);
+    let users = Backend::start("users").await;
+    let (at_gw, at_node) = (at.clone(), at.clone());
+    let mesh = TestMesh::new()
+        .agent(
+            AgentSpec::new("node-b")
+                .service(ServiceSpec::http("users", users.port))
+                .configure(move |c| c.telemetry.tracing.endpoint = Some(at_node)),
+        )
+        .intention(Intention::allow("gateway", "users"))
+        .gateway(
+            GatewaySpec::new()
+                .route(RouteSpec::new("all").prefix("/").to("users"))
+                .configure(move |c| {
+                    c.telemetry.tracing.endpoint = Some(at_gw);
+                    c.telemetry.tracing.sampling_ratio = Some(0.0);
+                }),
+        )
+        .start()
+        .await;
+    for _ in 0..3 {
+        let r = plain(mesh.gw().http(), "GET", "api.example", "/users/1", &[], b"").await;
+        assert_eq!(r.status, 200, "{r:?}");
+        let tp = users
+            .seen
+            .lock()
+            .expect("lock")
+            .last()
+            .and_then(|s| s.headers.get("traceparent").cloned())
+            .expect("the service got a traceparent");
+        assert!(
+            tp.ends_with("-00"),
+            "an unsampled trace says so downstream: {tp}"
+        );
+    }
+    let sampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let r = plain(
+        mesh.gw().http(),
+        "GET",
+        "api.example",
+        "/users/2",
+        &[("traceparent", sampled)],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(mesh.shutdown().await);
+    // both processes flushed on shutdown
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let s = collector.spans();
+            s.iter().any(|g| g.service == "meshgate-gateway")
+                && s.iter().any(|g| g.service == "meshgate-agent")
+        })
+        .await,
+        "the sampled request's spans did not arrive: {:?}",
+        collector.spans()
+    );
+    let spans = collector.spans();
+    let traces: std::collections::BTreeSet<String> =
+        spans.iter().map(|g| hex(&g.span.trace_id)).collect();
+    assert_eq!(
+        traces.into_iter().collect::<Vec<_>>(),
+        ["4bf92f3577b34da6a3ce929d0e0e4736"],
+        "only the trace that came in sampled has spans: {spans:?}"
+    );
+}
+
 /// One HTTP export as received: path, content type, spans.
 type Export = (String, String, Vec<Got>);
 
