@@ -693,6 +693,24 @@ async fn gateway_binary_reloads_on_file_change_and_sighup_and_refuses_invalid_fi
         "{rejected}"
     );
     assert_eq!(http_get(&http, "a", "/two/x").await.0, 502);
+    // `meshgate status` names the generation in use and why the last reload was refused
+    let admin = ready["fields"]["admin"].as_str().expect("admin").to_owned();
+    let status = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_meshgate"))
+            .args(["status", "--admin", &admin, "-o", "json"])
+            .output()
+            .expect("status");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("status json")
+    };
+    let s = status();
+    assert_eq!(s["config"]["generation"], 2, "{s:#}");
+    assert_eq!(s["config"]["last_reload"]["result"], "invalid", "{s:#}");
+    assert!(
+        s["config"]["last_reload"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("gateway.yaml")),
+        "{s:#}"
+    );
 
     // SIGHUP reloads too
     write_cfg("/three");
@@ -702,6 +720,15 @@ async fn gateway_binary_reloads_on_file_change_and_sighup_and_refuses_invalid_fi
         .expect("kill");
     wait_for("config reloaded");
     assert_eq!(http_get(&http, "a", "/three/x").await.0, 502);
+    let s = status();
+    assert_eq!(
+        (
+            &s["config"]["generation"],
+            &s["config"]["last_reload"]["result"]
+        ),
+        (&serde_json::json!(3), &serde_json::json!("ok")),
+        "{s:#}"
+    );
 
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
