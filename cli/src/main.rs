@@ -113,8 +113,9 @@ enum Command {
     Authz(AuthzArgs),
     /// Validate config files and print their JSON Schema.
     Config(config::ConfigArgs),
-    /// A running agent or gateway: its kind, version, readiness (with what to do when not
-    /// ready) and certificates. Exit 1 when not ready.
+    /// A running agent or gateway: kind, node, version, readiness (with what to do when not
+    /// ready), listeners, identities and their expiry, tunnel peers, discovery health, config
+    /// generation and last reload. Exit 1 when not ready.
     Status(status::StatusArgs),
     /// Live requests per second, p50/p99 latency and error rate per route and per upstream
     /// service of a running gateway or agent, refreshing in place (--once: one sample).

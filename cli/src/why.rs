@@ -34,8 +34,12 @@ pub(crate) struct WhyArgs {
     #[arg(short = 'H', long = "header", value_name = "NAME: VALUE")]
     headers: Vec<String>,
     /// A bearer token to authenticate with (sent as `Authorization: Bearer`; never printed).
-    #[arg(long, conflicts_with = "api_key")]
+    /// Prefer --token-file to keep it out of shell history.
+    #[arg(long, conflicts_with_all = ["api_key", "token_file"])]
     token: Option<String>,
+    /// A file holding the bearer token.
+    #[arg(long, value_name = "FILE", conflicts_with = "api_key")]
+    token_file: Option<std::path::PathBuf>,
     /// An API key, put where the gateway looks for one (never printed).
     #[arg(long)]
     api_key: Option<String>,
@@ -147,7 +151,15 @@ fn shown(url: &str) -> String {
 pub(crate) async fn run(args: WhyArgs) -> anyhow::Result<()> {
     let (method, url) = split_request(&args.request)?;
     let mut hdrs = headers(&args.headers)?;
-    if let Some(t) = &args.token {
+    let token = match (&args.token, &args.token_file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read the token file {}", f.display()))?,
+        ),
+        (None, None) => None,
+    };
+    if let Some(t) = &token {
         let t = t.trim().trim_start_matches("Bearer ").trim();
         hdrs.push(("authorization".into(), format!("Bearer {t}")));
     }
@@ -231,6 +243,11 @@ pub(crate) async fn run(args: WhyArgs) -> anyhow::Result<()> {
         }
     };
     let stop = layers.iter().find(|l| l.result == "stop").cloned();
+    let unchecked: Vec<&str> = layers
+        .iter()
+        .filter(|l| l.result == "unchecked")
+        .map(|l| l.layer.as_str())
+        .collect();
     let partial = stop.is_some()
         && layers
             .iter()
@@ -243,7 +260,12 @@ pub(crate) async fn run(args: WhyArgs) -> anyhow::Result<()> {
             "via": via,
             "admin": admin.addr().to_string(),
             "layers": layers.iter().map(Layer::json).collect::<Vec<_>>(),
-            "verdict": if stop.is_none() { "allowed" } else if partial { "partly-stopped" } else { "stopped" },
+            "verdict": match (&stop, partial, unchecked.is_empty()) {
+                (None, _, true) => "allowed",
+                (None, _, false) => "allowed-unchecked",
+                (Some(_), true, _) => "partly-stopped",
+                (Some(_), false, _) => "stopped",
+            },
             "stopped_at": stop.as_ref().map(Layer::json),
         }))?;
     } else {
@@ -269,7 +291,11 @@ pub(crate) async fn run(args: WhyArgs) -> anyhow::Result<()> {
         print_table(&["LAYER", "RESULT", "ANSWER", "WHY"], &rows)?;
         outln!();
         match &stop {
-            None => outln!("it would get through: every layer passes"),
+            None if unchecked.is_empty() => outln!("it would get through: every layer passes"),
+            None => outln!(
+                "it would get through every layer checked; not checked: {} (see WHY)",
+                unchecked.join(", ")
+            ),
             Some(l) => outln!(
                 "it would stop at {}: {} {} — {}{}",
                 l.layer,

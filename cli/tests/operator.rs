@@ -1122,6 +1122,25 @@ fn status_top_authz_and_why_print_the_live_mesh() {
         "{v:#}"
     );
     assert!(!out.contains(&token), "the token was printed: {out}");
+    // the same from a file (kept out of shell history)
+    let token_file = tmp.path().join("token");
+    std::fs::write(&token_file, format!("{token}\n")).expect("write token");
+    let (code, v, out) = json_of(&[
+        "why",
+        &me,
+        "--token-file",
+        token_file.to_str().expect("utf-8"),
+        "--admin",
+        &gw_admin,
+        "-o",
+        "json",
+    ]);
+    // without --agent-admin the destination's intention is not checked, and it says so
+    assert_eq!(
+        (code, &v["verdict"]),
+        (Some(0), &serde_json::json!("allowed-unchecked")),
+        "{out}"
+    );
     let (code, v, out) = json_of(&[
         "why",
         &format!("GET http://{gw}/api/partner/7"),
