@@ -32,8 +32,13 @@ pub(crate) async fn run(args: StatusArgs) -> anyhow::Result<()> {
         .get("/certs")
         .await
         .unwrap_or(Value::Array(Vec::new()));
-    // older processes have no /status: everything else still prints
-    let status = admin.get("/status").await.unwrap_or(Value::Null);
+    // older processes have no /status (404): everything else still prints; any other failure
+    // is an error, not a quieter status
+    let status = match admin.get("/status").await {
+        Ok(v) => v,
+        Err(e) if e.to_string().contains(" 404 ") => Value::Null,
+        Err(e) => return Err(e.context("the status of the process could not be read")),
+    };
     let kind = match kind {
         ProcessKind::Agent => "agent",
         ProcessKind::Gateway => "gateway",

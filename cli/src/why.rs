@@ -51,7 +51,8 @@ pub(crate) struct WhyArgs {
     /// it answers for its intentions. `meshgate dev` prints each agent's.
     #[arg(long = "agent-admin", value_name = "ADDR")]
     agent_admin: Vec<AdminAddr>,
-    /// The client address rate limits key on (default 127.0.0.1).
+    /// The client address rate limits key on, as the gateway sees it after X-Forwarded-For
+    /// handling (default 127.0.0.1).
     #[arg(long, value_name = "IP")]
     client_ip: Option<std::net::IpAddr>,
     #[command(flatten)]
@@ -114,16 +115,20 @@ fn split_request(parts: &[String]) -> anyhow::Result<(String, String)> {
     let mut words = joined.split_whitespace();
     let (method, url) = match (words.next(), words.next(), words.next()) {
         (Some(u), None, None) => ("GET".to_owned(), u.to_owned()),
-        (Some(m), Some(u), None) => (m.to_ascii_uppercase(), u.to_owned()),
+        // methods are case-sensitive: `get` is not GET (the gateway would not route it as GET)
+        (Some(m), Some(u), None) => (m.to_owned(), u.to_owned()),
         _ => {
             bail!("give the request as 'METHOD URL', e.g. 'GET http://127.0.0.1:18080/api/users/7'")
         }
     };
-    if !method.bytes().all(|b| b.is_ascii_alphabetic()) {
+    if http::Method::from_bytes(method.as_bytes()).is_err() {
         bail!("{method:?} is not an HTTP method");
     }
     if !(url.starts_with("http://") || url.starts_with("https://")) {
-        bail!("{url:?}: give a full URL, http://HOST[:PORT]/PATH");
+        bail!(
+            "give a full URL, http://HOST[:PORT]/PATH (not {})",
+            shown(&url)
+        );
     }
     Ok((method, url))
 }
@@ -139,12 +144,18 @@ fn headers(list: &[String]) -> anyhow::Result<Vec<(String, String)>> {
         .collect()
 }
 
-/// The URL without its query (which may carry credentials).
+/// The URL without what may carry credentials: the query and a `user:password@`.
 fn shown(url: &str) -> String {
-    match url.split_once('?') {
+    let mut u = match url.split_once('?') {
         Some((u, _)) => format!("{u}?…"),
         None => url.to_owned(),
+    };
+    let start = u.find("://").map_or(0, |i| i + 3);
+    let end = u[start..].find('/').map_or(u.len(), |i| start + i);
+    if let Some(at) = u[start..end].rfind('@') {
+        u.replace_range(start..start + at + 1, "…@");
     }
+    u
 }
 
 /// `meshgate why`; exit 1 when the request would not get through.
@@ -160,7 +171,11 @@ pub(crate) async fn run(args: WhyArgs) -> anyhow::Result<()> {
         (None, None) => None,
     };
     if let Some(t) = &token {
-        let t = t.trim().trim_start_matches("Bearer ").trim();
+        let t = t.trim();
+        let t = match t.split_once(' ') {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
+            _ => t,
+        };
         hdrs.push(("authorization".into(), format!("Bearer {t}")));
     }
     let admin = Admin::new(args.admin.admin.clone());
@@ -194,9 +209,14 @@ pub(crate) async fn run(args: WhyArgs) -> anyhow::Result<()> {
             );
             if !layers.iter().any(|l| l.result == "stop") {
                 let caller = answer["caller"].as_str().unwrap_or_default().to_owned();
-                let path = answer["upstream_path"].as_str().unwrap_or("/").to_owned();
-                let endpoints = admin.get("/endpoints").await.unwrap_or(Value::Null);
-                let mesh: Vec<(String, f64)> = answer["backends"]
+                // None: a transcoded route, whose service sees a gRPC method, not this path
+                let path = answer["upstream_path"].as_str().map(str::to_owned);
+                let up_method = answer["upstream_method"]
+                    .as_str()
+                    .unwrap_or(&method)
+                    .to_owned();
+                let endpoints = admin.get("/endpoints").await;
+                let mesh: Vec<(String, f64, Option<String>)> = answer["backends"]
                     .as_array()
                     .map(Vec::as_slice)
                     .unwrap_or_default()
@@ -206,10 +226,15 @@ pub(crate) async fn run(args: WhyArgs) -> anyhow::Result<()> {
                         (
                             b["target"].as_str().unwrap_or_default().to_owned(),
                             b["percent"].as_f64().unwrap_or(100.0),
+                            // an aggregate's call has its own path
+                            b["path"]
+                                .as_str()
+                                .map(str::to_owned)
+                                .or_else(|| path.clone()),
                         )
                     })
                     .collect();
-                for (svc, percent) in &mesh {
+                for (svc, percent, call_path) in &mesh {
                     let label = |l: &str| {
                         if mesh.len() > 1 {
                             format!("{l} {svc} ({percent:.0}%)")
@@ -217,22 +242,32 @@ pub(crate) async fn run(args: WhyArgs) -> anyhow::Result<()> {
                             format!("{l} {svc}")
                         }
                     };
-                    let ep = endpoint_layer(&endpoints, svc, &label("endpoint"));
+                    let ep = match &endpoints {
+                        Ok(e) => endpoint_layer(e, svc, &label("endpoint")),
+                        Err(e) => Layer::new(
+                            label("endpoint"),
+                            "unchecked",
+                            format!("/endpoints failed: {e}"),
+                        ),
+                    };
                     let stopped = ep.result == "stop";
                     layers.push(ep);
-                    if !stopped {
-                        layers.push(
-                            intention_layer(
-                                &agents,
-                                &caller,
-                                svc,
-                                &method,
-                                &path,
-                                &label("intention"),
-                            )
-                            .await,
-                        );
+                    if stopped {
+                        continue;
                     }
+                    layers.push(match call_path {
+                        Some(p) => {
+                            intention_layer(&agents, &caller, svc, &up_method, p, &label("intention"))
+                                .await
+                        }
+                        None => Layer::new(
+                            label("intention"),
+                            "unchecked",
+                            format!(
+                                "transcoded: {svc} sees the gRPC method this call maps to; check it with `meshgate authz check --from {caller} --to {svc} --method POST --path /PACKAGE.SERVICE/METHOD`"
+                            ),
+                        ),
+                    });
                 }
             }
             "gateway"
@@ -352,9 +387,7 @@ fn endpoint_layer(endpoints: &Value, svc: &str, label: &str) -> Layer {
     let choice = if healthy.len() == 1 {
         format!("{best}, the only one")
     } else {
-        format!(
-            "{best} has the fewest requests in flight now (the balancer takes the less busy of two random picks)"
-        )
+        format!("least busy now: {best} (the balancer takes the less busy of two random picks)")
     };
     Layer::new(
         label,
@@ -402,6 +435,14 @@ async fn intention_layer(
                         label,
                         "pass",
                         format!("allowed by {rule} ({at}, as {from})"),
+                    )
+                } else if let Some(status) = v["status"].as_u64() {
+                    // refused before any rule (an invalid path)
+                    Layer::stop(
+                        label,
+                        status,
+                        v["problem"].as_str().unwrap_or("invalid-path"),
+                        format!("{rule} ({at})"),
                     )
                 } else {
                     Layer::stop(
@@ -494,8 +535,10 @@ async fn east_west(
         },
     };
     layers.push(Layer::new("upstream", "pass", how));
-    let endpoints = admin.get("/endpoints").await.unwrap_or(Value::Null);
-    let ep = endpoint_layer(&endpoints, &svc, "endpoint");
+    let ep = match admin.get("/endpoints").await {
+        Ok(e) => endpoint_layer(&e, &svc, "endpoint"),
+        Err(e) => Layer::new("endpoint", "unchecked", format!("/endpoints failed: {e}")),
+    };
     let stopped = ep.result == "stop";
     layers.push(ep);
     if !stopped {
@@ -512,7 +555,7 @@ mod tests {
     fn requests_take_every_spelling_and_refuse_half_ones() {
         let v = |s: &[&str]| s.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
         assert_eq!(
-            split_request(&v(&["get http://h/p"])).expect("one arg"),
+            split_request(&v(&["GET http://h/p"])).expect("one arg"),
             ("GET".into(), "http://h/p".into())
         );
         assert_eq!(
@@ -521,10 +564,17 @@ mod tests {
         );
         assert_eq!(split_request(&v(&["http://h/"])).expect("url").0, "GET");
         assert!(split_request(&v(&["GET /p"])).is_err());
-        assert!(split_request(&v(&["G3T http://h/"])).is_err());
+        assert!(split_request(&v(&["G(T http://h/"])).is_err());
         assert!(headers(&v(&["X-A: 1", "b:2"])).is_ok());
         assert!(headers(&v(&["no colon"])).is_err());
         assert_eq!(shown("http://h/p?api_key=secret"), "http://h/p?…");
+        assert_eq!(shown("http://alice:s3cr3t@h:80/p"), "http://…@h:80/p");
+        assert_eq!(
+            split_request(&v(&["get http://h/"])).expect("lower").0,
+            "get"
+        );
+        let e = split_request(&v(&["GET h/p?api_key=secret"])).expect_err("no scheme");
+        assert!(!e.to_string().contains("secret"), "{e}");
     }
 
     #[test]
@@ -538,7 +588,7 @@ mod tests {
         assert_eq!(l.result, "pass");
         assert!(
             l.detail
-                .starts_with("2 of 3 endpoints healthy; 10.0.0.2:15008"),
+                .starts_with("2 of 3 endpoints healthy; least busy now: 10.0.0.2:15008"),
             "{}",
             l.detail
         );

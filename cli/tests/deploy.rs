@@ -813,7 +813,16 @@ async fn dev_registers_in_and_discovers_from_a_consul_api() {
         let (code, body) = http_get(&gateway, "/api/users/7").expect("gateway");
         assert_eq!(code, 200, "{body}");
         assert!(body.contains("\"id\":\"7\""), "{body}");
-        assert_eq!(http_get(&web, "/users/7").map(|r| r.0), Ok(200));
+        // node-b learns users' endpoint from Consul's blocking query: give it a moment under load
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let east_west = loop {
+            let r = http_get(&web, "/users/7").map(|r| r.0);
+            if r == Ok(200) || std::time::Instant::now() >= deadline {
+                break r;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(east_west, Ok(200));
         stop_dev(child, &rx);
         (rx, consul)
     })

@@ -1164,7 +1164,7 @@ fn status_top_authz_and_why_print_the_live_mesh() {
         assert!(
             v["layers"][2]["detail"]
                 .as_str()
-                .is_some_and(|d| d.contains("3 of 3 per 1m left")),
+                .is_some_and(|d| d.contains("3 left now, this one included (3 per 1m")),
             "{v:#}"
         );
     }
@@ -1194,6 +1194,65 @@ fn status_top_authz_and_why_print_the_live_mesh() {
             .is_some_and(|d| d.contains("rule #2")),
         "{v:#}"
     );
+    // odd spellings are decided as the agent decides them: normalized first, or refused
+    let (code, v, out) = json_of(&[
+        "why",
+        &format!("DELETE http://{web_upstream}/foo/../admin/x"),
+        "--from",
+        "web",
+        "--admin",
+        &node_b,
+        "--agent-admin",
+        &node_a,
+        "-o",
+        "json",
+    ]);
+    assert_eq!(code, Some(1), "{out}");
+    assert_eq!(stopped_at(&v), ("intention".into(), 403), "{v:#}");
+    let (code, _, out) = json_of(&[
+        "authz",
+        "check",
+        "--from",
+        "web",
+        "--to",
+        "users",
+        "--method",
+        "DELETE",
+        "--path",
+        "/admin%2Fx",
+        "--admin",
+        &node_a,
+    ]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("refuses the path"), "{out}");
+    // the front's refusals come before any route
+    let big = format!("X-Big: {}", "a".repeat(20 * 1024));
+    let (code, v, out) = json_of(&[
+        "why",
+        &format!("GET http://{gw}/api/users/7"),
+        "-H",
+        &big,
+        "--admin",
+        &gw_admin,
+        "-o",
+        "json",
+    ]);
+    assert_eq!(code, Some(1), "{out}");
+    assert_eq!(stopped_at(&v), ("front".into(), 431), "{v:#}");
+    let (code, v, _) = json_of(&[
+        "why",
+        &format!("CONNECT http://{gw}/api/users/7"),
+        "--admin",
+        &gw_admin,
+        "-o",
+        "json",
+    ]);
+    assert_eq!(
+        (code, stopped_at(&v)),
+        (Some(1), ("front".into(), 405)),
+        "{v:#}"
+    );
+
     // the admin API takes a POST only for /why, only as JSON, only small
     let post = |path: &str, ct: &str, body: &str| {
         use std::io::{Read as _, Write as _};

@@ -242,11 +242,37 @@ impl AdminExtension for RoutesApi {
         Some(Box::pin(async move {
             let req: WhyRequest = serde_json::from_value(body)
                 .map_err(|e| format!("/why takes {{\"method\", \"url\", \"headers\": [[name, value]], \"api_key\", \"client_ip\"}}: {e}"))?;
-            let table = self.table.load_full();
             let state = self.why.load_full();
-            let answer = crate::why::why(&table, &state, &req).await?;
+            let answer = crate::why::why(&state, &req).await?;
+            // one audit line per question, never its credentials or the URL's query
+            let stopped = answer
+                .layers
+                .iter()
+                .find(|l| l.result == crate::why::Verdict::Stop)
+                .map_or("-", |l| l.layer);
+            tracing::info!(
+                method = %answer.method,
+                path = %answer.path,
+                route = answer.route.as_deref().unwrap_or("-"),
+                stopped_at = stopped,
+                "admin: POST /why answered"
+            );
             serde_json::to_value(answer).map_err(|e| e.to_string())
         }))
+    }
+}
+
+/// What `POST /why` evaluates with: one value per config, swapped whole on reload.
+fn why_state(cfg: &GatewayConfig, compiled: &Compiled, caller: String) -> WhyState {
+    WhyState {
+        table: compiled.table.clone(),
+        auth: compiled.auth.clone(),
+        paths: cfg.paths,
+        caller,
+        max_head_bytes: cfg.limits.max_header_bytes,
+        max_body: cfg.limits.max_body,
+        redirect_https: cfg.redirect_https,
+        cors: cfg.cors.is_some(),
     }
 }
 
@@ -544,6 +570,7 @@ impl GatewayApp {
         .map_err(|e| GatewayError::Setup(e.to_string()))?;
         let tracing = Tracing::start(&cfg.telemetry.tracing, "meshgate-gateway", &cfg.node)
             .map_err(|e| GatewayError::Setup(e.to_string()))?;
+        let why = Arc::new(ArcSwap::from_pointee(why_state(&cfg, &compiled, caller)));
         let pipeline = Pipeline::new(
             compiled.pipeline,
             gw_metrics.requests.clone(),
@@ -552,11 +579,6 @@ impl GatewayApp {
                 tracing: tracing.clone(),
             },
         );
-        let why = Arc::new(ArcSwap::from_pointee(WhyState {
-            auth: compiled.auth.clone(),
-            paths: cfg.paths,
-            caller: caller.clone(),
-        }));
         let _ = state.extension.set(Arc::new(RoutesApi {
             table: table.clone(),
             why: why.clone(),
@@ -689,11 +711,8 @@ impl GatewayApp {
         caches.load(fresh).await;
         self.table.store(compiled.table.clone());
         let caller = self.why.load().caller.clone();
-        self.why.store(Arc::new(WhyState {
-            auth: compiled.auth.clone(),
-            paths: next.paths,
-            caller,
-        }));
+        self.why
+            .store(Arc::new(why_state(&next, &compiled, caller)));
         self.pipeline.swap(compiled.pipeline);
         self.state
             .set_config(serde_json::to_value(&next).unwrap_or_default());

@@ -493,6 +493,30 @@ impl Auth {
         query: &mut String,
         client_cert: Option<&rustls_pki_types::CertificateDer<'static>>,
     ) -> Result<Principal, Problem> {
+        self.authenticate_counted(route, headers, query, client_cert, true)
+            .await
+    }
+
+    /// [`Auth::authenticate`] for `meshgate why`: the same checks, without moving the JWT
+    /// check counters (a question is not traffic).
+    pub async fn authenticate_quietly(
+        &self,
+        route: &RouteAuth,
+        headers: &mut HeaderMap,
+        query: &mut String,
+    ) -> Result<Principal, Problem> {
+        self.authenticate_counted(route, headers, query, None, false)
+            .await
+    }
+
+    async fn authenticate_counted(
+        &self,
+        route: &RouteAuth,
+        headers: &mut HeaderMap,
+        query: &mut String,
+        client_cert: Option<&rustls_pki_types::CertificateDer<'static>>,
+        count: bool,
+    ) -> Result<Principal, Problem> {
         let wants_jwt = !route.jwt.is_empty();
         let mut principal = None;
         let mut failure = None;
@@ -570,16 +594,22 @@ impl Auth {
                 });
                 let result = match cached {
                     Some(r) => {
-                        hot.cache_hit.inc();
+                        if count {
+                            hot.cache_hit.inc();
+                        }
                         r
                     }
                     None => {
-                        hot.verified.inc();
+                        if count {
+                            hot.verified.inc();
+                        }
                         let mut r = validator.validate(token, &keys, now);
                         if r.as_ref().is_err_and(|e| e.is_unknown_kid())
                             && cache.refetch_for_unknown_kid().await
                         {
-                            hot.verified.inc();
+                            if count {
+                                hot.verified.inc();
+                            }
                             r = validator.validate(token, &cache.keys(), now);
                         }
                         // verified once; later requests with the token are cache hits

@@ -42,11 +42,22 @@ pub struct WhyRequest {
     pub client_ip: Option<IpAddr>,
 }
 
-/// What `/why` needs from the running gateway; replaced on reload.
+/// What `/why` needs from the running gateway; replaced on reload, as one value, so a question
+/// never mixes the routes of one config with the policies of another.
 #[derive(Debug)]
 pub struct WhyState {
+    /// The route table.
+    pub table: Arc<RouteTable>,
     /// The compiled `auth` section (the same one the filters use).
     pub auth: Arc<Auth>,
+    /// `limits.max_header_bytes`.
+    pub max_head_bytes: usize,
+    /// `limits.max_body` (a route's `max_body` overrides it).
+    pub max_body: u64,
+    /// `redirect_https`.
+    pub redirect_https: bool,
+    /// Whether a gateway-wide `cors` is set.
+    pub cors: bool,
     /// Path normalization options.
     pub paths: PathOptions,
     /// The gateway's SPIFFE ID: the caller the destination's intentions see.
@@ -63,6 +74,8 @@ pub enum Verdict {
     Stop,
     /// The layer does not apply to this request.
     Skip,
+    /// The layer applies but `why` cannot check it (a client certificate, a body).
+    Unchecked,
 }
 
 /// One layer.
@@ -92,6 +105,9 @@ pub struct Backend {
     pub target: String,
     /// The share of requests it would get, in percent (100 unless a weighted split).
     pub percent: f64,
+    /// The path this backend sees, when it differs from the route's (an aggregate's calls).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
 
 /// The answer.
@@ -107,6 +123,8 @@ pub struct WhyAnswer {
     pub layers: Vec<Layer>,
     /// Where it goes next (empty when it stops here).
     pub backends: Vec<Backend>,
+    /// The method the backend would see (a transcoded route calls gRPC: POST).
+    pub upstream_method: Option<String>,
     /// The path the backend would see (after the route's rewrite).
     pub upstream_path: Option<String>,
     /// The gateway's SPIFFE ID (the caller the destination's intentions see).
@@ -125,12 +143,22 @@ impl WhyAnswer {
     }
 
     fn stop(&mut self, layer: &'static str, p: &Problem, detail: impl Into<String>) {
+        self.stop_with(layer, p.status().as_u16(), p.slug(), detail);
+    }
+
+    fn stop_with(
+        &mut self,
+        layer: &'static str,
+        status: u16,
+        problem: &'static str,
+        detail: impl Into<String>,
+    ) {
         self.layers.push(Layer {
             layer,
             result: Verdict::Stop,
             detail: detail.into(),
-            status: Some(p.status().as_u16()),
-            problem: Some(p.slug()),
+            status: Some(status),
+            problem: Some(problem),
         });
     }
 }
@@ -145,6 +173,7 @@ fn now_ms() -> u64 {
 /// The request's head, parsed as the front would (method, URL, headers).
 struct Head {
     method: String,
+    https: bool,
     host: String,
     raw_path: String,
     query: String,
@@ -152,20 +181,18 @@ struct Head {
 }
 
 fn parse(req: &WhyRequest, auth: &Auth) -> Result<Head, String> {
-    let method = req
-        .method
-        .as_deref()
-        .unwrap_or("GET")
-        .trim()
-        .to_ascii_uppercase();
-    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
+    // methods are case-sensitive: `get` is not GET
+    let method = req.method.as_deref().unwrap_or("GET").trim().to_owned();
+    if http::Method::from_bytes(method.as_bytes()).is_err() {
         return Err(format!("{method:?} is not an HTTP method"));
     }
+    // never echo the URL: its query or user-info may hold a credential
     let uri: http::Uri = req
         .url
         .trim()
         .parse()
-        .map_err(|e| format!("{:?} is not a URL: {e}", req.url))?;
+        .map_err(|e| format!("the url is not a URL: {e}"))?;
+    let scheme_https = uri.scheme_str() == Some("https");
     let mut headers = HeaderMap::new();
     for (k, v) in &req.headers {
         let name = HeaderName::from_bytes(k.trim().as_bytes())
@@ -198,18 +225,19 @@ fn parse(req: &WhyRequest, auth: &Auth) -> Result<Head, String> {
             }
         }
     }
-    let host = uri
-        .authority()
-        .map(|a| a.to_string())
+    // a Host header given with -H wins, as it does for curl and for HTTP/1.1 routing
+    let host = headers
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
         .or_else(|| {
-            headers
-                .get(http::header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
+            uri.authority()
+                .map(|a| a.as_str().rsplit('@').next().unwrap_or_default().to_owned())
         })
         .unwrap_or_default();
     Ok(Head {
         method,
+        https: scheme_https,
         host,
         raw_path: uri.path().to_owned(),
         query,
@@ -217,12 +245,9 @@ fn parse(req: &WhyRequest, auth: &Auth) -> Result<Head, String> {
     })
 }
 
-/// Walks `req` through the gateway's layers with the live `table` and `state`.
-pub async fn why(
-    table: &RouteTable,
-    state: &WhyState,
-    req: &WhyRequest,
-) -> Result<WhyAnswer, String> {
+/// Walks `req` through the gateway's layers with the live `state`.
+pub async fn why(state: &WhyState, req: &WhyRequest) -> Result<WhyAnswer, String> {
+    let table = &*state.table;
     let auth = &*state.auth;
     let head = parse(req, auth)?;
     let client_ip = req
@@ -234,9 +259,42 @@ pub async fn why(
         route: None,
         layers: Vec::new(),
         backends: Vec::new(),
+        upstream_method: None,
         upstream_path: None,
         caller: state.caller.clone(),
     };
+    // the front, before anything else
+    if head.method == "CONNECT" {
+        a.stop_with(
+            "front",
+            405,
+            "method-not-allowed",
+            "the gateway answers CONNECT with 405",
+        );
+        return Ok(a);
+    }
+    if head.host.contains(',') || head.headers.get_all(http::header::HOST).iter().count() > 1 {
+        a.stop(
+            "front",
+            &Problem::BadRequest("more than one Host".into()),
+            "more than one Host: the gateway answers 400",
+        );
+        return Ok(a);
+    }
+    let head_bytes: usize = head
+        .headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if head_bytes > state.max_head_bytes {
+        let limit = state.max_head_bytes;
+        a.stop(
+            "front",
+            &Problem::HeadersTooLarge { limit },
+            format!("the headers are {head_bytes} bytes, over limits.max_header_bytes ({limit})"),
+        );
+        return Ok(a);
+    }
     let path = match meshgate_agent::http::path::normalize(&head.raw_path, &state.paths) {
         Ok(p) => p.into_owned(),
         Err(e) => {
@@ -258,6 +316,15 @@ pub async fn why(
         );
     }
     a.path.clone_from(&path);
+    if state.redirect_https && !head.https {
+        a.stop_with(
+            "redirect",
+            308,
+            "redirect-https",
+            "redirect_https is on: a plain-HTTP request is redirected to https://",
+        );
+        return Ok(a);
+    }
     let view = RequestView {
         method: &head.method,
         host: &head.host,
@@ -282,6 +349,72 @@ pub async fn why(
         format!("route {name}: {}", describe(route, &m.params)),
     );
     a.route = Some(name.clone());
+    let allowed = |m: &str| {
+        route
+            .config
+            .r#match
+            .methods
+            .iter()
+            .any(|x| x.eq_ignore_ascii_case(m))
+    };
+    if head.method == "TRACE" && !allowed("TRACE") {
+        a.stop_with(
+            "route",
+            405,
+            "method-not-allowed",
+            "TRACE is answered with 405 unless the route lists it",
+        );
+        return Ok(a);
+    }
+    let preflight = head.method == "OPTIONS"
+        && head.headers.contains_key(http::header::ORIGIN)
+        && head
+            .headers
+            .contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD);
+    if preflight && (route.config.cors.is_some() || state.cors) {
+        a.stop_with(
+            "cors",
+            204,
+            "cors-preflight",
+            "a CORS preflight: the gateway answers it itself from the route's cors policy; it goes no further",
+        );
+        return Ok(a);
+    }
+    let declared = head
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if !route.config.content_types.is_empty() && declared.is_some_and(|n| n > 0) {
+        let got = head
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                v.split(';')
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_ascii_lowercase()
+            })
+            .unwrap_or_default();
+        if !route
+            .config
+            .content_types
+            .iter()
+            .any(|c| c.eq_ignore_ascii_case(&got))
+        {
+            a.stop(
+                "content-type",
+                &Problem::UnsupportedMediaType { got: got.clone() },
+                format!(
+                    "Content-Type {got:?} is not one of {}",
+                    route.config.content_types.join(", ")
+                ),
+            );
+            return Ok(a);
+        }
+    }
     let limit = route.config.rate_limit.as_deref();
     let early_limit = limit.filter(|l| !auth.rate_limit_needs_principal(l));
     if let Some(l) = early_limit
@@ -298,7 +431,10 @@ pub async fn why(
         Some(ra) => {
             let mut headers = head.headers.clone();
             let mut query = head.query.clone();
-            match auth.authenticate(ra, &mut headers, &mut query, None).await {
+            match auth
+                .authenticate_quietly(ra, &mut headers, &mut query)
+                .await
+            {
                 Ok(p) => {
                     a.push("authentication", Verdict::Pass, who(&p));
                     a.push("authorization", Verdict::Pass, requirements(ra));
@@ -313,6 +449,26 @@ pub async fn why(
                         _ => String::new(),
                     };
                     a.stop("authorization", &p, detail);
+                    return Ok(a);
+                }
+                Err(Problem::Unauthorized { .. }) if ra.mtls => {
+                    // a client certificate cannot be given to `why`
+                    a.push(
+                        "authentication",
+                        Verdict::Unchecked,
+                        format!(
+                            "the route accepts {}; why cannot present a client certificate",
+                            accepted(ra)
+                        ),
+                    );
+                    None
+                }
+                Err(p @ Problem::HeadersTooLarge { .. }) => {
+                    a.stop(
+                        "front",
+                        &p,
+                        "a credential over its size limit: the gateway answers 431",
+                    );
                     return Ok(a);
                 }
                 Err(p) => {
@@ -347,6 +503,22 @@ pub async fn why(
         }
         Some(_) => {}
     }
+    let max_body = route.config.max_body.unwrap_or(state.max_body);
+    if let Some(n) = declared.filter(|n| *n > max_body) {
+        a.stop(
+            "body",
+            &Problem::BodyTooLarge { limit: max_body },
+            format!("Content-Length {n} is over the route's max_body ({max_body})"),
+        );
+        return Ok(a);
+    }
+    if route.config.request_schema.is_some() {
+        a.push(
+            "body",
+            Verdict::Unchecked,
+            "the body is validated against the route's request_schema; why sends none",
+        );
+    }
     a.upstream_path = Some(
         if route
             .config
@@ -360,6 +532,13 @@ pub async fn why(
         },
     );
     a.backends = backends(route, &view);
+    if route.config.transcode.is_some() {
+        // the service sees the gRPC method this REST call maps to, not this path
+        a.upstream_method = Some("POST".into());
+        a.upstream_path = None;
+    } else {
+        a.upstream_method = Some(head.method.clone());
+    }
     let names: Vec<String> = a
         .backends
         .iter()
@@ -484,26 +663,30 @@ async fn peek(
     };
     let per = humantime::format_duration(cfg.per).to_string();
     let store = match store {
-        Ok(s) => format!("{s} store"),
-        Err(e) => e,
+        Ok(s) => Ok(format!("{s} store")),
+        Err(e) => Err(e),
     };
     if d.allowed {
-        a.push(
-            "rate-limit",
-            Verdict::Pass,
-            format!(
-                "policy {l}: {} of {} per {per} left, this one included ({store})",
+        let detail = match &store {
+            // the fail mode's decision has no count to show
+            Err(e) => format!("policy {l} ({} per {per}): {e}", d.limit),
+            Ok(s) => format!(
+                "policy {l}: {} left now, this one included ({} per {per}; {s})",
                 d.remaining + 1,
                 d.limit,
             ),
-        );
+        };
+        a.push("rate-limit", Verdict::Pass, detail);
         true
     } else {
         let retry = d.retry_after_ms.unwrap_or(1000).div_ceil(1000).max(1);
-        let detail = format!(
-            "policy {l}: none of {} per {per} left; retry in {retry}s ({store})",
-            d.limit
-        );
+        let detail = match &store {
+            Err(e) => format!("policy {l} ({} per {per}): {e}", d.limit),
+            Ok(s) => format!(
+                "policy {l}: none of {} per {per} left; retry in {retry}s ({s})",
+                d.limit
+            ),
+        };
         a.stop(
             "rate-limit",
             &Problem::TooManyRequests {
@@ -523,11 +706,13 @@ fn backends(route: &CompiledRoute, view: &RequestView<'_>) -> Vec<Backend> {
             kind: "mesh",
             target: s.clone(),
             percent: 100.0,
+            path: None,
         }],
         BackendConfig::External(x) => vec![Backend {
             kind: "external",
             target: x.url.clone(),
             percent: 100.0,
+            path: None,
         }],
         BackendConfig::Aggregate(agg) => agg
             .calls
@@ -537,11 +722,13 @@ fn backends(route: &CompiledRoute, view: &RequestView<'_>) -> Vec<Backend> {
                     kind: "mesh",
                     target: s.clone(),
                     percent: 100.0,
+                    path: Some(c.path.clone()),
                 },
                 (None, x) => Backend {
                     kind: "external",
                     target: x.as_ref().map(|x| x.url.clone()).unwrap_or_default(),
                     percent: 100.0,
+                    path: None,
                 },
             })
             .collect(),
@@ -549,6 +736,7 @@ fn backends(route: &CompiledRoute, view: &RequestView<'_>) -> Vec<Backend> {
             kind: "gateway",
             target: route.config.name.clone(),
             percent: 100.0,
+            path: None,
         }],
         BackendConfig::Split { .. } => {
             // the same choice the proxy makes, over evenly spread rolls: exact weights, or the
@@ -569,6 +757,7 @@ fn backends(route: &CompiledRoute, view: &RequestView<'_>) -> Vec<Backend> {
                     kind: "mesh",
                     target: s,
                     percent: f64::from(n) * 100.0 / f64::from(SAMPLES),
+                    path: None,
                 })
                 .collect()
         }

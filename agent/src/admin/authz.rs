@@ -78,8 +78,31 @@ impl AuthzApi {
             service: to,
             spiffe_id: &target_id,
         };
-        let method = p.get("method").map(|m| m.to_ascii_uppercase());
-        let path = p.get("path").cloned();
+        let method = p.get("method").cloned();
+        // the inbound side decides on the normalized path (the inbound L7 pipeline's options):
+        // `/foo/../admin/x` is decided as `/admin/x`, and a path it refuses is a 400 there
+        let path = match p.get("path") {
+            None => None,
+            Some(raw) => match crate::http::path::normalize(raw, &Default::default()) {
+                Ok(n) => Some(n.into_owned()),
+                Err(e) => {
+                    return Ok(serde_json::json!({
+                        "from": from_id,
+                        "to": to,
+                        "to_identity": local.id.to_string(),
+                        "protocol": local.protocol,
+                        "layer": "l7",
+                        "method": method,
+                        "path": raw,
+                        "decision": "deny",
+                        "rule": null,
+                        "status": 400,
+                        "problem": "invalid-path",
+                        "reason": format!("the agent refuses the path before any rule: {e}"),
+                    }));
+                }
+            },
+        };
         let (layer, d) = match local.protocol {
             Protocol::Tcp => ("l4", self.policy.check_connection(&peer, &target)),
             Protocol::Http | Protocol::Grpc => (

@@ -318,6 +318,22 @@ pub trait AdminExtension: Send + Sync + std::fmt::Debug {
 /// The largest POST body the admin API reads.
 const MAX_POST_BYTES: usize = 64 * 1024;
 
+/// How long the admin API waits for a POST body, and for a request head.
+const POST_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// At most this many admin connections are served at once; more wait to be accepted.
+const MAX_ADMIN_CONNECTIONS: usize = 64;
+
+/// Whether `host` (a Host header: `name[:port]`) names an IP address or localhost.
+fn loopback_host(host: &str) -> bool {
+    let name = match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':') => h,
+        _ => host,
+    };
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
+}
+
 /// A POST: only to an extension path that takes one, only JSON (a browser's cross-site form
 /// cannot send `application/json` without a preflight, which this API never answers).
 async fn post(req: Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
@@ -326,7 +342,7 @@ async fn post(req: Request<Incoming>, state: &AdminState) -> Response<Full<Bytes
         respond(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
-            "the admin API is read-only: use GET (POST only for /why)\n",
+            "the admin API is read-only: use GET (a gateway also takes POST /why)\n",
         )
     };
     let Some(ext) = state.extension.get() else {
@@ -336,7 +352,22 @@ async fn post(req: Request<Incoming>, state: &AdminState) -> Response<Full<Bytes
         .headers()
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().starts_with("application/json"));
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    // a page that rebinds its own name to 127.0.0.1 could POST JSON same-origin: the Host of a
+    // real caller is this address (an IP literal) or localhost
+    let host_ok = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(loopback_host);
+    if !host_ok {
+        return respond(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "POST needs a Host of an IP address or localhost (this API is for local tools)\n",
+        );
+    }
     let path = req.uri().path().to_owned();
     if !json_body {
         return respond(
@@ -345,12 +376,21 @@ async fn post(req: Request<Incoming>, state: &AdminState) -> Response<Full<Bytes
             "POST a JSON body (Content-Type: application/json)\n",
         );
     }
-    let body = match http_body_util::Limited::new(req.into_body(), MAX_POST_BYTES)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
+    let read = tokio::time::timeout(
+        POST_READ_TIMEOUT,
+        http_body_util::Limited::new(req.into_body(), MAX_POST_BYTES).collect(),
+    )
+    .await;
+    let body = match read {
+        Ok(Ok(b)) => b.to_bytes(),
         Err(_) => {
+            return respond(
+                StatusCode::REQUEST_TIMEOUT,
+                "text/plain",
+                format!("the body did not arrive within {POST_READ_TIMEOUT:?}\n"),
+            );
+        }
+        Ok(Err(_)) => {
             return respond(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "text/plain",
@@ -621,7 +661,11 @@ pub fn prometheus_text(openmetrics: &str) -> String {
 
 /// Serves the admin API until the process ends (it keeps answering while draining).
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let (tcp, _) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
@@ -632,11 +676,15 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
         };
         let state = state.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = hyper::service::service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(req, state).await) }
             });
+            // a client that never finishes its head is closed (a slot is not held forever)
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(POST_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(tcp), svc)
                 .await;
         });
@@ -646,6 +694,28 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
 #[cfg(test)]
 mod tests {
     use super::redacted;
+
+    #[test]
+    fn posts_need_a_host_that_is_an_address_or_localhost() {
+        for ok in [
+            "127.0.0.1:15000",
+            "localhost:15000",
+            "LOCALHOST",
+            "[::1]:15000",
+            "::1",
+            "10.0.0.1",
+        ] {
+            assert!(super::loopback_host(ok), "{ok}");
+        }
+        for bad in [
+            "evil.example:15000",
+            "127.0.0.1.nip.io",
+            "localhost.evil",
+            "",
+        ] {
+            assert!(!super::loopback_host(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn prometheus_text_names_counter_series() {

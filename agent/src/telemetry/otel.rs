@@ -320,7 +320,7 @@ impl Tracing {
     /// the sampler says no (then nothing is created: the caller marks the `traceparent` it
     /// forwards unsampled, see [`unsample`], so the next hops do not sample either).
     pub fn server(&self, h: &HeaderMap, name: &'static str) -> Option<TraceCx> {
-        if !sampled(self.sampler, parent_sampled(h), crate::http::ctx::fast_rand) {
+        if !sampled(self.sampler, parent_of(h), crate::http::ctx::fast_rand) {
             return None;
         }
         let parent = TraceContextPropagator::new().extract(&Headers(h));
@@ -336,41 +336,63 @@ impl Tracing {
     }
 }
 
-/// The sampled flag of a request's single, well-formed version-00 `traceparent`; `None` when
-/// there is none (a root).
-fn parent_sampled(h: &HeaderMap) -> Option<bool> {
+/// A request's parent, as its single valid `traceparent` says: the sampled flag and the low 64
+/// bits of the trace id; `None` for a root. Valid as W3C Trace Context (and the SDK's
+/// propagator) read it: version `00` is exactly `00-<32 hex>-<16 hex>-<2 hex>`, a later version
+/// (not `ff`) the same followed by nothing or by `-…`; lowercase hex; neither id all zeros.
+fn parent_of(h: &HeaderMap) -> Option<(bool, u64)> {
     let mut all = h.get_all("traceparent").iter();
     let (Some(v), None) = (all.next(), all.next()) else {
         return None;
     };
     let b = v.as_bytes();
-    let hex = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_hexdigit);
-    if b.len() != 55 || b[2] != b'-' || b[35] != b'-' || b[52] != b'-' {
+    if b.len() < 55 || b[2] != b'-' || b[35] != b'-' || b[52] != b'-' {
         return None;
     }
-    if !(hex(0..2) && hex(3..35) && hex(36..52) && hex(53..55)) {
+    let hex =
+        |r: std::ops::Range<usize>| b[r].iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+    let zero = |r: std::ops::Range<usize>| b[r].iter().all(|c| *c == b'0');
+    if !(hex(0..2) && hex(3..35) && hex(36..52) && hex(53..55)) || zero(3..35) || zero(36..52) {
         return None;
     }
-    let flags = u8::from_str_radix(std::str::from_utf8(&b[53..55]).ok()?, 16).ok()?;
-    Some(flags & 1 == 1)
+    let length_ok = match &b[0..2] {
+        b"ff" => false,
+        b"00" => b.len() == 55,
+        _ => b.len() == 55 || b[55] == b'-',
+    };
+    if !length_ok {
+        return None;
+    }
+    let text = std::str::from_utf8(b).ok()?;
+    let flags = u8::from_str_radix(&text[53..55], 16).ok()?;
+    let low = u64::from_str_radix(&text[19..35], 16).ok()?;
+    Some((flags & 1 == 1, low))
 }
 
-/// The sampling decision of `s` for a request whose parent said `parent` (`None`: a root);
-/// `rand` draws the ratio roll.
-fn sampled(s: SamplerChoice, parent: Option<bool>, rand: impl Fn() -> u64) -> bool {
+/// The sampling decision of `s` for a request whose parent is `parent` (`None`: a root);
+/// `rand` draws the roll of a root. A ratio decides from the parent's trace id when there is
+/// one, as the SDK's `TraceIdRatioBased` does, so every hop of a trace agrees.
+fn sampled(s: SamplerChoice, parent: Option<(bool, u64)>, rand: impl Fn() -> u64) -> bool {
     let roll = |r: f64| {
-        // 53 random bits as a fraction in [0, 1)
-        r >= 1.0 || ((rand() >> 11) as f64 / (1u64 << 53) as f64) < r
+        if r >= 1.0 {
+            return true;
+        }
+        let bound = (r.max(0.0) * (1u64 << 63) as f64) as u64;
+        let draw = parent.map_or_else(&rand, |(_, low)| low);
+        (draw >> 1) < bound
     };
     match s {
         SamplerChoice::AlwaysOn => true,
         SamplerChoice::AlwaysOff => false,
         SamplerChoice::Ratio(r) => roll(r),
-        SamplerChoice::ParentBased(root) => parent.unwrap_or_else(|| match root {
-            ParentRoot::AlwaysOn => true,
-            ParentRoot::AlwaysOff => false,
-            ParentRoot::Ratio(r) => roll(r),
-        }),
+        SamplerChoice::ParentBased(root) => parent.map_or_else(
+            || match root {
+                ParentRoot::AlwaysOn => true,
+                ParentRoot::AlwaysOff => false,
+                ParentRoot::Ratio(r) => roll(r),
+            },
+            |(sampled, _)| sampled,
+        ),
     }
 }
 
@@ -589,20 +611,41 @@ mod tests {
         };
         let on = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
         let off = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
-        assert_eq!(parent_sampled(&h(on)), Some(true));
-        assert_eq!(parent_sampled(&h(off)), Some(false));
-        assert_eq!(parent_sampled(&h("00-zz-b7ad6b7169203331-01")), None);
-        assert_eq!(parent_sampled(&HeaderMap::new()), None);
+        let low = 0x8448_eb21_1c80_319c;
+        assert_eq!(parent_of(&h(on)), Some((true, low)));
+        assert_eq!(parent_of(&h(off)), Some((false, low)));
+        // not a parent, as the SDK's propagator would not read one either
+        for bad in [
+            "00-zz-b7ad6b7169203331-01",
+            "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-x",
+        ] {
+            assert_eq!(parent_of(&h(bad)), None, "{bad}");
+        }
+        assert_eq!(
+            parent_of(&h(
+                "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-later"
+            )),
+            Some((true, low)),
+            "a later version is read by the same layout"
+        );
+        assert_eq!(parent_of(&HeaderMap::new()), None);
         let pb = |r| SamplerChoice::ParentBased(ParentRoot::Ratio(r));
         // a parent's decision wins over the root ratio, both ways
-        assert!(sampled(pb(0.0), Some(true), || 0));
-        assert!(!sampled(pb(1.0), Some(false), || 0));
+        assert!(sampled(pb(0.0), Some((true, 0)), || 0));
+        assert!(!sampled(pb(1.0), Some((false, 0)), || 0));
         // roots roll the ratio: a draw under it samples, one over it does not
         assert!(sampled(pb(0.01), None, || 0));
         assert!(!sampled(pb(0.01), None, || u64::MAX));
         assert!(sampled(pb(1.0), None, || u64::MAX));
-        assert!(!sampled(SamplerChoice::AlwaysOff, Some(true), || 0));
-        assert!(sampled(SamplerChoice::Ratio(0.5), Some(false), || 0));
+        assert!(!sampled(SamplerChoice::AlwaysOff, Some((true, 0)), || 0));
+        // a plain ratio decides from the trace id, whatever the roll: every hop agrees
+        let r = SamplerChoice::Ratio(0.5);
+        assert!(sampled(r, Some((false, 1)), || u64::MAX));
+        assert!(!sampled(r, Some((true, u64::MAX)), || 0));
         // over many draws the ratio holds roughly
         let n = (0..10_000)
             .filter(|_| sampled(pb(0.01), None, crate::http::ctx::fast_rand))
