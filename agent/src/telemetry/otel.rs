@@ -232,6 +232,30 @@ pub fn effective(
     }))
 }
 
+/// Export batches of this many spans (the SDK's default, 512, is one RPC per 512 spans: at full
+/// sampling under load a proxy makes spans faster than one-RPC-per-512 can send them, and the
+/// queue overflows; 4096 spans stay well under a collector's 4 MiB message limit).
+const EXPORT_BATCH: usize = 4096;
+
+/// Queue this many finished spans at most (the SDK's default is 2048); more are dropped.
+const EXPORT_QUEUE: usize = 32 * 1024;
+
+/// The batch exporter's settings: the `OTEL_BSP_*` variables where set (`set` says whether one
+/// is), else meshgate's defaults for a proxy's span rate.
+fn batch_config(set: &dyn Fn(&str) -> bool) -> opentelemetry_sdk::trace::BatchConfig {
+    let mut b = opentelemetry_sdk::trace::BatchConfigBuilder::default();
+    if !set("OTEL_BSP_MAX_QUEUE_SIZE") {
+        b = b.with_max_queue_size(EXPORT_QUEUE);
+    }
+    if !set("OTEL_BSP_MAX_EXPORT_BATCH_SIZE") {
+        b = b.with_max_export_batch_size(EXPORT_BATCH);
+    }
+    if !set("OTEL_BSP_SCHEDULE_DELAY") {
+        b = b.with_scheduled_delay(std::time::Duration::from_secs(1));
+    }
+    b.build()
+}
+
 /// A running trace exporter; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Tracing {
@@ -296,7 +320,11 @@ impl Tracing {
             attrs.push(KeyValue::new("service.instance.id", node.to_owned()));
         }
         let provider = SdkTracerProvider::builder()
-            .with_batch_exporter(exporter)
+            .with_span_processor(
+                opentelemetry_sdk::trace::BatchSpanProcessor::builder(exporter)
+                    .with_batch_config(batch_config(&|k| std::env::var_os(k).is_some()))
+                    .build(),
+            )
             // the decision is made in `server` before the SDK sees the request
             .with_sampler(Sampler::AlwaysOn)
             .with_resource(Resource::builder_empty().with_attributes(attrs).build())
