@@ -167,9 +167,8 @@ impl Admin {
             .with_context(|| format!("the admin API at {addr} did not answer within 10s"))?
     }
 
-    /// GET `path` and parse JSON.
-    pub(crate) async fn get(&self, path: &str) -> anyhow::Result<Value> {
-        let a = self.fetch(path).await?;
+    /// An error naming the answer unless it is 2xx.
+    fn ok(&self, path: &str, a: &Answer) -> anyhow::Result<()> {
         if !a.status.is_success() {
             bail!(
                 "{}{path} answered {}: {}",
@@ -178,6 +177,13 @@ impl Admin {
                 String::from_utf8_lossy(&a.body).trim()
             );
         }
+        Ok(())
+    }
+
+    /// GET `path` and parse JSON.
+    pub(crate) async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        let a = self.fetch(path).await?;
+        self.ok(path, &a)?;
         serde_json::from_slice(&a.body).with_context(|| {
             format!(
                 "{}{path} did not answer JSON: is {} a meshgate admin API?",
@@ -190,14 +196,7 @@ impl Admin {
     /// `Accept` asks for OpenMetrics). An answer other than 2xx is an error naming it.
     pub(crate) async fn text(&self, path: &str) -> anyhow::Result<String> {
         let a = self.fetch(path).await?;
-        if !a.status.is_success() {
-            bail!(
-                "{}{path} answered {}: {}",
-                self.addr,
-                a.status,
-                String::from_utf8_lossy(&a.body).trim()
-            );
-        }
+        self.ok(path, &a)?;
         String::from_utf8(a.body.to_vec()).map_err(|_| {
             anyhow::anyhow!(
                 "{}{path} did not answer UTF-8 text: is {} a meshgate admin API?",
@@ -220,14 +219,7 @@ impl Admin {
                 self.addr
             );
         }
-        if !a.status.is_success() {
-            bail!(
-                "{}{path} answered {}: {}",
-                self.addr,
-                a.status,
-                String::from_utf8_lossy(&a.body).trim()
-            );
-        }
+        self.ok(path, &a)?;
         serde_json::from_slice(&a.body)
             .with_context(|| format!("{}{path} did not answer JSON", self.addr))
     }

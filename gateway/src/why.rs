@@ -386,27 +386,15 @@ pub async fn why(state: &WhyState, req: &WhyRequest) -> Result<WhyAnswer, String
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     if !route.config.content_types.is_empty() && declared.is_some_and(|n| n > 0) {
-        let got = head
-            .headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| {
-                v.split(';')
-                    .next()
-                    .unwrap_or_default()
-                    .trim()
-                    .to_ascii_lowercase()
-            })
-            .unwrap_or_default();
-        if !route
-            .config
-            .content_types
-            .iter()
-            .any(|c| c.eq_ignore_ascii_case(&got))
-        {
+        let types = crate::filters::limits::ContentTypes::new(&route.config.content_types);
+        if let Err(p) = types.check(&head.headers) {
+            let got = match &p {
+                Problem::UnsupportedMediaType { got } => got.clone(),
+                _ => String::new(),
+            };
             a.stop(
                 "content-type",
-                &Problem::UnsupportedMediaType { got: got.clone() },
+                &p,
                 format!(
                     "Content-Type {got:?} is not one of {}",
                     route.config.content_types.join(", ")
