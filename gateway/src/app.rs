@@ -121,7 +121,7 @@ impl GatewayMetrics {
 /// `/routes` and `/routes/match` on the admin API.
 #[derive(Debug)]
 struct RoutesApi {
-    table: Arc<ArcSwap<RouteTable>>,
+    /// The live config's routes and policies (`/routes` reads its table too).
     why: Arc<ArcSwap<WhyState>>,
 }
 
@@ -210,7 +210,7 @@ pub fn explain(
 impl AdminExtension for RoutesApi {
     fn get(&self, path: &str, query: &str) -> Option<Result<serde_json::Value, String>> {
         match path {
-            "/routes" => Some(Ok(routes_json(&self.table.load()))),
+            "/routes" => Some(Ok(routes_json(&self.why.load().table))),
             "/routes/match" => {
                 let params = query_params(query);
                 let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
@@ -225,7 +225,7 @@ impl AdminExtension for RoutesApi {
                         v.split_once(':').map(|(a, b)| (a.to_owned(), b.to_owned()))
                     })
                     .collect();
-                Some(explain(&self.table.load(), &method, &url, &headers))
+                Some(explain(&self.why.load().table, &method, &url, &headers))
             }
             _ => None,
         }
@@ -373,7 +373,7 @@ pub struct GatewayApp {
     http_addr: Option<SocketAddr>,
     admin_addr: SocketAddr,
     pipeline: Arc<Pipeline>,
-    table: Arc<ArcSwap<RouteTable>>,
+    /// The routes and policies of the config in use, for the admin API; swapped on reload.
     why: Arc<ArcSwap<WhyState>>,
     metrics: Arc<GatewayMetrics>,
     config: tokio::sync::Mutex<(GatewayConfig, Caches)>,
@@ -561,7 +561,6 @@ impl GatewayApp {
         let mut caches = Caches::default();
         let (compiled, fresh) = caches.compile(&cfg, &stores, &failures, &upstreams, https_port)?;
         caches.load(fresh).await;
-        let table = Arc::new(ArcSwap::new(compiled.table.clone()));
         let access = AccessLog::start(
             &cfg.telemetry.access_log,
             AccessMode::Gateway,
@@ -579,10 +578,9 @@ impl GatewayApp {
                 tracing: tracing.clone(),
             },
         );
-        let _ = state.extension.set(Arc::new(RoutesApi {
-            table: table.clone(),
-            why: why.clone(),
-        }));
+        let _ = state
+            .extension
+            .set(Arc::new(RoutesApi { why: why.clone() }));
 
         let front = Front {
             handler: Arc::new(PipelineHandler(pipeline.clone())),
@@ -620,7 +618,6 @@ impl GatewayApp {
             http_addr,
             admin_addr,
             pipeline,
-            table,
             why,
             metrics: gw_metrics,
             config: tokio::sync::Mutex::new((cfg, caches)),
@@ -709,7 +706,6 @@ impl GatewayApp {
             self.https_addr.map(|a| a.port()),
         )?;
         caches.load(fresh).await;
-        self.table.store(compiled.table.clone());
         let caller = self.why.load().caller.clone();
         self.why
             .store(Arc::new(why_state(&next, &compiled, caller)));

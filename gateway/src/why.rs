@@ -281,11 +281,7 @@ pub async fn why(state: &WhyState, req: &WhyRequest) -> Result<WhyAnswer, String
         );
         return Ok(a);
     }
-    let head_bytes: usize = head
-        .headers
-        .iter()
-        .map(|(k, v)| k.as_str().len() + v.len() + 4)
-        .sum();
+    let head_bytes = meshgate_agent::http::pipeline::head_bytes(&head.headers);
     if head_bytes > state.max_head_bytes {
         let limit = state.max_head_bytes;
         a.stop(

@@ -179,13 +179,10 @@ impl AdminState {
             .into_iter()
             .map(|s| {
                 let total = s.endpoints.len();
-                let v = serde_json::to_value(&s).unwrap_or_default();
-                let healthy = v["endpoints"]
-                    .as_array()
-                    .map_or(0, |l| l.iter().filter(|e| e["ejected"] != true).count());
+                let healthy = s.endpoints.iter().filter(|e| !e.ejected).count();
                 serde_json::json!({
                     "service": s.service,
-                    "source": v["source"],
+                    "source": s.source,
                     "endpoints": total,
                     "healthy": healthy,
                     "stale": s.stale,
