@@ -143,7 +143,12 @@ impl Agent {
             AccessMode::Agent,
             metrics.access_log_dropped(),
         )?;
-        let tracing = Tracing::start(&cfg.telemetry.tracing, "meshgate-agent", &cfg.node)?;
+        let tracing = Tracing::start(
+            &cfg.telemetry.tracing,
+            "meshgate-agent",
+            &cfg.node,
+            metrics.tracing_export(),
+        )?;
 
         let admin_listener = bind("admin", cfg.listen.admin).await?;
         let admin_addr = local_addr("admin", &admin_listener, cfg.listen.admin)?;

@@ -75,7 +75,12 @@ pub(crate) async fn run(args: CheckArgs) -> anyhow::Result<()> {
     }
     if v["decision"] != "allow" {
         if args.admin.output != Output::Json {
-            outln!("denied: change authz.rules on the destination's agent to allow it");
+            if v["problem"] == "invalid-path" {
+                // no rule can allow it: the agent answers 400 before the rules
+                outln!("refused: the agent rejects this path spelling before any rule (400)");
+            } else {
+                outln!("denied: change authz.rules on the destination's agent to allow it");
+            }
         }
         return Err(crate::Reported.into());
     }

@@ -1062,6 +1062,7 @@ fn status_top_authz_and_why_print_the_live_mesh() {
     ]);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("DENY") && out.contains("rule #2"), "{out}");
+    assert!(out.contains("change authz.rules"), "{out}");
     let (code, _, out) = json_of(&[
         "authz", "check", "--from", "web", "--to", "users", "--admin", &node_a,
     ]);
@@ -1225,6 +1226,10 @@ fn status_top_authz_and_why_print_the_live_mesh() {
     ]);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("refuses the path"), "{out}");
+    assert!(
+        out.contains("rejects this path spelling") && !out.contains("change authz.rules"),
+        "no rule can allow a refused path, so the hint does not say to change one: {out}"
+    );
     // the front's refusals come before any route
     let big = format!("X-Big: {}", "a".repeat(20 * 1024));
     let (code, v, out) = json_of(&[

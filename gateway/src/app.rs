@@ -567,8 +567,13 @@ impl GatewayApp {
             metrics.access_log_dropped(),
         )
         .map_err(|e| GatewayError::Setup(e.to_string()))?;
-        let tracing = Tracing::start(&cfg.telemetry.tracing, "meshgate-gateway", &cfg.node)
-            .map_err(|e| GatewayError::Setup(e.to_string()))?;
+        let tracing = Tracing::start(
+            &cfg.telemetry.tracing,
+            "meshgate-gateway",
+            &cfg.node,
+            metrics.tracing_export(),
+        )
+        .map_err(|e| GatewayError::Setup(e.to_string()))?;
         let why = Arc::new(ArcSwap::from_pointee(why_state(&cfg, &compiled, caller)));
         let pipeline = Pipeline::new(
             compiled.pipeline,

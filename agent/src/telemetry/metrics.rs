@@ -139,6 +139,7 @@ pub struct Metrics {
     http_connections_refused: Family<Labels, Counter>,
     http_reset_floods: Family<Labels, Counter>,
     access_log_dropped: Counter,
+    tracing_export: super::otel::ExportCounters,
     authz_rule_denials: Family<RuleLabel, Counter>,
     tunnel_connect_duration: Histogram,
     handshake_duration: LatencyFamily<DirectionLabel>,
@@ -189,6 +190,7 @@ impl Metrics {
             http_connections_refused: Family::default(),
             http_reset_floods: Family::default(),
             access_log_dropped: Counter::default(),
+            tracing_export: Default::default(),
             authz_rule_denials: Family::default(),
             tunnel_connect_duration: latency_histogram(),
             handshake_duration: latency_family(),
@@ -324,6 +326,21 @@ impl Metrics {
             "meshgate_access_log_dropped",
             "access records dropped because the writer fell behind (the queue was full)",
             m.access_log_dropped.clone(),
+        );
+        registry.register(
+            "meshgate_tracing_spans_exported",
+            "spans the OTLP collector accepted",
+            m.tracing_export.exported.clone(),
+        );
+        registry.register(
+            "meshgate_tracing_export_failures",
+            "OTLP exports that failed (collector unreachable or refusing); their spans are lost",
+            m.tracing_export.failures.clone(),
+        );
+        registry.register(
+            "meshgate_tracing_spans_lost",
+            "spans in failed OTLP exports",
+            m.tracing_export.lost.clone(),
         );
         registry.register("meshgate_discovery_errors", "discovery and registration errors, by source and kind (unreachable, token, permission, status, decode, lookup)", m.discovery_errors.clone());
         Self { registry, ..m }
@@ -518,6 +535,11 @@ impl Metrics {
     /// The counter of dropped access records, for [`super::access::AccessLog::start`].
     pub fn access_log_dropped(&self) -> Counter {
         self.access_log_dropped.clone()
+    }
+
+    /// The counters the trace exporter moves (shared handles).
+    pub fn tracing_export(&self) -> super::otel::ExportCounters {
+        self.tracing_export.clone()
     }
 
     /// Prometheus text exposition.

@@ -11,7 +11,11 @@
 //! `OTEL_EXPORTER_OTLP_HEADERS` (merged over the file's headers), `OTEL_TRACES_SAMPLER` /
 //! `OTEL_TRACES_SAMPLER_ARG`, `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`.
 
-use std::{collections::BTreeMap, time::SystemTime};
+use std::{
+    collections::BTreeMap,
+    sync::{Mutex, PoisonError},
+    time::{Duration, Instant, SystemTime},
+};
 
 use http::{HeaderMap, HeaderValue};
 use opentelemetry::{
@@ -21,9 +25,11 @@ use opentelemetry::{
 };
 use opentelemetry_sdk::{
     Resource,
+    error::OTelSdkResult,
     propagation::TraceContextPropagator,
-    trace::{Sampler, SdkTracer, SdkTracerProvider},
+    trace::{Sampler, SdkTracer, SdkTracerProvider, SpanData, SpanExporter},
 };
+use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
 
 /// `telemetry.tracing`.
@@ -256,6 +262,104 @@ fn batch_config(set: &dyn Fn(&str) -> bool) -> opentelemetry_sdk::trace::BatchCo
     b.build()
 }
 
+/// The export counters a [`Tracing`] moves (`meshgate_tracing_*` in the admin API's metrics).
+#[derive(Debug, Clone, Default)]
+pub struct ExportCounters {
+    /// Spans the collector accepted.
+    pub exported: Counter,
+    /// Export calls that failed (the collector refused or could not be reached).
+    pub failures: Counter,
+    /// Spans in those failed exports: lost (the SDK does not retry).
+    pub lost: Counter,
+}
+
+/// How long a failing collector stays quiet in the log between two reminders.
+const EXPORT_FAILURE_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// The OTLP exporter with its outcome counted and logged: the first failure is logged at once,
+/// a collector that stays down once a minute with the count since, its recovery once. Without
+/// this a dead collector was silent (the SDK's own logs are compiled out).
+#[derive(Debug)]
+struct Counted<E> {
+    inner: E,
+    counters: ExportCounters,
+    /// The collector's URL, for the log lines.
+    endpoint: String,
+    /// When the current run of failures was last logged, and how many came since; `None` while
+    /// exports succeed.
+    failing: Mutex<Option<(Instant, u64)>>,
+}
+
+impl<E> Counted<E> {
+    fn new(inner: E, counters: ExportCounters, endpoint: String) -> Self {
+        Self {
+            inner,
+            counters,
+            endpoint,
+            failing: Mutex::new(None),
+        }
+    }
+
+    /// Counts one export of `spans` spans that ended with `result`, at `now`.
+    fn record(&self, spans: usize, result: &OTelSdkResult, now: Instant) {
+        let spans = u64::try_from(spans).unwrap_or(u64::MAX);
+        let mut failing = self.failing.lock().unwrap_or_else(PoisonError::into_inner);
+        // logged before counted: whoever sees the count also finds the line
+        match result {
+            Ok(()) => {
+                if failing.take().is_some() {
+                    tracing::info!(endpoint = %self.endpoint, "trace export recovered: the collector accepts spans again");
+                }
+                self.counters.exported.inc_by(spans);
+            }
+            Err(e) => {
+                match failing.as_mut() {
+                    None => {
+                        tracing::warn!(endpoint = %self.endpoint, error = %e, spans, "trace export failed; the spans are lost (further failures are logged once a minute, counted in meshgate_tracing_export_failures_total)");
+                        *failing = Some((now, 0));
+                    }
+                    Some((at, since)) => {
+                        *since += 1;
+                        if now.saturating_duration_since(*at) >= EXPORT_FAILURE_LOG_EVERY {
+                            tracing::warn!(endpoint = %self.endpoint, error = %e, failed_exports = *since, "trace export still failing");
+                            *failing = Some((now, 0));
+                        }
+                    }
+                }
+                self.counters.failures.inc();
+                self.counters.lost.inc_by(spans);
+            }
+        }
+    }
+}
+
+impl<E: SpanExporter> SpanExporter for Counted<E> {
+    fn export(
+        &self,
+        batch: Vec<SpanData>,
+    ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+        let spans = batch.len();
+        let export = self.inner.export(batch);
+        async move {
+            let result = export.await;
+            self.record(spans, &result, Instant::now());
+            result
+        }
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
 /// A running trace exporter; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Tracing {
@@ -269,19 +373,25 @@ pub struct Tracing {
 impl Tracing {
     /// Starts exporting per `cfg` and the environment; `None` when tracing is off. `node` is the
     /// `service.instance.id`. Call from within the Tokio runtime (the gRPC client lives on it).
+    /// Export outcomes go to `counters`.
     pub fn start(
         cfg: &TracingConfig,
         default_service: &str,
         node: &str,
+        counters: ExportCounters,
     ) -> Result<Option<Self>, TracingError> {
         let Some(e) = effective(cfg, default_service, &|k| std::env::var(k).ok())? else {
             return Ok(None);
         };
-        Self::from_effective(e, node).map(Some)
+        Self::from_effective(e, node, counters).map(Some)
     }
 
-    /// Starts exporting to `e`.
-    pub fn from_effective(e: Effective, node: &str) -> Result<Self, TracingError> {
+    /// Starts exporting to `e`, counting export outcomes in `counters`.
+    pub fn from_effective(
+        e: Effective,
+        node: &str,
+        counters: ExportCounters,
+    ) -> Result<Self, TracingError> {
         use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
         let exporter = match e.protocol {
             OtlpProtocol::Grpc => {
@@ -321,9 +431,13 @@ impl Tracing {
         }
         let provider = SdkTracerProvider::builder()
             .with_span_processor(
-                opentelemetry_sdk::trace::BatchSpanProcessor::builder(exporter)
-                    .with_batch_config(batch_config(&|k| std::env::var_os(k).is_some()))
-                    .build(),
+                opentelemetry_sdk::trace::BatchSpanProcessor::builder(Counted::new(
+                    exporter,
+                    counters,
+                    e.endpoint.clone(),
+                ))
+                .with_batch_config(batch_config(&|k| std::env::var_os(k).is_some()))
+                .build(),
             )
             // the decision is made in `server` before the SDK sees the request
             .with_sampler(Sampler::AlwaysOn)
@@ -550,6 +664,35 @@ mod tests {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
         move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn export_outcomes_are_counted_and_a_failing_run_is_logged_once_a_minute() {
+        let counters = ExportCounters::default();
+        let c = Counted::new((), counters.clone(), "http://collector:4317".into());
+        let t0 = Instant::now();
+        let down = Err(opentelemetry_sdk::error::OTelSdkError::InternalFailure(
+            "refused".into(),
+        ));
+        let failing = |c: &Counted<()>| *c.failing.lock().expect("lock");
+        c.record(5, &Ok(()), t0);
+        assert_eq!(failing(&c), None);
+        c.record(7, &down, t0);
+        assert_eq!(failing(&c), Some((t0, 0)), "the first failure is logged");
+        c.record(2, &down, t0 + Duration::from_secs(30));
+        assert_eq!(
+            failing(&c),
+            Some((t0, 1)),
+            "the next one within a minute is not"
+        );
+        let t1 = t0 + Duration::from_secs(61);
+        c.record(1, &down, t1);
+        assert_eq!(failing(&c), Some((t1, 0)), "a minute on, a reminder");
+        c.record(4, &Ok(()), t1);
+        assert_eq!(failing(&c), None, "recovered");
+        assert_eq!(counters.exported.get(), 9);
+        assert_eq!(counters.failures.get(), 3);
+        assert_eq!(counters.lost.get(), 10);
     }
 
     #[test]

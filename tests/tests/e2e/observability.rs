@@ -785,6 +785,110 @@ async fn an_unsampled_request_creates_no_span_on_any_hop() {
     );
 }
 
+/// A collector that refuses its first `refuse` exports with `PERMISSION_DENIED` (as one does a
+/// wrong token; `UNAVAILABLE` would be retried by the exporter before it counts), then accepts.
+#[derive(Clone)]
+struct Flaky {
+    refuse: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    accepted: Collector,
+}
+
+#[tonic::async_trait]
+impl TraceService for Flaky {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        use std::sync::atomic::Ordering;
+        let refuse = self
+            .refuse
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if refuse {
+            return Err(tonic::Status::permission_denied("not this token"));
+        }
+        self.accepted.export(req).await
+    }
+}
+
+/// A collector that refuses spans costs no request anything: the gateway answers every request,
+/// counts each failed export and the spans lost in it, logs the first failure once (not the
+/// next ones), and once the collector accepts again, exports and says it recovered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_collector_is_counted_logged_once_and_recovered_from() {
+    crate::harness::init();
+    let flaky = Flaky {
+        refuse: std::sync::Arc::new(3.into()),
+        accepted: Collector::default(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let at = format!("http://{}", listener.local_addr().expect("addr"));
+    let endpoint = format!("endpoint={at}");
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(flaky.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let users = Backend::start("users").await;
+    let mesh = TestMesh::new()
+        .agent(AgentSpec::new("node-b").service(ServiceSpec::http("users", users.port)))
+        .intention(Intention::allow("gateway", "users"))
+        .gateway(
+            GatewaySpec::new()
+                .route(RouteSpec::new("all").prefix("/").to("users"))
+                .configure(move |c| c.telemetry.tracing.endpoint = Some(at)),
+        )
+        .start()
+        .await;
+    let gw = mesh.gw();
+    let failures = "meshgate_tracing_export_failures_total";
+    // one batch per second (the exporter's schedule): a request, then wait for its export
+    for round in 1..=4_u32 {
+        let r = plain(gw.http(), "GET", "api.example", "/users/1", &[], b"").await;
+        assert_eq!(r.status, 200, "a failing collector costs no request: {r:?}");
+        let want = f64::from(round.min(3));
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                gw.metric(failures).await >= want
+                    && (round < 4
+                        || gw.metric("meshgate_tracing_spans_exported_total").await >= 1.0)
+            })
+            .await,
+            "round {round}: failures {} exported {}",
+            gw.metric(failures).await,
+            gw.metric("meshgate_tracing_spans_exported_total").await
+        );
+    }
+    assert_eq!(
+        gw.metric(failures).await,
+        3.0,
+        "the fourth export went through"
+    );
+    assert!(
+        gw.metric("meshgate_tracing_spans_lost_total").await >= 3.0,
+        "each refused batch held a request's span"
+    );
+    assert!(
+        !flaky.accepted.spans().is_empty(),
+        "the collector got spans after it recovered"
+    );
+    let logs = captured_logs();
+    assert_eq!(
+        logs.lines()
+            .filter(|l| l.contains("trace export failed") && l.contains(&endpoint))
+            .count(),
+        1,
+        "the first failure is logged, the next two are not: {logs}"
+    );
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("trace export recovered") && l.contains(&endpoint)),
+        "{logs}"
+    );
+}
+
 /// One HTTP export as received: path, content type, spans.
 type Export = (String, String, Vec<Got>);
 
