@@ -1259,13 +1259,13 @@ fn status_top_authz_and_why_print_the_live_mesh() {
     );
 
     // the admin API takes a POST only for /why, only as JSON, only small
-    let post = |path: &str, ct: &str, body: &str| {
+    let send = |method: &str, host: &str, path: &str, ct: &str, body: &str| {
         use std::io::{Read as _, Write as _};
         let mut s = std::net::TcpStream::connect(&gw_admin).expect("connect");
         let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
         let _ = write!(
             s,
-            "POST {path} HTTP/1.1\r\nHost: {gw_admin}\r\nContent-Type: {ct}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {ct}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         );
         let mut resp = String::new();
@@ -1275,8 +1275,28 @@ fn status_top_authz_and_why_print_the_live_mesh() {
             .and_then(|c| c.parse::<u16>().ok())
             .unwrap_or(0)
     };
+    let post = |path: &str, ct: &str, body: &str| send("POST", &gw_admin, path, ct, body);
     let good = format!(r#"{{"url": "http://{gw}/api/users/7"}}"#);
     assert_eq!(post("/why", "application/json", &good), 200);
+    // a page that rebinds its name to loopback sends that name as Host: refused, GET or POST
+    let port = gw_admin.rsplit_once(':').expect("port").1;
+    let rebound = format!("attacker.example:{port}");
+    assert_eq!(send("GET", &rebound, "/config", "text/plain", ""), 403);
+    assert_eq!(send("GET", &rebound, "/status", "text/plain", ""), 403);
+    assert_eq!(
+        send("POST", &rebound, "/why", "application/json", &good),
+        403
+    );
+    assert_eq!(
+        send(
+            "GET",
+            &format!("localhost:{port}"),
+            "/config",
+            "text/plain",
+            ""
+        ),
+        200
+    );
     assert_eq!(
         post("/why", "text/plain", &good),
         415,

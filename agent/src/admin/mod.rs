@@ -547,6 +547,20 @@ fn json(v: &impl Serialize) -> Response<Full<Bytes>> {
 }
 
 async fn route(req: Request<Incoming>, state: Arc<AdminState>) -> Response<Full<Bytes>> {
+    // DNS rebinding: a web page whose name now resolves to 127.0.0.1 may read its own origin, so
+    // it could read /config or /status; its requests carry its name as Host. Local tools send an
+    // address or `localhost` (or, not being browsers, no Host at all).
+    let foreign_host = req
+        .headers()
+        .get(http::header::HOST)
+        .is_some_and(|v| !v.to_str().is_ok_and(loopback_host));
+    if foreign_host {
+        return respond(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "the admin API answers requests addressed to an IP address or localhost only (a DNS name is how a web page would reach it)\n",
+        );
+    }
     if req.method() == Method::POST {
         return post(req, &state).await;
     }
