@@ -283,15 +283,20 @@ fn redact(v: &mut serde_json::Value) {
         }
         Value::Array(items) => items.iter_mut().for_each(redact),
         Value::String(s) => {
-            if let Some((scheme, rest)) = s.split_once("://")
-                && let Some((userinfo, host)) = rest.split_once('@')
-                && !userinfo.contains('/')
-            {
-                *s = format!("{scheme}://[redacted]@{host}");
+            if let Some(r) = without_userinfo(s) {
+                *s = r;
             }
         }
         _ => {}
     }
+}
+
+/// `url` with its user-info replaced (`redis://:pass@host` -> `redis://[redacted]@host`), or
+/// `None` when it has none.
+pub(crate) fn without_userinfo(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let (userinfo, host) = rest.split_once('@')?;
+    (!userinfo.contains('/')).then(|| format!("{scheme}://[redacted]@{host}"))
 }
 
 /// What an extension's POST answers (later).
@@ -705,6 +710,16 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
 #[cfg(test)]
 mod tests {
     use super::redacted;
+
+    #[test]
+    fn user_info_is_cut_from_urls_shown() {
+        assert_eq!(
+            super::without_userinfo("http://user:pw@collector:4317").as_deref(),
+            Some("http://[redacted]@collector:4317")
+        );
+        assert_eq!(super::without_userinfo("http://collector:4317"), None);
+        assert_eq!(super::without_userinfo("http://collector:4317/a@b"), None);
+    }
 
     #[test]
     fn posts_need_a_host_that_is_an_address_or_localhost() {

@@ -269,7 +269,7 @@ pub struct ExportCounters {
     pub exported: Counter,
     /// Export calls that failed (the collector refused or could not be reached).
     pub failures: Counter,
-    /// Spans in those failed exports: lost (the SDK does not retry).
+    /// Spans in those failed exports: lost (after the exporter's own retries).
     pub lost: Counter,
 }
 
@@ -429,12 +429,15 @@ impl Tracing {
         if !e.resource.contains_key("service.instance.id") {
             attrs.push(KeyValue::new("service.instance.id", node.to_owned()));
         }
+        // for the log lines: a `user:password@` in the URL is a secret
+        let shown =
+            crate::admin::without_userinfo(&e.endpoint).unwrap_or_else(|| e.endpoint.clone());
         let provider = SdkTracerProvider::builder()
             .with_span_processor(
                 opentelemetry_sdk::trace::BatchSpanProcessor::builder(Counted::new(
                     exporter,
                     counters,
-                    e.endpoint.clone(),
+                    shown.clone(),
                 ))
                 .with_batch_config(batch_config(&|k| std::env::var_os(k).is_some()))
                 .build(),
@@ -444,7 +447,7 @@ impl Tracing {
             .with_resource(Resource::builder_empty().with_attributes(attrs).build())
             .build();
         let tracer = provider.tracer("meshgate");
-        tracing::info!(endpoint = %e.endpoint, protocol = ?e.protocol, "exporting traces over OTLP");
+        tracing::info!(endpoint = %shown, protocol = ?e.protocol, "exporting traces over OTLP");
         Ok(Self {
             tracer,
             provider,

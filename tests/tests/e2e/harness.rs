@@ -345,7 +345,7 @@ pub(crate) async fn http_request(
     let req = http::Request::builder()
         .method(method)
         .uri(path)
-        .header("host", "test")
+        .header("host", addr.to_string())
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .expect("request");
     let resp = sender.send_request(req).await.expect("response");

@@ -257,7 +257,7 @@ async fn scrape(admin: std::net::SocketAddr, accept: Option<&str>) -> (String, S
             .await
             .expect("handshake");
     tokio::spawn(conn);
-    let mut req = http::Request::get("/metrics").header("host", "admin");
+    let mut req = http::Request::get("/metrics").header("host", admin.to_string());
     if let Some(a) = accept {
         req = req.header("accept", a);
     }
