@@ -24,36 +24,44 @@ impl Dnsmasq {
         {
             return None;
         }
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .expect("udp")
-            .local_addr()
-            .expect("addr")
-            .port();
-        let mut cmd = tokio::process::Command::new("dnsmasq");
-        cmd.args([
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--listen-address=127.0.0.1",
-            "--user=root",
-            "--local-ttl=1",
-            "--log-facility=-",
-        ])
-        .arg(format!("--port={port}"))
-        .arg(format!("--addn-hosts={}", dir.join("hosts").display()))
-        .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()));
-        for s in srv {
-            cmd.arg(format!("--srv-host={s}"));
+        // dnsmasq listens on UDP and TCP: a port free for UDP may be taken for TCP by a listener
+        // of a test running beside this one, and then dnsmasq exits at once; try a few ports
+        for _ in 0..5 {
+            let port = free_udp_and_tcp_port();
+            let mut cmd = tokio::process::Command::new("dnsmasq");
+            cmd.args([
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                "--listen-address=127.0.0.1",
+                "--user=root",
+                "--local-ttl=1",
+                "--log-facility=-",
+            ])
+            .arg(format!("--port={port}"))
+            .arg(format!("--addn-hosts={}", dir.join("hosts").display()))
+            .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()));
+            for s in srv {
+                cmd.arg(format!("--srv-host={s}"));
+            }
+            let mut child = cmd
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("spawn dnsmasq");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            match child.try_wait() {
+                Ok(None) => return Some(Self { child, port }),
+                Ok(Some(status)) => {
+                    eprintln!("dnsmasq on port {port} exited at start ({status}); another port");
+                }
+                Err(e) => panic!("dnsmasq: {e}"),
+            }
         }
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn dnsmasq");
-        Some(Self { child, port })
+        panic!("dnsmasq did not stay up on any of five ports");
     }
 
     fn reload(&self) {
@@ -63,6 +71,17 @@ impl Dnsmasq {
             .status()
             .expect("kill");
         assert!(st.success());
+    }
+}
+
+/// A loopback port that is free for both UDP and TCP right now.
+fn free_udp_and_tcp_port() -> u16 {
+    loop {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+        let port = udp.local_addr().expect("addr").port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
     }
 }
 
