@@ -299,7 +299,7 @@ pub(crate) fn without_userinfo(url: &str) -> Option<String> {
     (!userinfo.contains('/')).then(|| format!("{scheme}://[redacted]@{host}"))
 }
 
-/// What an extension's POST answers (later).
+/// The answer to an extension's POST, still to be computed.
 pub type PostFuture<'a> = std::pin::Pin<
     Box<dyn std::future::Future<Output = Result<serde_json::Value, String>> + Send + 'a>,
 >;
@@ -356,20 +356,6 @@ async fn post(req: Request<Incoming>, state: &AdminState) -> Response<Full<Bytes
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
-    // a page that rebinds its own name to 127.0.0.1 could POST JSON same-origin: the Host of a
-    // real caller is this address (an IP literal) or localhost
-    let host_ok = req
-        .headers()
-        .get(http::header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(loopback_host);
-    if !host_ok {
-        return respond(
-            StatusCode::FORBIDDEN,
-            "text/plain",
-            "POST needs a Host of an IP address or localhost (this API is for local tools)\n",
-        );
-    }
     let path = req.uri().path().to_owned();
     if !json_body {
         return respond(
@@ -553,13 +539,14 @@ fn json(v: &impl Serialize) -> Response<Full<Bytes>> {
 
 async fn route(req: Request<Incoming>, state: Arc<AdminState>) -> Response<Full<Bytes>> {
     // DNS rebinding: a web page whose name now resolves to 127.0.0.1 may read its own origin, so
-    // it could read /config or /status; its requests carry its name as Host. Local tools send an
-    // address or `localhost` (or, not being browsers, no Host at all).
-    let foreign_host = req
-        .headers()
-        .get(http::header::HOST)
-        .is_some_and(|v| !v.to_str().is_ok_and(loopback_host));
-    if foreign_host {
+    // it could read /config or /status, or POST JSON same-origin; its requests carry its name as
+    // Host. Local tools send an address or `localhost`; a GET without Host is no browser's, a
+    // POST must say.
+    let host_ok = match req.headers().get(http::header::HOST) {
+        Some(v) => v.to_str().is_ok_and(loopback_host),
+        None => req.method() != Method::POST,
+    };
+    if !host_ok {
         return respond(
             StatusCode::FORBIDDEN,
             "text/plain",
@@ -722,7 +709,7 @@ mod tests {
     }
 
     #[test]
-    fn posts_need_a_host_that_is_an_address_or_localhost() {
+    fn requests_need_a_host_that_is_an_address_or_localhost() {
         for ok in [
             "127.0.0.1:15000",
             "localhost:15000",
