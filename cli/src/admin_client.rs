@@ -1,6 +1,7 @@
 //! The client side of the admin API: the `--admin` address every inspecting command takes
-//! (`host:port` or `http://host:port`), GET with JSON, and what kind of process answered, so a
-//! command pointed at the wrong one says so ("that is an agent, not a gateway").
+//! (`host:port` or `http://host:port`), GET (JSON or text) and POST of JSON, and what kind of
+//! process answered, so a command pointed at the wrong one says so ("that is an agent, not a
+//! gateway").
 
 use std::{fmt, str::FromStr, time::Duration};
 
@@ -97,7 +98,7 @@ pub(crate) struct Admin {
     addr: AdminAddr,
 }
 
-/// What one GET answered.
+/// What one request answered.
 struct Answer {
     status: http::StatusCode,
     body: Bytes,
@@ -183,7 +184,21 @@ impl Admin {
     /// GET `path` and parse JSON.
     pub(crate) async fn get(&self, path: &str) -> anyhow::Result<Value> {
         let a = self.fetch(path).await?;
-        self.ok(path, &a)?;
+        self.json(path, &a)
+    }
+
+    /// [`Admin::get`], with `None` when the process has no `path` (404: an older version).
+    pub(crate) async fn get_optional(&self, path: &str) -> anyhow::Result<Option<Value>> {
+        let a = self.fetch(path).await?;
+        if a.status == http::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        self.json(path, &a).map(Some)
+    }
+
+    /// The JSON of answer `a` to `path`; an error naming it unless it is 2xx JSON.
+    fn json(&self, path: &str, a: &Answer) -> anyhow::Result<Value> {
+        self.ok(path, a)?;
         serde_json::from_slice(&a.body).with_context(|| {
             format!(
                 "{}{path} did not answer JSON: is {} a meshgate admin API?",

@@ -118,11 +118,12 @@ enum Command {
     /// generation and last reload. Exit 1 when not ready.
     Status(status::StatusArgs),
     /// Live requests per second, p50/p99 latency and error rate per route and per upstream
-    /// service of a running gateway or agent, refreshing in place (--once: one sample).
+    /// service of a running gateway or agent: redrawn in place on a terminal, one table per
+    /// interval when piped, one JSON object per line with -o json (--once: one sample).
     Top(top::TopArgs),
     /// Walk every layer a request would cross (route, authentication, authorization, rate
     /// limit, endpoint, the destination's intention) and say where it would stop and why.
-    /// Exit 1 when it would not get through.
+    /// Exit 1 when it would not get through (or, for a split, only part of it would).
     Why(why::WhyArgs),
     /// The services a running agent calls: source, freshness, endpoint counts.
     Services(inspect::AdminArgs),

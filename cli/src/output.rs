@@ -175,12 +175,17 @@ pub(crate) fn print_table(headers: &[&str], rows: &[Vec<String>]) -> anyhow::Res
     write_bytes(text.as_bytes())
 }
 
-/// A duration as people read it: `23h59m`, `4m10s`, `expired`.
+/// Time left, as people read it: `23h59m`, `4m10s`, `expired` (nothing left).
 pub(crate) fn human_left(d: std::time::Duration) -> String {
-    let s = d.as_secs();
-    if s == 0 {
+    if d.as_secs() == 0 {
         return "expired".into();
     }
+    human_duration(d)
+}
+
+/// `d` in the two largest units (`3d4h`, `2h5m`, `0m7s`).
+pub(crate) fn human_duration(d: std::time::Duration) -> String {
+    let s = d.as_secs();
     let (days, h, m, sec) = (s / 86400, s / 3600 % 24, s / 60 % 60, s % 60);
     if days > 0 {
         format!("{days}d{h}h")

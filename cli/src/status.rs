@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::Args;
 use serde_json::{Value, json};
 
@@ -13,7 +14,7 @@ use crate::{
     admin_client::{Admin, ProcessKind},
     inspect::AdminArgs,
     outln,
-    output::{Output, human_left, print_json, print_table},
+    output::{Output, human_duration, human_left, print_json, print_table},
 };
 
 /// Arguments of `meshgate status`.
@@ -34,11 +35,11 @@ pub(crate) async fn run(args: StatusArgs) -> anyhow::Result<()> {
         .unwrap_or(Value::Array(Vec::new()));
     // older processes have no /status (404): everything else still prints; any other failure
     // is an error, not a quieter status
-    let status = match admin.get("/status").await {
-        Ok(v) => v,
-        Err(e) if e.to_string().contains(" 404 ") => Value::Null,
-        Err(e) => return Err(e.context("the status of the process could not be read")),
-    };
+    let status = admin
+        .get_optional("/status")
+        .await
+        .context("the status of the process could not be read")?
+        .unwrap_or(Value::Null);
     let kind = match kind {
         ProcessKind::Agent => "agent",
         ProcessKind::Gateway => "gateway",
@@ -73,7 +74,7 @@ pub(crate) async fn run(args: StatusArgs) -> anyhow::Result<()> {
             .unwrap_or_default();
         let up = status["uptime_seconds"]
             .as_u64()
-            .map(|s| format!(", up {}", human_left(Duration::from_secs(s))))
+            .map(|s| format!(", up {}", human_duration(Duration::from_secs(s))))
             .unwrap_or_default();
         outln!(
             "{kind}{node} at {} (meshgate {version}{up}): {}",

@@ -13,6 +13,7 @@
 
 use anyhow::{Context, bail};
 use clap::Args;
+use meshgate_agent::http::respond::Problem;
 use serde_json::{Value, json};
 
 use crate::{
@@ -31,20 +32,27 @@ pub(crate) struct WhyArgs {
     #[arg(required = true, num_args = 1..=2, value_name = "METHOD URL")]
     request: Vec<String>,
     /// A request header, 'Name: value' (repeatable).
-    #[arg(short = 'H', long = "header", value_name = "NAME: VALUE")]
+    #[arg(
+        short = 'H',
+        long = "header",
+        value_name = "NAME: VALUE",
+        conflicts_with = "from"
+    )]
     headers: Vec<String>,
     /// A bearer token to authenticate with (sent as `Authorization: Bearer`; never printed).
     /// Prefer --token-file to keep it out of shell history.
-    #[arg(long, conflicts_with_all = ["api_key", "token_file"])]
+    #[arg(long, conflicts_with_all = ["api_key", "token_file", "from"])]
     token: Option<String>,
     /// A file holding the bearer token.
-    #[arg(long, value_name = "FILE", conflicts_with = "api_key")]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["api_key", "from"])]
     token_file: Option<std::path::PathBuf>,
     /// An API key, put where the gateway looks for one (never printed).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "from")]
     api_key: Option<String>,
     /// East-west: the calling mesh service; --admin is then the caller's agent, and the URL's
-    /// host is the destination service (or the caller's upstream listener address).
+    /// host is the destination service (or the caller's upstream listener address). The
+    /// gateway's checks do not apply, so -H, --token, --token-file, --api-key and --client-ip
+    /// cannot be given with it.
     #[arg(long, value_name = "SERVICE")]
     from: Option<String>,
     /// The admin API of an agent that may run the destination (repeatable): the one that runs
@@ -53,7 +61,7 @@ pub(crate) struct WhyArgs {
     agent_admin: Vec<AdminAddr>,
     /// The client address rate limits key on, as the gateway sees it after X-Forwarded-For
     /// handling (default 127.0.0.1).
-    #[arg(long, value_name = "IP")]
+    #[arg(long, value_name = "IP", conflicts_with = "from")]
     client_ip: Option<std::net::IpAddr>,
     #[command(flatten)]
     admin: AdminArgs,
@@ -78,6 +86,11 @@ impl Layer {
             status: None,
             problem: None,
         }
+    }
+
+    /// The request stops here with the agent's own answer `p` (its status and problem type).
+    fn problem(layer: impl Into<String>, p: &Problem, detail: impl Into<String>) -> Self {
+        Self::stop(layer, u64::from(p.status().as_u16()), p.slug(), detail)
     }
 
     fn stop(
@@ -352,15 +365,20 @@ pub(crate) async fn run(args: WhyArgs) -> anyhow::Result<()> {
 }
 
 /// The endpoints the process holds for `svc`, and which one the balancer would favour.
+fn no_endpoints(svc: &str) -> Problem {
+    Problem::NoEndpoints {
+        service: svc.to_owned(),
+    }
+}
+
 fn endpoint_layer(endpoints: &Value, svc: &str, label: &str) -> Layer {
     let Some(entry) = endpoints
         .as_array()
         .and_then(|l| l.iter().find(|s| s["service"] == svc))
     else {
-        return Layer::stop(
+        return Layer::problem(
             label,
-            503,
-            "no-endpoints",
+            &no_endpoints(svc),
             format!("{svc} is not a service this process discovers"),
         );
     };
@@ -371,23 +389,39 @@ fn endpoint_layer(endpoints: &Value, svc: &str, label: &str) -> Layer {
     } else {
         ""
     };
-    if healthy.is_empty() {
-        let why = if all.is_empty() {
-            "none known".to_owned()
-        } else {
-            format!("all {} ejected after failures", all.len())
-        };
-        return Layer::stop(label, 503, "no-endpoints", format!("{svc}: {why}{stale}"));
+    if all.is_empty() {
+        return Layer::problem(
+            label,
+            &no_endpoints(svc),
+            format!("{svc}: none known{stale}"),
+        );
     }
+    if healthy.is_empty() {
+        // the balancer's panic mode: with every endpoint ejected it still picks among them
+        return Layer::new(
+            label,
+            "pass",
+            format!(
+                "{svc}: all {} ejected after failures; the balancer tries them anyway (panic mode), expect failures{stale}",
+                all.len()
+            ),
+        );
+    }
+    // the balancer's cost: latency estimate x (requests in flight + 1)
+    let cost = |e: &Value| {
+        e["rtt_ewma_ms"].as_f64().unwrap_or(1.0) * (e["pending"].as_f64().unwrap_or(0.0) + 1.0)
+    };
     let best = healthy
         .iter()
-        .min_by_key(|e| e["pending"].as_u64().unwrap_or(0))
+        .min_by(|a, b| cost(a).total_cmp(&cost(b)))
         .and_then(|e| e["addr"].as_str())
         .unwrap_or("-");
     let choice = if healthy.len() == 1 {
         format!("{best}, the only one")
     } else {
-        format!("least busy now: {best} (the balancer takes the less busy of two random picks)")
+        format!(
+            "least busy now: {best} (latency x requests in flight; the balancer takes the cheaper of two random picks)"
+        )
     };
     Layer::new(
         label,
@@ -445,10 +479,9 @@ async fn intention_layer(
                         format!("{rule} ({at})"),
                     )
                 } else {
-                    Layer::stop(
+                    Layer::problem(
                         label,
-                        403,
-                        "denied-by-intention",
+                        &Problem::DeniedByIntention,
                         format!("denied by {rule} ({at}, as {from})"),
                     )
                 };
@@ -524,11 +557,11 @@ async fn east_west(
                 ),
             ),
             None => {
-                layers.push(Layer::stop(
+                // no HTTP answer at all: nothing listens there, the connection is refused
+                layers.push(Layer::new(
                     "upstream",
-                    502,
-                    "no-upstream",
-                    format!("{from} has no upstream for {authority}: add one under services[{from}].upstreams"),
+                    "stop",
+                    format!("{from} has no upstream for {authority} (a connection to it is refused): add one under services[{from}].upstreams"),
                 ));
                 return Ok(());
             }
@@ -578,12 +611,13 @@ mod tests {
     }
 
     #[test]
-    fn the_endpoint_layer_stops_without_healthy_endpoints() {
+    fn the_endpoint_layer_stops_without_endpoints_and_warns_when_all_are_ejected() {
         let eps = json!([{"service": "users", "stale": false, "endpoints": [
             {"addr": "10.0.0.1:15008", "ejected": false, "pending": 3},
             {"addr": "10.0.0.2:15008", "ejected": false, "pending": 1},
             {"addr": "10.0.0.3:15008", "ejected": true, "pending": 0}]},
-            {"service": "down", "stale": true, "endpoints": [{"addr": "10.0.0.9:15008", "ejected": true}]}]);
+            {"service": "down", "stale": true, "endpoints": [{"addr": "10.0.0.9:15008", "ejected": true}]},
+            {"service": "empty", "stale": false, "endpoints": []}]);
         let l = endpoint_layer(&eps, "users", "endpoint");
         assert_eq!(l.result, "pass");
         assert!(
@@ -592,13 +626,16 @@ mod tests {
             "{}",
             l.detail
         );
+        // all ejected: the balancer's panic mode still sends to them
         let l = endpoint_layer(&eps, "down", "endpoint");
-        assert_eq!((l.result.as_str(), l.status), ("stop", Some(503)));
+        assert_eq!((l.result.as_str(), l.status), ("pass", None));
         assert!(
             l.detail.contains("ejected") && l.detail.contains("STALE"),
             "{}",
             l.detail
         );
+        let l = endpoint_layer(&eps, "empty", "endpoint");
+        assert_eq!((l.result.as_str(), l.status), ("stop", Some(503)));
         let l = endpoint_layer(&eps, "nope", "endpoint");
         assert_eq!(l.result, "stop");
     }
