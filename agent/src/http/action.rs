@@ -298,6 +298,12 @@ impl Proxy {
                 Ok(r) => r,
             };
             match result {
+                // the deadline passed while the answer travelled (a late timer under load): the
+                // upstream's own deadline fires after ours, so what it sent is its `CANCELLED`;
+                // the caller's deadline is exceeded, and says so
+                Ok(_) if grpc_deadline.is_some_and(|d| tokio::time::Instant::now() >= d) => {
+                    return Err(timeout_problem());
+                }
                 Ok(answer) => {
                     let status = answer.response.status();
                     if status == StatusCode::SERVICE_UNAVAILABLE
